@@ -1,0 +1,89 @@
+"""`python -m covidct.data`: fetch the data (`download`) and say whether it is in place (`where`).
+
+Each subcommand is one `_<name>_command` function that registers its parser and handler; adding a
+subcommand means writing one such function and listing it in `_COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from covidct.data.download import (
+    DEFAULT_BASE_URL,
+    download_site_a,
+    download_site_b,
+    missing_data_message,
+)
+from covidct.data.sources import SITES
+from covidct.errors import CovidCTError
+
+
+def _add_root(parser: argparse.ArgumentParser) -> None:
+    default = Path(os.environ.get("COVIDCT_DATA") or "data")
+    parser.add_argument(
+        "--root", type=Path, default=default, help=f"data root (default: env COVIDCT_DATA or 'data'; now {default})"
+    )
+
+
+def _download_command(subparsers: argparse._SubParsersAction) -> None:
+    def run(args: argparse.Namespace) -> int:
+        manual: list[str] = []
+        for site in dict.fromkeys(args.sites):
+            if site == "B":
+                download_site_b(args.root, base_url=args.base_url, force=args.force)
+            else:
+                message = download_site_a(args.root, force=args.force)
+                if message:
+                    manual.append(message)
+        if manual:
+            print("\nSITE A IS NOT DOWNLOADED YET: it still needs the manual step below.\n" + "\n".join(manual))
+        else:
+            print(f"data ready under {args.root}")
+        return 0
+
+    parser = subparsers.add_parser("download", help="fetch site B from GitHub and site A from Kaggle")
+    _add_root(parser)
+    parser.add_argument("--sites", nargs="+", choices=SITES, default=list(SITES), help="sites to fetch")
+    parser.add_argument("--force", action="store_true", help="re-download folders that already hold images")
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="where site B's repository files live")
+    parser.set_defaults(run=run)
+
+
+def _where_command(subparsers: argparse._SubParsersAction) -> None:
+    def run(args: argparse.Namespace) -> int:
+        message = missing_data_message(args.root)
+        print(message or f"data found under {args.root}")
+        return 1 if message else 0
+
+    parser = subparsers.add_parser("where", help="say whether the data root is complete (exit 1 if not)")
+    _add_root(parser)
+    parser.set_defaults(run=run)
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_download_command, _where_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m covidct.data", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in _COMMANDS:
+        command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; project errors print as one line instead of a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CovidCTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

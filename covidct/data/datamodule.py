@@ -1,0 +1,182 @@
+"""The two-site LightningDataModule: folds, cached decoding, augmentation and 16+16 batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from covidct.data.cache import DecodedImageCache, default_cache_dir
+from covidct.data.folds import N_FOLDS, split_fold
+from covidct.data.sampler import SiteBalancedBatchSampler
+from covidct.data.sources import SITES, Sample, scan_site, site_index
+from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augmentation, to_chw_tensor_array
+from covidct.errors import ConfigError
+
+SITE_A_FOLD_NOTE = (
+    "site A has no patient ids: its folds are image-level (byte-identical duplicates kept together), "
+    "so slices of one patient can fall on both sides of a split"
+)
+
+
+class SiteImageDataset(Dataset):
+    """Samples of one or more sites, as dicts of image, label, site index and file name."""
+
+    def __init__(self, samples: Sequence[Sample], kind: str, cache: DecodedImageCache, augment: Any):
+        self.samples = list(samples)
+        self.kind = kind
+        self.cache = cache
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = self.samples[i]
+        image = self.augment(image=self.cache.get(sample.path, self.kind))["image"]
+        return {
+            "image": torch.from_numpy(to_chw_tensor_array(image)),
+            "label": sample.label,
+            "site": site_index(sample.site),
+            "file": sample.name,
+        }
+
+
+def _seed_worker_augmentation(worker_id: int) -> None:
+    """Give each loader worker its own, reproducible augmentation stream (torch seeds the worker)."""
+    info = get_worker_info()
+    info.dataset.augment.set_random_seed(info.seed % 2**32)
+
+
+class TwoSiteDataModule(pl.LightningDataModule):
+    """Both sites' folds; training batches of `batch_per_site` images per site; per-site eval loaders.
+
+    An epoch is ceil(max(n_A, site_b_repeat * n_B) / batch_per_site) steps over the training parts
+    (see SiteBalancedBatchSampler). With one site in `sites` (Single's single-site mode) an epoch is
+    one pass over that site in batches of `batch_per_site`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        sites: Sequence[str] = SITES,
+        fold: int = 0,
+        split_seed: int = 0,
+        group_by: str = "patient",
+        val_fraction: float = 0.1,
+        image_size: int = 224,
+        batch_per_site: int = 16,
+        site_b_repeat: int = 4,
+        eval_batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = False,
+        cache_dir: str | Path | None = None,
+        seed: int = 0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        super().__init__()
+        self.sites = [str(s) for s in sites]
+        for site in self.sites:
+            site_index(site)
+        if not 0 <= fold < N_FOLDS:
+            raise ConfigError(f"fold must be in 0..{N_FOLDS - 1}, got {fold}.")
+        if image_size < 32:
+            raise ConfigError(f"data.image_size must be at least 32, got {image_size}.")
+        self.root = Path(os.path.expanduser(str(root)))
+        self.fold = fold
+        self.split_seed = split_seed
+        self.group_by = group_by
+        self.val_fraction = val_fraction
+        self.image_size = image_size
+        self.batch_per_site = batch_per_site
+        self.site_b_repeat = site_b_repeat
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.cache = DecodedImageCache(cache_dir or default_cache_dir(), image_size)
+        self.seed = seed
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.splits: dict[str, dict[str, list[Sample]]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for site in self.sites:
+            samples = scan_site(self.root, site, self.group_by)
+            self.splits[site] = split_fold(samples, self.fold, self.split_seed, self.val_fraction)
+            n_train = len(self.splits[site]["train"])
+            if n_train < self.batch_per_site:
+                raise ConfigError(
+                    f"site {site} has {n_train} training images in fold {self.fold}, fewer than "
+                    f"data.batch_per_site={self.batch_per_site}; lower data.batch_per_site."
+                )
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+            worker_init_fn=_seed_worker_augmentation if workers > 0 else None,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        samples: list[Sample] = []
+        site_indices = []
+        for site in self.sites:
+            part = self.splits[site]["train"]
+            site_indices.append(range(len(samples), len(samples) + len(part)))
+            samples.extend(part)
+        repeats = [self.site_b_repeat if site == "B" and len(self.sites) > 1 else 1 for site in self.sites]
+        dataset = SiteImageDataset(
+            samples, "train", self.cache, augmentation("train", self.image_size, self.mean, self.std, self.seed)
+        )
+        sampler = SiteBalancedBatchSampler(site_indices, repeats, self.batch_per_site, seed=self.seed)
+        return self._loader(dataset, batch_sampler=sampler)
+
+    def _eval_loaders(self, part: str) -> list[DataLoader]:
+        loaders = []
+        for site in self.sites:
+            if not self.splits[site][part]:
+                continue
+            augment = augmentation("eval", self.image_size, self.mean, self.std)
+            dataset = SiteImageDataset(self.splits[site][part], "eval", self.cache, augment)
+            loaders.append(self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False))
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+    def split_summary(self) -> dict[str, Any]:
+        """Counts per site and part, and how folds were grouped: part of every run record."""
+        summary: dict[str, Any] = {
+            "fold": self.fold,
+            "n_folds": N_FOLDS,
+            "split_seed": self.split_seed,
+            "group_by": self.group_by,
+            "val_fraction": self.val_fraction,
+            "sites": {},
+        }
+        for site, parts in self.splits.items():
+            summary["sites"][site] = {
+                part: {"images": len(items), "covid": sum(s.label for s in items), "groups": len({s.group for s in items})}
+                for part, items in parts.items()
+            }
+        notes = []
+        if "A" in self.sites:
+            notes.append(SITE_A_FOLD_NOTE if self.group_by == "patient" else "folds are image-level on every site")
+        if "B" in self.sites and self.group_by == "patient":
+            notes.append("site B folds are patient-disjoint (Meta/patients.csv; unmapped images grouped by source paper)")
+        summary["notes"] = notes
+        return summary

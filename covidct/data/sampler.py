@@ -1,0 +1,60 @@
+"""The two-site batch sampler: every batch holds exactly `batch_per_site` images of each site."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+class SiteBalancedBatchSampler(Sampler[list[int]]):
+    """Batches of `batch_per_site` indices from each site in turn (site order as given).
+
+    Epoch length: ceil(max_s(repeat_s * n_s) / batch_per_site) steps. Each site draws from a stream of
+    fresh random permutations of its images, cut to that length, so within one epoch a site with
+    repeat r shows every image at least r times (exactly r, except for the < batch_per_site images
+    that top up the last batch), and the other site is cycled to fill the same number of steps.
+    Orders depend only on (seed, epoch).
+    """
+
+    def __init__(
+        self,
+        site_indices: Sequence[Sequence[int]],
+        repeats: Sequence[int],
+        batch_per_site: int,
+        seed: int = 0,
+    ):
+        if len(site_indices) != len(repeats):
+            raise ValueError("one repeat factor per site is needed")
+        if batch_per_site < 1 or any(r < 1 for r in repeats):
+            raise ValueError("batch_per_site and repeats must be positive")
+        if any(len(ix) == 0 for ix in site_indices):
+            raise ValueError("every site needs at least one training image")
+        self.site_indices = [torch.as_tensor(list(ix), dtype=torch.long) for ix in site_indices]
+        self.repeats = list(repeats)
+        self.batch_per_site = batch_per_site
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        longest = max(r * len(ix) for r, ix in zip(self.repeats, self.site_indices))
+        return math.ceil(longest / self.batch_per_site)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at the start of every epoch, so each epoch gets a new order."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        steps = len(self)
+        need = steps * self.batch_per_site
+        streams = []
+        for indices in self.site_indices:
+            passes = math.ceil(need / len(indices))
+            order = torch.cat([indices[torch.randperm(len(indices), generator=generator)] for _ in range(passes)])
+            streams.append(order[:need].tolist())
+        b = self.batch_per_site
+        for step in range(steps):
+            yield [i for stream in streams for i in stream[step * b : (step + 1) * b]]

@@ -1,0 +1,13 @@
+"""Errors that reach the user as one clear message instead of a library traceback."""
+
+
+class CovidCTError(Exception):
+    """Base class: the CLI prints these as 'error: <message>' and exits non-zero."""
+
+
+class DataError(CovidCTError):
+    """The data on disk is missing, malformed or unreadable; the message names the path."""
+
+
+class ConfigError(CovidCTError):
+    """A configuration value is invalid; the message names the key."""

@@ -1,0 +1,148 @@
+"""The shared base of every method: optimisation, schedule, per-site evaluation and test predictions.
+
+A method subclasses `SiteMethod` and states only what it adds: the networks it builds, its training
+losses (`training_losses`) and how it turns images into logits (`logits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+)
+
+from covidct.data.sources import SITES
+from covidct.errors import ConfigError
+from covidct.models import CovidNet
+
+EVAL_STAGES = ("val", "test")
+LR_SCHEDULES = ("cosine", "step", "constant")
+
+
+def site_metrics() -> MetricCollection:
+    """COVID is the positive class; a probability of 0.5 or more predicts COVID."""
+    return MetricCollection(
+        {
+            "acc": BinaryAccuracy(),
+            "f1": BinaryF1Score(),
+            "recall": BinaryRecall(),
+            "precision": BinaryPrecision(),
+            "auc": BinaryAUROC(),
+        }
+    )
+
+
+class SiteMethod(pl.LightningModule):
+    """Base LightningModule; batches are dicts with image, label, site (index into SITES) and file."""
+
+    norm_per_site: bool = False
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        lr: float = 1e-4,
+        weight_decay: float = 1e-7,
+        lr_schedule: str = "cosine",
+        step_size: int = 30,
+        step_gamma: float = 0.1,
+    ):
+        super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"model.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
+        self.save_hyperparameters()
+        self.backbone_config = dict(backbone)
+        self.eval_metrics = nn.ModuleDict(
+            {f"{stage}_{site}": site_metrics() for stage in EVAL_STAGES for site in SITES}
+        )
+        self._sites_seen: dict[str, set[str]] = {stage: set() for stage in EVAL_STAGES}
+        self.test_results: dict[str, dict[str, float]] = {}
+        self.test_predictions: list[dict[str, Any]] = []
+
+    # What a method defines ------------------------------------------------------------------------
+    def make_backbone(self) -> CovidNet:
+        """A backbone with one norm per site if the method separates norms, else shared norms."""
+        return CovidNet(**self.backbone_config, num_sites=len(SITES) if self.norm_per_site else 1)
+
+    def training_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Named loss terms; 'loss' is the one optimised."""
+        raise NotImplementedError
+
+    def logits(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # Training -----------------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.training_losses(batch)
+        self.log_dict(
+            {f"train/{name}": value.detach() for name, value in losses.items()},
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(batch["label"]),
+        )
+        return losses["loss"]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "cosine":
+            epochs = self.trainer.max_epochs
+            if not epochs or epochs < 1:
+                raise ConfigError("the cosine schedule needs trainer.max_epochs >= 1.")
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        elif hp.lr_schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.step_size, hp.step_gamma)
+        else:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # Evaluation ---------------------------------------------------------------------------------
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch: Mapping[str, Any]) -> None:
+        prob = self.logits(batch["image"], batch["site"]).float().softmax(-1)[:, 1]
+        label, site = batch["label"], batch["site"]
+        for s in site.unique().tolist():
+            mask = site == s
+            self.eval_metrics[f"{stage}_{SITES[s]}"].update(prob[mask], label[mask])
+            self._sites_seen[stage].add(SITES[s])
+        if stage == "test":
+            for f, y, s, p in zip(batch["file"], label.tolist(), site.tolist(), prob.tolist()):
+                self.test_predictions.append({"site": SITES[s], "file": f, "label": y, "prob_covid": p})
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions = []
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> dict[str, dict[str, float]]:
+        results: dict[str, dict[str, float]] = {}
+        for site in sorted(self._sites_seen[stage]):
+            collection = self.eval_metrics[f"{stage}_{site}"]
+            results[site] = {name: float(value) for name, value in collection.compute().items()}
+            collection.reset()
+            for name, value in results[site].items():
+                self.log(f"{stage}/{site}/{name}", value, add_dataloader_idx=False)
+        self._sites_seen[stage].clear()
+        if results:
+            mean_auc = sum(r["auc"] for r in results.values()) / len(results)
+            self.log(f"{stage}/auc", mean_auc, add_dataloader_idx=False, prog_bar=stage == "val")
+        return results

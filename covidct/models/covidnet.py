@@ -1,0 +1,115 @@
+"""COVID-Net (Wang & Wong 2020) for CT, original or redesigned (Wang, Liu, Dou 2020), with site-routed norms.
+
+Trunk: 7x7/2 conv (64) + max-pool, four stages of densely connected PEPX blocks at 56/28/14/7 px
+(224 px input) with 256/512/1024/2048 channels and 3/4/6/3 blocks, and an upper branch of 1x1 convs
+that carries the long skip connections (each stage's "shortcut"). Inside a stage, block j's input is
+the shortcut plus all earlier block outputs; a stage's first block takes the sum of the previous
+stage's max-pooled block outputs and shortcut. Stage 4's first block sums every stage-3 output (the
+authors' code sums `pepx32` twice and omits `pepx33`; this is the intended wiring).
+
+redesign=True: BN + ReLU after the first conv and each upper-branch conv (one BN per site when
+num_sites > 1), global pooling to 2x2 (8192-d embedding at full width), BN + ReLU in the classifier.
+redesign=False: the original, no BN, 7x7x2048 flattened into the classifier.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from covidct.models.heads import SiteMLP, classifier_head
+from covidct.models.norms import NormAct
+
+STAGE_CHANNELS = (64, 256, 512, 1024, 2048)
+STAGE_BLOCKS = (3, 4, 6, 3)
+POOLED_GRID = 2
+
+
+class PEPX(nn.Sequential):
+    """Projection 1x1 -> expansion 1x1 -> depthwise 3x3 -> projection 1x1 -> extension 1x1; no BN, no activation."""
+
+    def __init__(self, c_in: int, c_out: int):
+        half, three_quarters = c_in // 2, 3 * c_in // 4
+        super().__init__(
+            nn.Conv2d(c_in, half, 1),
+            nn.Conv2d(half, three_quarters, 1),
+            nn.Conv2d(three_quarters, three_quarters, 3, padding=1, groups=three_quarters),
+            nn.Conv2d(three_quarters, half, 1),
+            nn.Conv2d(half, c_out, 1),
+        )
+
+
+def _scaled(channels: int, width: float) -> int:
+    """Width-multiplied channel count, kept a multiple of 4 so PEPX's c/2 and 3c/4 stay whole."""
+    return max(4, round(channels * width / 4) * 4)
+
+
+def _trunk_output_side(image_size: int) -> int:
+    side = (image_size + 2 * 3 - 7) // 2 + 1  # 7x7/2 conv
+    for _ in range(4):  # max-pool after the first conv and between the four stages
+        side //= 2
+    return side
+
+
+class CovidNet(nn.Module):
+    """Backbone plus classifier; `features` gives the pooled embedding that the projection head uses."""
+
+    def __init__(
+        self,
+        redesign: bool = True,
+        num_sites: int = 1,
+        width: float = 1.0,
+        image_size: int = 224,
+        num_classes: int = 2,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        self.redesign = redesign
+        self.num_sites = num_sites
+        ch = [_scaled(c, width) for c in STAGE_CHANNELS]
+
+        def norm_act(c: int) -> NormAct:
+            return NormAct(c, num_sites, norm=redesign, act=redesign)
+
+        self.stem = nn.Conv2d(in_channels, ch[0], 7, stride=2, padding=3)
+        self.stem_norm = norm_act(ch[0])
+        self.upper = nn.ModuleList(nn.Conv2d(ch[k], ch[k + 1], 1) for k in range(4))
+        self.upper_norms = nn.ModuleList(norm_act(ch[k + 1]) for k in range(4))
+        self.stages = nn.ModuleList(
+            nn.ModuleList(PEPX(ch[k] if j == 0 else ch[k + 1], ch[k + 1]) for j in range(n))
+            for k, n in enumerate(STAGE_BLOCKS)
+        )
+        if redesign:
+            self.pool: nn.Module = nn.AdaptiveAvgPool2d(POOLED_GRID)
+            self.embedding_dim = ch[4] * POOLED_GRID**2
+        else:
+            side = _trunk_output_side(image_size)
+            if side < 1:
+                raise ValueError(f"image_size {image_size} is too small for the original COVID-Net head")
+            self.pool = nn.Identity()
+            self.embedding_dim = ch[4] * side**2
+        self.classifier: SiteMLP = classifier_head(self.embedding_dim, num_classes, num_sites, norm=redesign)
+
+    def features(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        """Pooled, flattened embedding of the last PEPX block's output (as in the authors' code)."""
+        x = F.max_pool2d(self.stem_norm(self.stem(x), site), 2)
+        block_input = x
+        shortcut = self.upper_norms[0](self.upper[0](x), site)
+        for k, stage in enumerate(self.stages):
+            outputs: list[torch.Tensor] = []
+            for j, block in enumerate(stage):
+                outputs.append(block(block_input if j == 0 else shortcut + sum(outputs)))
+            if k + 1 < len(self.stages):
+                stage_sum = shortcut + sum(outputs)
+                next_shortcut = F.max_pool2d(self.upper_norms[k + 1](self.upper[k + 1](stage_sum), site), 2)
+                block_input = sum(F.max_pool2d(t, 2) for t in [*outputs, shortcut])
+                shortcut = next_shortcut
+        return torch.flatten(self.pool(outputs[-1]), 1)
+
+    def classify(self, embedding: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        return self.classifier(embedding, site)
+
+    def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        """Logits (no Sigmoid) for cross-entropy."""
+        return self.classify(self.features(x, site), site)

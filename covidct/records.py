@@ -1,0 +1,76 @@
+"""Run records: metrics.json (per-site test metrics plus identity) and predictions.csv, written atomically.
+
+metrics.json is written last, so a run directory holding it is a complete record.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+METRIC_NAMES = ("acc", "f1", "recall", "precision", "auc")
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+PREDICTION_COLUMNS = ("site", "file", "label", "prob_covid")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a killed run never leaves a half-written record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_commit() -> str:
+    """Commit of the code that ran, '+dirty' when the working tree differs from it."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def write_run_record(
+    output_dir: Path,
+    results: Mapping[str, Mapping[str, float]],
+    predictions: Sequence[Mapping[str, Any]],
+    run: Mapping[str, Any],
+    config: Mapping[str, Any],
+) -> Path:
+    """predictions.csv, then metrics.json: {"A": {acc, f1, recall, precision, auc}, "B": {...}, "run": ..., "config": ...}."""
+    output_dir = Path(output_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in predictions:
+        writer.writerow({k: row[k] for k in PREDICTION_COLUMNS})
+    atomic_write_text(output_dir / PREDICTIONS_FILE, buffer.getvalue())
+    record: dict[str, Any] = {site: {m: float(values[m]) for m in METRIC_NAMES} for site, values in results.items()}
+    record["run"] = dict(run)
+    record["config"] = dict(config)
+    path = output_dir / METRICS_FILE
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())

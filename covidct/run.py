@@ -1,0 +1,95 @@
+"""Train and test one configuration: `python -m covidct.run +experiment=NAME [overrides] [-m]`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from covidct.errors import ConfigError, CovidCTError
+from covidct.records import git_commit, write_run_record
+
+log = logging.getLogger("covidct.run")
+SELECTIONS = ("last", "best_val_auc")
+
+
+def _check(cfg: DictConfig) -> None:
+    if cfg.select not in SELECTIONS:
+        raise ConfigError(f"select must be one of {SELECTIONS}, got {cfg.select!r}.")
+    if cfg.select == "best_val_auc" and not cfg.data.val_fraction:
+        raise ConfigError("select=best_val_auc needs a validation part: set data.val_fraction > 0.")
+
+
+def _logger(cfg: DictConfig, output_dir: Path) -> Any:
+    if cfg.get("logger") is None:
+        return False
+    logger = instantiate(cfg.logger, save_dir=str(output_dir))
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return logger
+
+
+def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Fit on the training part, select a checkpoint without the test fold, test, write the run record."""
+    _check(cfg)
+    output_dir = Path(output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, _convert_="all")
+    best = cfg.select == "best_val_auc"
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="best-epoch{epoch:03d}" if best else "epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor="val/auc" if best else None,
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+    )
+    logger = _logger(cfg, output_dir)
+    callbacks = [checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
+    trainer.fit(model, datamodule=datamodule)
+    ckpt_path = checkpoint.best_model_path if best else checkpoint.last_model_path
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path or None, verbose=False)
+    run = {
+        "experiment": cfg.name,
+        "fold": cfg.fold,
+        "seed": cfg.seed,
+        "split_seed": cfg.split_seed,
+        "group_by": cfg.data.group_by,
+        "model_selection": cfg.select,
+        "checkpoint": str(Path(ckpt_path).relative_to(output_dir)) if ckpt_path else None,
+        "epochs_trained": trainer.current_epoch,
+        "global_steps": trainer.global_step,
+        "git_commit": git_commit(),
+        "splits": datamodule.split_summary(),
+    }
+    path = write_run_record(
+        output_dir, model.test_results, model.test_predictions, run, OmegaConf.to_container(cfg, resolve=True)
+    )
+    log.info("run record: %s", path)
+    for site, values in model.test_results.items():
+        log.info("test %s: %s", site, "  ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    return model.test_results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except CovidCTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
