@@ -51,7 +51,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         auto_insert_metric_name=False,
         monitor="val/auc" if best else None,
         mode="max",
-        save_top_k=1,
+        save_top_k=1 if best else 0,  # 'last' keeps one copy only: checkpoints are ~0.6 GB at full width
         save_last=True,
     )
     logger = _logger(cfg, output_dir)

@@ -25,7 +25,10 @@ from covidct.errors import CovidCTError
 def _add_root(parser: argparse.ArgumentParser) -> None:
     default = Path(os.environ.get("COVIDCT_DATA") or "data")
     parser.add_argument(
-        "--root", type=Path, default=default, help=f"data root (default: env COVIDCT_DATA or 'data'; now {default})"
+        "--root",
+        type=Path,
+        default=default,
+        help=f"data root (default: env COVIDCT_DATA or 'data'; now {default})",
     )
 
 
@@ -40,7 +43,9 @@ def _download_command(subparsers: argparse._SubParsersAction) -> None:
                 if message:
                     manual.append(message)
         if manual:
-            print("\nSITE A IS NOT DOWNLOADED YET: it still needs the manual step below.\n" + "\n".join(manual))
+            print(
+                "\nSITE A IS NOT DOWNLOADED YET: it still needs the manual step below.\n" + "\n".join(manual)
+            )
         else:
             print(f"data ready under {args.root}")
         return 0

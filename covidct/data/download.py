@@ -55,7 +55,10 @@ def _fetch(url: str, dest: Path) -> None:
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "covidct-downloader"})
         # A fresh opener reads the proxy settings of the environment at call time.
-        with os.fdopen(fd, "wb") as out, urllib.request.build_opener().open(request, timeout=_TIMEOUT_S) as resp:
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.build_opener().open(request, timeout=_TIMEOUT_S) as resp,
+        ):
             shutil.copyfileobj(resp, out)
         os.replace(tmp, dest)
     except urllib.error.HTTPError as err:
@@ -73,12 +76,15 @@ def _archive_members(archive: Path) -> list[zipfile.ZipInfo]:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
     except zipfile.BadZipFile as err:
-        raise DataError(f"{archive} is not a zip archive ({err}); the download may be an error page.") from err
+        raise DataError(
+            f"{archive} is not a zip archive ({err}); the download may be an error page."
+        ) from err
     for info in members:
         name = info.filename.replace("\\", "/")
         if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in name.split("/"):
             raise DataError(
-                f"{archive} holds the unsafe member {info.filename!r} (absolute path or '..'); refusing to unpack it."
+                f"{archive} holds the unsafe member {info.filename!r} (absolute path or '..'); "
+                "refusing to unpack it."
             )
     return members
 
@@ -224,7 +230,9 @@ def download_site_a(root: Path, force: bool = False) -> str | None:
             ) from err
         archives = sorted(download_dir.glob("*.zip"))
         if not archives:
-            raise DataError(f"the Kaggle download left no zip in {download_dir}.\n{site_a_instructions(root)}")
+            raise DataError(
+                f"the Kaggle download left no zip in {download_dir}.\n{site_a_instructions(root)}"
+            )
         counts = _unpack(archives[0], site_dir, {c: c for c in classes}, fallback=None)
     finally:
         shutil.rmtree(download_dir, ignore_errors=True)
@@ -249,7 +257,8 @@ def missing_data_message(root: Path) -> str | None:
     lines = [f"The COVID-CT data under {root} is incomplete:", *missing, "To get it:"]
     lines.append(f"  - Download site B (and site A, given Kaggle credentials): {_download_command(root)}")
     if "A" in sites_missing:
-        lines.extend("  " + line for line in site_a_instructions(root).splitlines())
+        first, *rest = site_a_instructions(root).splitlines()
+        lines.extend([f"  - {first}", *(f"  {line}" for line in rest)])
     lines.append(
         "  - If the data already exists elsewhere, point the project at it with data.root=DIR "
         "or the environment variable COVIDCT_DATA=DIR."

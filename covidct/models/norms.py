@@ -28,6 +28,11 @@ class SiteBatchNorm(nn.Module):
         out = torch.zeros_like(x)
         for s, norm in enumerate(self.norms):
             index = (site == s).nonzero(as_tuple=True)[0]
+            if index.numel() == 1 and self.training and x.dim() == 2:
+                raise ValueError(
+                    f"site {s} has a single sample in this training batch: its BatchNorm needs at least 2 "
+                    "(the authors' code silently dropped such sites; batches here hold batch_per_site per site)"
+                )
             if index.numel():
                 out = out.index_copy(0, index, norm(x.index_select(0, index)))
         return out

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("COVIDCT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# One decode cache for the whole session (subprocesses inherit it), never inside ../shared.
+os.environ.setdefault("COVIDCT_CACHE", tempfile.mkdtemp(prefix="covidct-test-cache-"))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (SHARED_DATA / "sars-cov-2").is_dir():
+        pytest.fail(f"the real data is expected at {SHARED_DATA} (set COVIDCT_SHARED_DATA to override)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.phantoms import make_phantom_root
+
+    return make_phantom_root(tmp_path_factory.mktemp("phantoms"))

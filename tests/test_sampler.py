@@ -1,0 +1,82 @@
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from covidct.data import TwoSiteDataModule
+from covidct.data.sampler import SiteBalancedBatchSampler
+
+
+def test_every_batch_is_16_plus_16_and_site_b_repeats_4x():
+    n_a, n_b = 1674, 503
+    a, b = range(n_a), range(n_a, n_a + n_b)
+    sampler = SiteBalancedBatchSampler([a, b], [1, 4], batch_per_site=16, seed=7)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == math.ceil(4 * n_b / 16)
+    for batch in batches:
+        assert len(batch) == 32
+        assert all(i < n_a for i in batch[:16]) and all(i >= n_a for i in batch[16:])
+    counts_b = Counter(i for batch in batches for i in batch[16:])
+    assert set(counts_b) == set(b)
+    assert min(counts_b.values()) == 4
+    assert sum(c - 4 for c in counts_b.values()) == len(batches) * 16 - 4 * n_b  # top-up of the last batch only
+    counts_a = Counter(i for batch in batches for i in batch[:16])
+    assert set(counts_a) == set(a) and min(counts_a.values()) >= 1
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    def epoch(seed: int, e: int) -> list[list[int]]:
+        s = SiteBalancedBatchSampler([range(50), range(50, 70)], [1, 4], 16, seed=seed)
+        s.set_epoch(e)
+        return list(s)
+
+    assert epoch(1, 0) == epoch(1, 0)
+    assert epoch(1, 0) != epoch(1, 1)
+    assert epoch(1, 0) != epoch(2, 0)
+
+
+def test_datamodule_train_batches(phantom_root: Path, tmp_path: Path):
+    dm = TwoSiteDataModule(
+        phantom_root, image_size=32, batch_per_site=4, val_fraction=0.1, num_workers=0, cache_dir=tmp_path
+    )
+    dm.setup()
+    loader = dm.train_dataloader()
+    n_b = len(dm.splits["B"]["train"])
+    assert len(loader) == math.ceil(max(len(dm.splits["A"]["train"]), 4 * n_b) / 4)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["site"].tolist() == [0] * 4 + [1] * 4
+    assert len(batch["file"]) == 8
+    eval_batch = next(iter(dm.test_dataloader()[1]))
+    assert eval_batch["image"].shape[1:] == (3, 32, 32) and set(eval_batch["site"].tolist()) == {1}
+
+
+def test_single_site_mode(phantom_root: Path, tmp_path: Path):
+    dm = TwoSiteDataModule(phantom_root, sites=["B"], image_size=32, batch_per_site=4, num_workers=0, cache_dir=tmp_path)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert len(loader) == math.ceil(len(dm.splits["B"]["train"]) / 4)
+    assert set(next(iter(loader))["site"].tolist()) == {1}
+    assert len(dm.test_dataloader()) == 1
+
+
+def test_cache_decodes_once_and_notices_changed_files(phantom_root: Path, tmp_path: Path, monkeypatch):
+    import shutil
+
+    from covidct.data import cache as cache_module
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    decoded = []
+    real_load = cache_module.load_image
+    monkeypatch.setattr(cache_module, "load_image", lambda p: decoded.append(p) or real_load(p))
+    cache = cache_module.DecodedImageCache(tmp_path / "cache", image_size=32)
+    path = root / "sars-cov-2" / "COVID" / "img000.png"
+    first = cache.get(path, "eval")
+    again = cache_module.DecodedImageCache(tmp_path / "cache", image_size=32).get(path, "eval")
+    assert len(decoded) == 1 and (first == again).all() and first.shape == (32, 32, 3)
+    assert min(cache.get(path, "train").shape[:2]) == round(32 * 256 / 224)
+    shutil.copy(root / "sars-cov-2" / "COVID" / "img001.png", path)
+    changed = cache.get(path, "eval")
+    assert len(decoded) == 3 and not (changed == first).all()
