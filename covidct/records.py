@@ -56,7 +56,10 @@ def write_run_record(
     run: Mapping[str, Any],
     config: Mapping[str, Any],
 ) -> Path:
-    """predictions.csv, then metrics.json: {"A": {acc, f1, recall, precision, auc}, "B": {...}, "run": ..., "config": ...}."""
+    """predictions.csv, then metrics.json.
+
+    metrics.json: {"A": {acc, f1, recall, precision, auc}, "B": {...}, "run": {identity}, "config": {...}}.
+    """
     output_dir = Path(output_dir)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")

@@ -36,6 +36,17 @@ def _logger(cfg: DictConfig, output_dir: Path) -> Any:
     return logger
 
 
+def _finish_logger(logger: Any, results: dict[str, dict[str, float]]) -> None:
+    """W&B: final test metrics into the run summary, and close the run so the next job of a sweep gets its own."""
+    if type(logger).__name__ != "WandbLogger":
+        return
+    experiment = logger.experiment
+    for site, values in results.items():
+        for name, value in values.items():
+            experiment.summary[f"final/{site}/{name}"] = value
+    experiment.finish()
+
+
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Fit on the training part, select a checkpoint without the test fold, test, write the run record."""
     _check(cfg)
@@ -76,6 +87,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     path = write_run_record(
         output_dir, model.test_results, model.test_predictions, run, OmegaConf.to_container(cfg, resolve=True)
     )
+    _finish_logger(logger, model.test_results)
     log.info("run record: %s", path)
     for site, values in model.test_results.items():
         log.info("test %s: %s", site, "  ".join(f"{k}={v:.4f}" for k, v in values.items()))

@@ -178,9 +178,7 @@ def test_zip_slip_member_is_refused(tmp_path: Path, site_b: _Server, member: str
     assert sorted(p.name for p in (root / "covid-ct").iterdir()) == []
 
 
-def test_missing_metadata_is_a_warning(
-    tmp_path: Path, site_b: _Server, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_missing_metadata_is_a_warning(tmp_path: Path, site_b: _Server, capsys: pytest.CaptureFixture[str]) -> None:
     del site_b.files[f"/repo/{SITE_B_METADATA[0]}"]
     download_site_b(tmp_path, base_url=site_b.base_url)
     err = capsys.readouterr().err
@@ -211,9 +209,7 @@ def test_missing_data_message(tmp_path: Path, site_b: _Server) -> None:
     assert missing_data_message(tmp_path) is None
 
 
-def test_site_a_without_credentials_returns_the_instructions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_site_a_without_credentials_returns_the_instructions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR"):
         monkeypatch.delenv(name, raising=False)
@@ -222,9 +218,7 @@ def test_site_a_without_credentials_returns_the_instructions(
     assert f"{tmp_path / 'data' / 'sars-cov-2' / 'non-COVID'}/*.png" in message
 
 
-def test_site_a_through_the_kaggle_api_maps_its_folders(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_site_a_through_the_kaggle_api_maps_its_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = _zip(
         {
             "COVID/Covid (1).png": _image("PNG", 1),

@@ -53,7 +53,9 @@ def test_datamodule_train_batches(phantom_root: Path, tmp_path: Path):
 
 
 def test_single_site_mode(phantom_root: Path, tmp_path: Path):
-    dm = TwoSiteDataModule(phantom_root, sites=["B"], image_size=32, batch_per_site=4, num_workers=0, cache_dir=tmp_path)
+    dm = TwoSiteDataModule(
+        phantom_root, sites=["B"], image_size=32, batch_per_site=4, num_workers=0, cache_dir=tmp_path
+    )
     dm.setup()
     loader = dm.train_dataloader()
     assert len(loader) == math.ceil(len(dm.splits["B"]["train"]) / 4)

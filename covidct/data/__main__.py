@@ -43,9 +43,7 @@ def _download_command(subparsers: argparse._SubParsersAction) -> None:
                 if message:
                     manual.append(message)
         if manual:
-            print(
-                "\nSITE A IS NOT DOWNLOADED YET: it still needs the manual step below.\n" + "\n".join(manual)
-            )
+            print("\nSITE A IS NOT DOWNLOADED YET: it still needs the manual step below.\n" + "\n".join(manual))
         else:
             print(f"data ready under {args.root}")
         return 0

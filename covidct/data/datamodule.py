@@ -137,7 +137,10 @@ class TwoSiteDataModule(pl.LightningDataModule):
             samples.extend(part)
         repeats = [self.site_b_repeat if site == "B" and len(self.sites) > 1 else 1 for site in self.sites]
         dataset = SiteImageDataset(
-            samples, "train", self.cache, augmentation("train", self.image_size, self.mean, self.std, self.seed)
+            samples,
+            "train",
+            self.cache,
+            augmentation("train", self.image_size, self.mean, self.std, self.seed),
         )
         sampler = SiteBalancedBatchSampler(site_indices, repeats, self.batch_per_site, seed=self.seed)
         return self._loader(dataset, batch_sampler=sampler)
@@ -170,13 +173,19 @@ class TwoSiteDataModule(pl.LightningDataModule):
         }
         for site, parts in self.splits.items():
             summary["sites"][site] = {
-                part: {"images": len(items), "covid": sum(s.label for s in items), "groups": len({s.group for s in items})}
+                part: {
+                    "images": len(items),
+                    "covid": sum(s.label for s in items),
+                    "groups": len({s.group for s in items}),
+                }
                 for part, items in parts.items()
             }
         notes = []
         if "A" in self.sites:
             notes.append(SITE_A_FOLD_NOTE if self.group_by == "patient" else "folds are image-level on every site")
         if "B" in self.sites and self.group_by == "patient":
-            notes.append("site B folds are patient-disjoint (Meta/patients.csv; unmapped images grouped by source paper)")
+            notes.append(
+                "site B folds are patient-disjoint (Meta/patients.csv; unmapped images grouped by source paper)"
+            )
         summary["notes"] = notes
         return summary

@@ -29,9 +29,7 @@ SITE_B_ZIPS = {
     "CT_NonCOVID": "Images-processed/CT_NonCOVID.zip",
 }
 SITE_B_METADATA = tuple(
-    f"Data-split/{group}/{split}CT_{group}.txt"
-    for group in ("COVID", "NonCOVID")
-    for split in ("train", "val", "test")
+    f"Data-split/{group}/{split}CT_{group}.txt" for group in ("COVID", "NonCOVID") for split in ("train", "val", "test")
 )
 _TIMEOUT_S = 60
 
@@ -42,8 +40,7 @@ def _download_command(root: Path) -> str:
 
 def _has_images(folder: Path) -> bool:
     return folder.is_dir() and any(
-        p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-        for p in folder.iterdir()
+        p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()
     )
 
 
@@ -76,15 +73,12 @@ def _archive_members(archive: Path) -> list[zipfile.ZipInfo]:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
     except zipfile.BadZipFile as err:
-        raise DataError(
-            f"{archive} is not a zip archive ({err}); the download may be an error page."
-        ) from err
+        raise DataError(f"{archive} is not a zip archive ({err}); the download may be an error page.") from err
     for info in members:
         name = info.filename.replace("\\", "/")
         if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in name.split("/"):
             raise DataError(
-                f"{archive} holds the unsafe member {info.filename!r} (absolute path or '..'); "
-                "refusing to unpack it."
+                f"{archive} holds the unsafe member {info.filename!r} (absolute path or '..'); refusing to unpack it."
             )
     return members
 
@@ -230,9 +224,7 @@ def download_site_a(root: Path, force: bool = False) -> str | None:
             ) from err
         archives = sorted(download_dir.glob("*.zip"))
         if not archives:
-            raise DataError(
-                f"the Kaggle download left no zip in {download_dir}.\n{site_a_instructions(root)}"
-            )
+            raise DataError(f"the Kaggle download left no zip in {download_dir}.\n{site_a_instructions(root)}")
         counts = _unpack(archives[0], site_dir, {c: c for c in classes}, fallback=None)
     finally:
         shutil.rmtree(download_dir, ignore_errors=True)

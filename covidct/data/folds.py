@@ -38,9 +38,7 @@ def assign_groups(samples: Sequence[Sample], n_parts: int, seed: int) -> list[in
     return part_of
 
 
-def split_fold(
-    samples: Sequence[Sample], fold: int, split_seed: int, val_fraction: float
-) -> dict[str, list[Sample]]:
+def split_fold(samples: Sequence[Sample], fold: int, split_seed: int, val_fraction: float) -> dict[str, list[Sample]]:
     """train/val/test for one fold: test is fold `fold` of N_FOLDS; val is carved from the other folds."""
     if not 0 <= fold < N_FOLDS:
         raise ConfigError(f"fold must be in 0..{N_FOLDS - 1}, got {fold}.")

@@ -1,0 +1,67 @@
+"""The CLI as a user runs it: a two-fold `ours` multirun on the real data, CPU-sized."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from covidct.records import METRIC_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], outputs: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COVIDCT_OUTPUTS": str(outputs), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "covidct.run", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path: Path):
+    result = run_cli(
+        [
+            "+experiment=ours",
+            "fold=0,1",
+            f"data.root={real_data}",
+            "data.image_size=64",
+            "data.num_workers=2",
+            "model.backbone.width=0.25",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3",
+            "trainer.enable_progress_bar=false",
+            "logger=csv",
+            "-m",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = sorted(tmp_path.glob("multiruns/ours/*/*/metrics.json"))
+    assert len(records) == 2, result.stdout[-2000:]
+    test_files = []
+    for path, fold in zip(records, (0, 1)):
+        record = json.loads(path.read_text())
+        assert record["run"]["fold"] == fold and record["run"]["experiment"] == "ours"
+        assert record["run"]["global_steps"] == 3
+        assert any("image-level" in note for note in record["run"]["splits"]["notes"])
+        for site in ("A", "B"):
+            assert set(record[site]) == set(METRIC_NAMES)
+            assert all(0.0 <= record[site][m] <= 1.0 for m in METRIC_NAMES)
+        predictions = path.with_name("predictions.csv").read_text().splitlines()[1:]
+        sites = record["run"]["splits"]["sites"]
+        assert len(predictions) == sites["A"]["test"]["images"] + sites["B"]["test"]["images"]
+        test_files.append({line.rsplit(",", 2)[0] for line in predictions})
+    assert not test_files[0] & test_files[1], "folds 0 and 1 share test images"
+    assert 600 < sites["A"]["test"]["images"] < 640 and 170 < sites["B"]["test"]["images"] < 205
+
+
+def test_missing_data_root_is_one_clear_line(tmp_path: Path):
+    result = run_cli(["+experiment=ours", f"data.root={tmp_path / 'nowhere'}", "trainer.max_epochs=1"], tmp_path)
+    assert result.returncode == 2
+    assert "error: data root" in result.stderr and "covidct.data download" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,119 @@
+"""Every experiment composes, wires its overrides through, and fast-runs on phantom data."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from covidct.methods import Joint, Ours, SepNorm, Single
+from covidct.records import METRIC_NAMES
+from covidct.run import train
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+EXPECTED = {
+    "single_covidnet": (Single, False, "step"),
+    "single": (Single, True, "cosine"),
+    "joint_covidnet": (Joint, False, "step"),
+    "joint": (Joint, True, "cosine"),
+    "sepnorm": (SepNorm, True, "cosine"),
+    "ours": (Ours, True, "cosine"),
+}
+FAST = [
+    "data.image_size=64",
+    "data.batch_per_site=4",
+    "data.num_workers=0",
+    "data.eval_batch_size=16",
+    "model.backbone.width=0.125",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+
+
+def compose_experiment(name: str, overrides: list[str]):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"+experiment={name}", *overrides])
+
+
+def test_all_table_rows_have_an_experiment():
+    assert set(EXPECTED) <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_fast_runs(name: str, phantom_root: Path, tmp_path: Path):
+    cfg = compose_experiment(name, [f"data.root={phantom_root}", *FAST])
+    assert cfg.name == name
+    if name in EXPECTED:
+        method, redesign, schedule = EXPECTED[name]
+        assert cfg.model.backbone.redesign is redesign and cfg.model.lr_schedule == schedule
+        assert type(instantiate(cfg.model, _convert_="all")) is method
+    results = train(cfg, tmp_path)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    for site in ("A", "B"):
+        assert set(record[site]) == set(METRIC_NAMES)
+        assert all(0.0 <= v <= 1.0 for v in record[site].values())
+        assert record[site] == pytest.approx(results[site])
+    assert record["run"]["experiment"] == name and record["run"]["global_steps"] == 2
+    lines = (tmp_path / "predictions.csv").read_text().splitlines()
+    n_test = sum(record["run"]["splits"]["sites"][s]["test"]["images"] for s in ("A", "B"))
+    assert lines[0] == "site,file,label,prob_covid" and len(lines) == 1 + n_test
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_overrides_reach_the_objects(phantom_root: Path):
+    cfg = compose_experiment(
+        "ours",
+        [
+            "fold=2",
+            "seed=11",
+            f"data.root={phantom_root}",
+            "data.image_size=96",
+            "trainer.max_epochs=7",
+            "trainer.limit_train_batches=3",
+            "trainer.accelerator=cpu",
+            "model.tau=0.2",
+            "model.alpha=0.5",
+            "model.backbone.width=0.125",
+        ],
+    )
+    dm = instantiate(cfg.data)
+    assert (dm.fold, dm.seed, dm.image_size, str(dm.root)) == (2, 11, 96, str(phantom_root))
+    model = instantiate(cfg.model, _convert_="all")
+    assert (model.hparams.tau, model.hparams.alpha) == (0.2, 0.5)
+    assert model.hparams.backbone["image_size"] == 96
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.max_epochs == 7 and trainer.limit_train_batches == 3
+    assert trainer.gradient_clip_val == 2.0
+
+
+def test_single_site_mode_records_one_site(phantom_root: Path, tmp_path: Path):
+    cfg = compose_experiment("single", [f"data.root={phantom_root}", "data.sites=[B]", *FAST])
+    train(cfg, tmp_path)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert "B" in record and "A" not in record
+
+
+def test_best_val_auc_selection(phantom_root: Path, tmp_path: Path):
+    cfg = compose_experiment(
+        "sepnorm", [f"data.root={phantom_root}", "select=best_val_auc", *FAST, "trainer.max_epochs=2"]
+    )
+    train(cfg, tmp_path)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["run"]["model_selection"] == "best_val_auc"
+    assert record["run"]["checkpoint"].startswith("checkpoints/best-epoch")
+
+
+def test_wandb_logger_offline(phantom_root: Path, tmp_path: Path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "logger=wandb", "fold=1"])
+    assert (cfg.logger.group, cfg.logger.job_type) == ("joint", "fold1")
+    train(cfg, tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (tmp_path / "metrics.json").is_file()
