@@ -73,7 +73,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         batch_per_site: int = 16,
         site_b_repeat: int = 4,
         eval_batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         pin_memory: bool = False,
         cache_dir: str | Path | None = None,
         seed: int = 0,
@@ -97,7 +97,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.batch_per_site = batch_per_site
         self.site_b_repeat = site_b_repeat
         self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = pin_memory
         self.cache = DecodedImageCache(cache_dir or default_cache_dir(), image_size)
         self.seed = seed
