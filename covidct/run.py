@@ -94,12 +94,20 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return model.test_results
 
 
+def _user_message(err: CovidCTError) -> str:
+    """Errors raised in DataLoader workers arrive wrapped in the worker's traceback; keep the message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
     except CovidCTError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_user_message(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -82,3 +82,24 @@ def test_cache_decodes_once_and_notices_changed_files(phantom_root: Path, tmp_pa
     shutil.copy(root / "sars-cov-2" / "COVID" / "img001.png", path)
     changed = cache.get(path, "eval")
     assert len(decoded) == 3 and not (changed == first).all()
+
+
+def test_setup_warms_the_cache_and_stops_on_a_corrupt_image(phantom_root: Path, tmp_path: Path):
+    import shutil
+
+    import pytest
+
+    from covidct.errors import DataError
+
+    dm = TwoSiteDataModule(phantom_root, image_size=32, num_workers=2, batch_per_site=4, cache_dir=tmp_path / "c")
+    dm.setup()
+    assert len(list((tmp_path / "c").rglob("*.npy"))) == 2 * 2 * 24  # each image once, in its part's resize
+    assert dm.cache.warm(dm._cache_items()) == 0
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    bad = root / "covid-ct" / "CT_NonCOVID" / "img005.png"
+    bad.write_bytes(bad.read_bytes()[:50])
+    broken = TwoSiteDataModule(root, image_size=32, num_workers=2, batch_per_site=4, cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="img005.png"):
+        broken.setup()

@@ -2,7 +2,8 @@
 
 Entries are keyed by the source file's path, size and modification time plus the resize settings,
 so a changed source file is decoded again. Writes are atomic (temp file + rename), so concurrent
-workers and runs can share one cache directory.
+workers and runs can share one cache directory. `warm` fills the cache up front, in parallel, so
+that an unreadable image stops a run before training with an error that names the file.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,42 +24,46 @@ CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("COVIDCT_CACHE", Path.home() / ".cache" / "covidct"))
+    return Path(os.environ.get("COVIDCT_CACHE") or Path.home() / ".cache" / "covidct")
 
 
 class DecodedImageCache:
-    """Resized uint8 HxWx3 arrays on disk (or in memory when `cache_dir` is None)."""
+    """Resized uint8 HxWx3 arrays stored as .npy files under `cache_dir`."""
 
-    def __init__(self, cache_dir: str | Path | None, image_size: int):
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+    def __init__(self, cache_dir: str | Path, image_size: int):
+        self.cache_dir = Path(cache_dir)
         self.image_size = image_size
-        self._memory: dict[str, np.ndarray] = {}
         self._resizers = {kind: deterministic_resize(kind, image_size) for kind in ("train", "eval")}
 
-    def _key(self, path: Path, kind: str) -> str:
-        stat = path.stat()
-        ident = f"v{CACHE_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{kind}|{self.image_size}"
-        return hashlib.sha1(ident.encode()).hexdigest()
+    def entry(self, path: Path, kind: str) -> Path:
+        stat = Path(path).stat()
+        ident = f"v{CACHE_VERSION}|{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{kind}|{self.image_size}"
+        key = hashlib.sha1(ident.encode()).hexdigest()
+        return self.cache_dir / key[:2] / f"{key}.npy"
 
     def get(self, path: Path, kind: str) -> np.ndarray:
-        key = self._key(Path(path), kind)
-        if self.cache_dir is None:
-            if key not in self._memory:
-                self._memory[key] = self._decode(path, kind)
-            return self._memory[key]
-        entry = self.cache_dir / key[:2] / f"{key}.npy"
+        entry = self.entry(path, kind)
         try:
             return np.load(entry)
         except (FileNotFoundError, ValueError, OSError):
-            image = self._decode(path, kind)
-            self._write(entry, image)
-            return image
+            return self._fill(path, kind, entry)
 
-    def _decode(self, path: Path, kind: str) -> np.ndarray:
-        return self._resizers[kind](image=load_image(path))["image"]
+    def warm(self, items: Iterable[tuple[Path, str]], workers: int = 1) -> int:
+        """Decode every (path, kind) not cached yet; returns how many were decoded."""
+        missing = [(path, kind, entry) for path, kind in items if not (entry := self.entry(path, kind)).is_file()]
+        if workers <= 1 or len(missing) < 64:
+            for job in missing:
+                self._fill(*job)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(self._fill_discard, missing, chunksize=32))
+        return len(missing)
 
-    @staticmethod
-    def _write(entry: Path, image: np.ndarray) -> None:
+    def _fill_discard(self, job: tuple[Path, str, Path]) -> None:
+        self._fill(*job)
+
+    def _fill(self, path: Path, kind: str, entry: Path) -> np.ndarray:
+        image = self._resizers[kind](image=load_image(path))["image"]
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
         try:
@@ -66,3 +73,4 @@ class DecodedImageCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return image

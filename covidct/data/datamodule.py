@@ -116,6 +116,16 @@ class TwoSiteDataModule(pl.LightningDataModule):
                     f"site {site} has {n_train} training images in fold {self.fold}, fewer than "
                     f"data.batch_per_site={self.batch_per_site}; lower data.batch_per_site."
                 )
+        self.cache.warm(self._cache_items(), workers=self.num_workers)
+
+    def _cache_items(self) -> list[tuple[Path, str]]:
+        """Every image with the resize its part uses: training crops from 'train', evaluation uses 'eval'."""
+        return [
+            (s.path, "train" if part == "train" else "eval")
+            for parts in self.splits.values()
+            for part, items in parts.items()
+            for s in items
+        ]
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         workers = self.num_workers
