@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from covidct.methods import Joint, Ours, SepNorm, Single
+from covidct.methods import Joint, MSNet, Ours, ParallelAdapter, SepNorm, SeriesAdapter, Single
 from covidct.records import METRIC_NAMES
 from covidct.run import train
 
@@ -18,6 +18,9 @@ EXPECTED = {
     "single": (Single, True, "cosine"),
     "joint_covidnet": (Joint, False, "step"),
     "joint": (Joint, True, "cosine"),
+    "series_adapter": (SeriesAdapter, True, "cosine"),
+    "parallel_adapter": (ParallelAdapter, True, "cosine"),
+    "msnet": (MSNet, True, "cosine"),
     "sepnorm": (SepNorm, True, "cosine"),
     "ours": (Ours, True, "cosine"),
 }
@@ -41,7 +44,7 @@ def compose_experiment(name: str, overrides: list[str]):
 
 
 def test_all_table_rows_have_an_experiment():
-    assert set(EXPECTED) <= set(EXPERIMENTS)
+    assert set(EXPECTED) <= set(EXPERIMENTS) and len(EXPECTED) == 9
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

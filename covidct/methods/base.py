@@ -46,6 +46,7 @@ class SiteMethod(pl.LightningModule):
     """Base LightningModule; batches are dicts with image, label, site (index into SITES) and file."""
 
     norm_per_site: bool = False
+    adapter: str = "none"
 
     def __init__(
         self,
@@ -70,8 +71,9 @@ class SiteMethod(pl.LightningModule):
 
     # What a method defines ------------------------------------------------------------------------
     def make_backbone(self) -> CovidNet:
-        """A backbone with one norm per site if the method separates norms, else shared norms."""
-        return CovidNet(**self.backbone_config, num_sites=len(SITES) if self.norm_per_site else 1)
+        """A backbone with one norm (and adapter) per site if the method separates them, else shared norms."""
+        num_sites = len(SITES) if self.norm_per_site else 1
+        return CovidNet(**self.backbone_config, num_sites=num_sites, adapter=self.adapter)
 
     def training_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Named loss terms; 'loss' is the one optimised."""

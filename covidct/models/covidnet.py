@@ -10,6 +10,7 @@ authors' code sums `pepx32` twice and omits `pepx33`; this is the intended wirin
 redesign=True: BN + ReLU after the first conv and each upper-branch conv (one BN per site when
 num_sites > 1), global pooling to 2x2 (8192-d embedding at full width), BN + ReLU in the classifier.
 redesign=False: the original, no BN, 7x7x2048 flattened into the classifier.
+adapter="series"|"parallel": site adapters at every depthwise 3x3 and upper-branch conv (models/adapters.py).
 """
 
 from __future__ import annotations
@@ -18,26 +19,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidct.models.adapters import AdaptedConv
 from covidct.models.heads import SiteMLP, classifier_head
-from covidct.models.norms import NormAct
+from covidct.models.norms import NormAct, SiteBatchNorm
 
 STAGE_CHANNELS = (64, 256, 512, 1024, 2048)
 STAGE_BLOCKS = (3, 4, 6, 3)
 POOLED_GRID = 2
 
 
-class PEPX(nn.Sequential):
-    """Projection 1x1 -> expansion 1x1 -> depthwise 3x3 -> projection 1x1 -> extension 1x1; no BN, no activation."""
+class PEPX(nn.Module):
+    """Projection 1x1 -> expansion 1x1 -> depthwise 3x3 -> projection 1x1 -> extension 1x1; no BN, no activation.
 
-    def __init__(self, c_in: int, c_out: int):
+    With adapters, the depthwise 3x3 gets a site-specific series or parallel 1x1 adapter followed by
+    the site's BatchNorm (Rebuffi et al.'s adapters sit at the spatial convolutions).
+    """
+
+    def __init__(self, c_in: int, c_out: int, adapter: str = "none", num_sites: int = 1):
+        super().__init__()
         half, three_quarters = c_in // 2, 3 * c_in // 4
-        super().__init__(
-            nn.Conv2d(c_in, half, 1),
-            nn.Conv2d(half, three_quarters, 1),
-            nn.Conv2d(three_quarters, three_quarters, 3, padding=1, groups=three_quarters),
-            nn.Conv2d(three_quarters, half, 1),
-            nn.Conv2d(half, c_out, 1),
-        )
+        self.project_in = nn.Sequential(nn.Conv2d(c_in, half, 1), nn.Conv2d(half, three_quarters, 1))
+        depthwise = nn.Conv2d(three_quarters, three_quarters, 3, padding=1, groups=three_quarters)
+        self.depthwise = AdaptedConv(depthwise, adapter, num_sites)
+        self.adapter_norm = SiteBatchNorm(three_quarters, num_sites) if adapter != "none" else None
+        self.project_out = nn.Sequential(nn.Conv2d(three_quarters, half, 1), nn.Conv2d(half, c_out, 1))
+
+    def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        x = self.depthwise(self.project_in(x), site)
+        if self.adapter_norm is not None:
+            x = self.adapter_norm(x, site)
+        return self.project_out(x)
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -63,8 +74,11 @@ class CovidNet(nn.Module):
         image_size: int = 224,
         num_classes: int = 2,
         in_channels: int = 3,
+        adapter: str = "none",
     ):
         super().__init__()
+        if adapter != "none" and not redesign:
+            raise ValueError("site adapters need the redesigned backbone (redesign=True)")
         self.redesign = redesign
         self.num_sites = num_sites
         ch = [_scaled(c, width) for c in STAGE_CHANNELS]
@@ -74,10 +88,10 @@ class CovidNet(nn.Module):
 
         self.stem = nn.Conv2d(in_channels, ch[0], 7, stride=2, padding=3)
         self.stem_norm = norm_act(ch[0])
-        self.upper = nn.ModuleList(nn.Conv2d(ch[k], ch[k + 1], 1) for k in range(4))
+        self.upper = nn.ModuleList(AdaptedConv(nn.Conv2d(ch[k], ch[k + 1], 1), adapter, num_sites) for k in range(4))
         self.upper_norms = nn.ModuleList(norm_act(ch[k + 1]) for k in range(4))
         self.stages = nn.ModuleList(
-            nn.ModuleList(PEPX(ch[k] if j == 0 else ch[k + 1], ch[k + 1]) for j in range(n))
+            nn.ModuleList(PEPX(ch[k] if j == 0 else ch[k + 1], ch[k + 1], adapter, num_sites) for j in range(n))
             for k, n in enumerate(STAGE_BLOCKS)
         )
         if redesign:
@@ -95,14 +109,14 @@ class CovidNet(nn.Module):
         """Pooled, flattened embedding of the last PEPX block's output (as in the authors' code)."""
         x = F.max_pool2d(self.stem_norm(self.stem(x), site), 2)
         block_input = x
-        shortcut = self.upper_norms[0](self.upper[0](x), site)
+        shortcut = self.upper_norms[0](self.upper[0](x, site), site)
         for k, stage in enumerate(self.stages):
             outputs: list[torch.Tensor] = []
             for j, block in enumerate(stage):
-                outputs.append(block(block_input if j == 0 else shortcut + sum(outputs)))
+                outputs.append(block(block_input if j == 0 else shortcut + sum(outputs), site))
             if k + 1 < len(self.stages):
                 stage_sum = shortcut + sum(outputs)
-                next_shortcut = F.max_pool2d(self.upper_norms[k + 1](self.upper[k + 1](stage_sum), site), 2)
+                next_shortcut = F.max_pool2d(self.upper_norms[k + 1](self.upper[k + 1](stage_sum, site), site), 2)
                 block_input = sum(F.max_pool2d(t, 2) for t in [*outputs, shortcut])
                 shortcut = next_shortcut
         return torch.flatten(self.pool(outputs[-1]), 1)

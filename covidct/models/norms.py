@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from covidct.models.routing import route_by_site
+
 
 class SiteBatchNorm(nn.Module):
     """BatchNorm with its own affine parameters and running statistics for each site.
@@ -25,17 +27,12 @@ class SiteBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         if self.num_sites == 1:
             return self.norms[0](x)
-        out = torch.zeros_like(x)
-        for s, norm in enumerate(self.norms):
-            index = (site == s).nonzero(as_tuple=True)[0]
-            if index.numel() == 1 and self.training and x.dim() == 2:
-                raise ValueError(
-                    f"site {s} has a single sample in this training batch: its BatchNorm needs at least 2 "
-                    "(the authors' code silently dropped such sites; batches here hold batch_per_site per site)"
-                )
-            if index.numel():
-                out = out.index_copy(0, index, norm(x.index_select(0, index)))
-        return out
+        if self.training and x.dim() == 2 and (torch.bincount(site, minlength=self.num_sites) == 1).any():
+            raise ValueError(
+                "a site has a single sample in this training batch: its BatchNorm needs at least 2 "
+                "(the authors' code silently dropped such sites; batches here hold batch_per_site per site)"
+            )
+        return route_by_site(x, site, self.norms)
 
 
 class NormAct(nn.Module):

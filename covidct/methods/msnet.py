@@ -1,0 +1,46 @@
+"""MS-Net (Liu, Dou et al., IEEE TMI 2020) adapted from segmentation to classification.
+
+Shared encoder with site-specific BN (as SepNorm); one auxiliary classifier per site, trained on its own
+site's images only; a universal classifier (the one tested) trained on all sites with
+(1 - kt_weight) * CE(labels) + kt_weight * CE(the own site's auxiliary hard prediction), the
+knowledge-transfer term switched on after `kt_warmup_epochs` and passing no gradient into the
+auxiliary heads. The auxiliary heads' supervised losses train the shared encoder too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from covidct.data.sources import SITES
+from covidct.methods.sepnorm import SepNorm
+from covidct.models import classifier_head
+
+
+class MSNet(SepNorm):
+    def __init__(self, kt_weight: float = 0.5, kt_warmup_epochs: int = 10, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.aux_heads = nn.ModuleList(classifier_head(self.net.embedding_dim, num_sites=1) for _ in SITES)
+
+    def training_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        site, label = batch["site"], batch["label"]
+        embedding = self.net.features(batch["image"], site)
+        losses: dict[str, torch.Tensor] = {}
+        aux_prediction = torch.empty_like(label)
+        for s, head in enumerate(self.aux_heads):
+            index = (site == s).nonzero(as_tuple=True)[0]
+            if index.numel() == 0:
+                continue
+            aux_logits = head(embedding.index_select(0, index), site.index_select(0, index))
+            losses[f"aux_{SITES[s]}"] = F.cross_entropy(aux_logits, label.index_select(0, index))
+            aux_prediction[index] = aux_logits.detach().argmax(dim=1)
+        universal_logits = self.net.classify(embedding, site)
+        supervised = F.cross_entropy(universal_logits, label)
+        transfer = F.cross_entropy(universal_logits, aux_prediction)
+        weight = self.hparams.kt_weight if self.current_epoch >= self.hparams.kt_warmup_epochs else 0.0
+        universal = (1 - weight) * supervised + weight * transfer
+        return {"loss": universal + sum(losses.values()), "ce": supervised, "transfer": transfer, **losses}
