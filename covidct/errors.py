@@ -11,3 +11,7 @@ class DataError(CovidCTError):
 
 class ConfigError(CovidCTError):
     """A configuration value is invalid; the message names the key."""
+
+
+class TrainingDiverged(CovidCTError):
+    """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""

@@ -12,10 +12,11 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor
 
 from covidct.errors import ConfigError, CovidCTError
 from covidct.records import git_commit, write_run_record
+from covidct.resume import AtomicCheckpoint, check_checkpoint, prepare_run_dir
 
 log = logging.getLogger("covidct.run")
 SELECTIONS = ("last", "best_val_auc")
@@ -48,15 +49,26 @@ def _finish_logger(logger: Any, results: dict[str, dict[str, float]]) -> None:
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Fit on the training part, select a checkpoint without the test fold, test, write the run record."""
+    """Fit on the training part, select a checkpoint without the test fold, test, write the run record.
+
+    A folder with a complete record is skipped; an interrupted run resumes from its last checkpoint.
+    """
     _check(cfg)
     output_dir = Path(output_dir)
+    state = prepare_run_dir(cfg, output_dir)
+    if state.record is not None:
+        log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
+        return {site: state.record[site] for site in state.record if site not in ("run", "config")}
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = instantiate(cfg.model, _convert_="all")
+    resume_from = state.checkpoint or (Path(cfg.resume_from) if cfg.get("resume_from") else None)
+    if resume_from is not None:
+        check_checkpoint(resume_from, model)
+        log.info("resuming from %s", resume_from)
     best = cfg.select == "best_val_auc"
-    checkpoint = ModelCheckpoint(
+    checkpoint = AtomicCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="best-epoch{epoch:03d}" if best else "epoch{epoch:03d}",
         auto_insert_metric_name=False,
@@ -64,11 +76,12 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         mode="max",
         save_top_k=1 if best else 0,  # 'last' keeps one copy only: checkpoints are ~0.6 GB at full width
         save_last=True,
+        enable_version_counter=False,
     )
     logger = _logger(cfg, output_dir)
     callbacks = [checkpoint] + ([LearningRateMonitor("epoch")] if logger else [])
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     ckpt_path = checkpoint.best_model_path if best else checkpoint.last_model_path
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path or None, verbose=False)
     run = {

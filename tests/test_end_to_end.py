@@ -41,7 +41,7 @@ def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    records = sorted(tmp_path.glob("multiruns/ours/*/*/metrics.json"))
+    records = sorted(tmp_path.glob("ours/fold*-seed643-*/metrics.json"))
     assert len(records) == 2, result.stdout[-2000:]
     test_files = []
     for path, fold in zip(records, (0, 1)):

@@ -12,7 +12,7 @@ def test_every_batch_is_16_plus_16_and_site_b_repeats_4x():
     n_a, n_b = 1674, 503
     a, b = range(n_a), range(n_a, n_a + n_b)
     sampler = SiteBalancedBatchSampler([a, b], [1, 4], batch_per_site=16, seed=7)
-    batches = list(sampler)
+    batches = [[i for i, _ in batch] for batch in sampler]
     assert len(batches) == len(sampler) == math.ceil(4 * n_b / 16)
     for batch in batches:
         assert len(batch) == 32
@@ -29,11 +29,25 @@ def test_order_depends_on_seed_and_epoch_only():
     def epoch(seed: int, e: int) -> list[list[int]]:
         s = SiteBalancedBatchSampler([range(50), range(50, 70)], [1, 4], 16, seed=seed)
         s.set_epoch(e)
-        return list(s)
+        return list(s)  # (index, augmentation seed) pairs
 
     assert epoch(1, 0) == epoch(1, 0)
     assert epoch(1, 0) != epoch(1, 1)
     assert epoch(1, 0) != epoch(2, 0)
+
+
+def test_augmentation_is_reproducible_per_drawn_sample(phantom_root: Path, tmp_path: Path):
+    def first_batch(workers: int, epoch: int) -> torch.Tensor:
+        dm = TwoSiteDataModule(
+            phantom_root, image_size=32, batch_per_site=4, num_workers=workers, cache_dir=tmp_path, seed=3
+        )
+        dm.setup()
+        loader = dm.train_dataloader()
+        loader.batch_sampler.set_epoch(epoch)
+        return next(iter(loader))["image"]
+
+    assert torch.equal(first_batch(0, 0), first_batch(2, 0))
+    assert not torch.equal(first_batch(0, 0), first_batch(0, 1))
 
 
 def test_datamodule_train_batches(phantom_root: Path, tmp_path: Path):

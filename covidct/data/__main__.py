@@ -1,4 +1,4 @@
-"""`python -m covidct.data`: fetch the data (`download`) and say whether it is in place (`where`).
+"""`python -m covidct.data`: fetch the data (`download`), say whether it is in place (`where`), check it (`check`).
 
 Each subcommand is one `_<name>_command` function that registers its parser and handler; adding a
 subcommand means writing one such function and listing it in `_COMMANDS`.
@@ -7,11 +7,13 @@ subcommand means writing one such function and listing it in `_COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from covidct.data.check import check_data, format_report
 from covidct.data.download import (
     DEFAULT_BASE_URL,
     download_site_a,
@@ -67,7 +69,31 @@ def _where_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_download_command, _where_command)
+def _check_command(subparsers: argparse._SubParsersAction) -> None:
+    def run(args: argparse.Namespace) -> int:
+        report = check_data(args.root, args.split_seed, args.group_by, args.batch_per_site, args.workers)
+        print(format_report(report))
+        if args.json:
+            args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        return 0 if report.ok else 1
+
+    parser = subparsers.add_parser(
+        "check", help="decode every image, find duplicates and patient-id gaps (exit 1 if training would break)"
+    )
+    _add_root(parser)
+    parser.add_argument("--split-seed", type=int, default=0, help="fold assignment to test duplicates against")
+    parser.add_argument("--group-by", choices=("patient", "image"), default="patient", help="as data.group_by")
+    parser.add_argument("--batch-per-site", type=int, default=16, help="as data.batch_per_site")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
+    parser.set_defaults(run=run)
+
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _download_command,
+    _where_command,
+    _check_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.cache import DecodedImageCache, default_cache_dir
 from covidct.data.folds import N_FOLDS, split_fold
@@ -25,7 +25,11 @@ SITE_A_FOLD_NOTE = (
 
 
 class SiteImageDataset(Dataset):
-    """Samples of one or more sites, as dicts of image, label, site index and file name."""
+    """Samples of one or more sites, as dicts of image, label, site index and file name.
+
+    Training items are requested as (index, augmentation seed) pairs from the batch sampler, so each
+    drawn sample's augmentation is reproducible whatever the worker; evaluation items are plain indices.
+    """
 
     def __init__(self, samples: Sequence[Sample], kind: str, cache: DecodedImageCache, augment: Any):
         self.samples = list(samples)
@@ -36,8 +40,11 @@ class SiteImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        sample = self.samples[i]
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(item, tuple):
+            item, augmentation_seed = item
+            self.augment.set_random_seed(augmentation_seed)
+        sample = self.samples[item]
         image = self.augment(image=self.cache.get(sample.path, self.kind))["image"]
         return {
             "image": torch.from_numpy(to_chw_tensor_array(image)),
@@ -45,12 +52,6 @@ class SiteImageDataset(Dataset):
             "site": site_index(sample.site),
             "file": sample.name,
         }
-
-
-def _seed_worker_augmentation(worker_id: int) -> None:
-    """Give each loader worker its own, reproducible augmentation stream (torch seeds the worker)."""
-    info = get_worker_info()
-    info.dataset.augment.set_random_seed(info.seed % 2**32)
 
 
 class TwoSiteDataModule(pl.LightningDataModule):
@@ -134,7 +135,6 @@ class TwoSiteDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=workers > 0,
-            worker_init_fn=_seed_worker_augmentation if workers > 0 else None,
             **kwargs,
         )
 
@@ -150,7 +150,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             samples,
             "train",
             self.cache,
-            augmentation("train", self.image_size, self.mean, self.std, self.seed),
+            augmentation("train", self.image_size, self.mean, self.std),
         )
         sampler = SiteBalancedBatchSampler(site_indices, repeats, self.batch_per_site, seed=self.seed)
         return self._loader(dataset, batch_sampler=sampler)

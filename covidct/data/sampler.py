@@ -9,14 +9,15 @@ import torch
 from torch.utils.data import Sampler
 
 
-class SiteBalancedBatchSampler(Sampler[list[int]]):
-    """Batches of `batch_per_site` indices from each site in turn (site order as given).
+class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of `batch_per_site` (index, augmentation seed) pairs from each site in turn (site order as given).
 
     Epoch length: ceil(max_s(repeat_s * n_s) / batch_per_site) steps. Each site draws from a stream of
     fresh random permutations of its images, cut to that length, so within one epoch a site with
     repeat r shows every image at least r times (exactly r, except for the < batch_per_site images
     that top up the last batch), and the other site is cycled to fill the same number of steps.
-    Orders depend only on (seed, epoch).
+    Orders and augmentation seeds depend only on (seed, epoch): a resumed or re-run epoch, with any
+    number of loader workers, sees exactly the same images with exactly the same augmentations.
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class SiteBalancedBatchSampler(Sampler[list[int]]):
         """Lightning calls this at the start of every epoch, so each epoch gets a new order."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         steps = len(self)
         need = steps * self.batch_per_site
@@ -56,5 +57,7 @@ class SiteBalancedBatchSampler(Sampler[list[int]]):
             order = torch.cat([indices[torch.randperm(len(indices), generator=generator)] for _ in range(passes)])
             streams.append(order[:need].tolist())
         b = self.batch_per_site
+        seeds = torch.randint(0, 2**31 - 1, (steps, b * len(streams)), generator=generator).tolist()
         for step in range(steps):
-            yield [i for stream in streams for i in stream[step * b : (step + 1) * b]]
+            indices = [i for stream in streams for i in stream[step * b : (step + 1) * b]]
+            yield list(zip(indices, seeds[step]))

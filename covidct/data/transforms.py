@@ -30,7 +30,6 @@ def augmentation(
     image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    seed: int | None = None,
 ) -> A.Compose:
     """Applied to the cached resized image: random crop and H/V flips for training, normalise only for eval."""
     normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
@@ -45,7 +44,7 @@ def augmentation(
         steps = [normalize]
     else:
         raise ValueError(f"kind must be 'train' or 'eval', got {kind!r}")
-    return A.Compose(steps, seed=seed)
+    return A.Compose(steps)
 
 
 def to_chw_tensor_array(image: np.ndarray) -> np.ndarray:

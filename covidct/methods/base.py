@@ -22,7 +22,7 @@ from torchmetrics.classification import (
 )
 
 from covidct.data.sources import SITES
-from covidct.errors import ConfigError
+from covidct.errors import ConfigError, TrainingDiverged
 from covidct.models import CovidNet
 
 EVAL_STAGES = ("val", "test")
@@ -82,9 +82,23 @@ class SiteMethod(pl.LightningModule):
     def logits(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed by this module: the method and its backbone."""
+        return {"method": type(self).__name__, "backbone": dict(self.backbone_config)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["covidct"] = self.checkpoint_identity()
+
     # Training -----------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.training_losses(batch)
+        if not torch.isfinite(losses["loss"]):
+            terms = ", ".join(f"{name}={value.item():.4g}" for name, value in losses.items())
+            raise TrainingDiverged(
+                f"the training loss became non-finite at epoch {self.current_epoch}, step {self.global_step} "
+                f"({terms}). Training stopped before this step's update; the checkpoint of the last finished "
+                "epoch is kept. Lower model.lr, or check the data of this run."
+            )
         self.log_dict(
             {f"train/{name}": value.detach() for name, value in losses.items()},
             on_step=True,

@@ -1,0 +1,132 @@
+"""What makes runs resumable and sweeps idempotent.
+
+A run's folder is named by a hash of its *semantic* config (what changes its numbers), so the same
+command always lands in the same folder: a complete record there is skipped, an incomplete run resumes
+from its last checkpoint, and a changed config gets a new folder. Checkpoints are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from covidct.errors import ConfigError, DataError
+from covidct.records import METRICS_FILE, atomic_write_text, read_run_record
+
+log = logging.getLogger("covidct.resume")
+RUN_CONFIG_FILE = "run_config.json"
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+# Keys that change where or how visibly a run executes, never its numbers.
+NON_SEMANTIC_KEYS = (
+    "hydra",
+    "paths",
+    "logger",
+    "data.root",
+    "data.cache_dir",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.eval_batch_size",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
+
+
+def semantic_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without NON_SEMANTIC_KEYS: two runs with equal values give equal numbers."""
+    top = [k for k in cfg if k not in NON_SEMANTIC_KEYS]
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, top), resolve=True)
+    for dotted in NON_SEMANTIC_KEYS:
+        parent, _, leaf = dotted.rpartition(".")
+        node = resolved.get(parent) if parent else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return resolved
+
+
+def run_id(*, _root_: DictConfig) -> str:
+    """Short hash of the semantic config; used in hydra.run.dir and hydra.sweep.subdir."""
+    text = json.dumps(semantic_config(_root_), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+if not OmegaConf.has_resolver("covidct_run_id"):
+    OmegaConf.register_new_resolver("covidct_run_id", run_id)
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run folder is complete (record present), resumable (a checkpoint), or fresh."""
+
+    record: dict[str, Any] | None
+    checkpoint: Path | None
+
+
+def prepare_run_dir(cfg: DictConfig, output_dir: Path) -> RunState:
+    """Claim `output_dir` for this config, or refuse if it holds a different run; never touch a finished one."""
+    output_dir = Path(output_dir)
+    mine = semantic_config(cfg)
+    marker = output_dir / RUN_CONFIG_FILE
+    if marker.is_file():
+        theirs = json.loads(marker.read_text())
+        if theirs != mine:
+            changed = sorted(_differing_keys(theirs, mine))
+            raise ConfigError(
+                f"{output_dir} holds a run of another configuration (differs in: {', '.join(changed[:8])}). "
+                "Its results are left untouched; choose another paths.log_dir or name, or delete that folder."
+            )
+    if (output_dir / METRICS_FILE).is_file():
+        return RunState(record=read_run_record(output_dir), checkpoint=None)
+    if not marker.is_file():
+        atomic_write_text(marker, json.dumps(mine, indent=2, sort_keys=True, default=str) + "\n")
+    last = output_dir / LAST_CHECKPOINT
+    return RunState(record=None, checkpoint=last if last.is_file() else None)
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys: set[str] = set()
+        for k in set(a) | set(b):
+            keys |= _differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return keys
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+def check_checkpoint(path: Path, model: pl.LightningModule) -> None:
+    """Refuse, with a clear message, a checkpoint saved by another method or backbone."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; fix resume_from or drop it.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise DataError(f"checkpoint {path} cannot be read ({err}); delete it to start the run afresh.") from err
+    saved = checkpoint.get("covidct")
+    expected = model.checkpoint_identity()
+    if saved != expected:
+        raise ConfigError(
+            f"checkpoint {path} was saved by {saved or 'something other than covidct'}, but this run is "
+            f"{expected}; resume only from a checkpoint of the same method and backbone."
+        )
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that writes to a temp file and renames it, so a kill mid-write never corrupts
+    the checkpoint a rerun resumes from."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        self._last_checkpoint_saved = filepath
