@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from covidct.data.folds import N_FOLDS, assign_groups
+from covidct.data.folds import DEFAULT_VAL_FRACTION, N_FOLDS, SITE_A_FOLD_NOTE, assign_groups
 from covidct.data.sources import (
     _PAPER_PREFIX,
     PATIENTS_CSV,
@@ -30,11 +30,6 @@ from covidct.data.sources import (
 from covidct.errors import ConfigError, DataError
 
 # The training part of a site is (N_FOLDS - 1) / N_FOLDS of it, less data.val_fraction (default below).
-_VAL_FRACTION = 0.1
-SITE_A_NOTE = (
-    "site A has no patient ids: its folds are image-level (byte-identical duplicates kept together with "
-    "group_by=patient), so slices of one patient can fall on both sides of a split"
-)
 
 
 @dataclass
@@ -228,7 +223,7 @@ def check_data(
     if workers < 1:
         raise ConfigError(f"workers must be positive, got {workers}.")
     root = Path(root)
-    report = DataReport(str(root), split_seed, group_by, batch_per_site, notes=[SITE_A_NOTE])
+    report = DataReport(str(root), split_seed, group_by, batch_per_site, notes=[SITE_A_FOLD_NOTE])
     listed: dict[str, list[tuple[Path, int]]] = {}
     for site in SITE_LAYOUTS:
         try:
@@ -247,7 +242,7 @@ def check_data(
         for p, _ in items:
             if infos[p].error is not None:
                 report.problems.append(Problem(site, infos[p].error, _relative(root, p)))
-        training = len(items) * (N_FOLDS - 1) / N_FOLDS * (1 - _VAL_FRACTION)
+        training = len(items) * (N_FOLDS - 1) / N_FOLDS * (1 - DEFAULT_VAL_FRACTION)
         if training < batch_per_site:
             report.problems.append(
                 Problem(

@@ -12,16 +12,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.cache import DecodedImageCache, default_cache_dir
-from covidct.data.folds import N_FOLDS, split_fold
+from covidct.data.folds import DEFAULT_VAL_FRACTION, N_FOLDS, SITE_A_FOLD_NOTE, split_fold
 from covidct.data.sampler import SiteBalancedBatchSampler
 from covidct.data.sources import SITES, Sample, scan_site, site_index
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augmentation, to_chw_tensor_array
 from covidct.errors import ConfigError
-
-SITE_A_FOLD_NOTE = (
-    "site A has no patient ids: its folds are image-level (byte-identical duplicates kept together), "
-    "so slices of one patient can fall on both sides of a split"
-)
 
 
 class SiteImageDataset(Dataset):
@@ -69,7 +64,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         fold: int = 0,
         split_seed: int = 0,
         group_by: str = "patient",
-        val_fraction: float = 0.1,
+        val_fraction: float = DEFAULT_VAL_FRACTION,
         image_size: int = 224,
         batch_per_site: int = 16,
         site_b_repeat: int = 4,
