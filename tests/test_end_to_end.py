@@ -1,26 +1,10 @@
 """The CLI as a user runs it: a two-fold `ours` multirun on the real data, CPU-sized."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from covidct.records import METRIC_NAMES
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args: list[str], outputs: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COVIDCT_OUTPUTS": str(outputs), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "covidct.run", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.helpers import run_cli
 
 
 def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path: Path):

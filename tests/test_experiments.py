@@ -4,12 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from covidct.methods import Joint, MSNet, Ours, ParallelAdapter, SepNorm, SeriesAdapter, Single
 from covidct.records import METRIC_NAMES
 from covidct.run import train
+from tests.helpers import FAST, compose_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -24,23 +24,6 @@ EXPECTED = {
     "sepnorm": (SepNorm, True, "cosine"),
     "ours": (Ours, True, "cosine"),
 }
-FAST = [
-    "data.image_size=64",
-    "data.batch_per_site=4",
-    "data.num_workers=0",
-    "data.eval_batch_size=16",
-    "model.backbone.width=0.125",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "logger=csv",
-]
-
-
-def compose_experiment(name: str, overrides: list[str]):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"+experiment={name}", *overrides])
 
 
 def test_all_table_rows_have_an_experiment():

@@ -1,0 +1,241 @@
+"""Reliability: resume after SIGKILL, idempotent sweeps, determinism, refusals that leave results untouched."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from covidct.errors import ConfigError, TrainingDiverged
+from covidct.run import train
+from tests.helpers import FAST, REPO, RequeueableRun, cli_env, compose_experiment, run_cli
+
+# Full phantom epochs (32 steps) so that a kill lands inside an epoch, not between runs.
+LONG = [o for o in FAST if not o.startswith(("trainer.max_epochs", "trainer.limit_train_batches"))] + [
+    "trainer.max_epochs=3"
+]
+
+
+def _record(folder: Path) -> dict:
+    record = json.loads((folder / "metrics.json").read_text())
+    record["config"].pop("paths")
+    return record
+
+
+def _wait_for(path: Path, process: subprocess.Popen | None = None, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the run ended (rc={process.returncode}) before {path} appeared")
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_record(phantom_root: Path, tmp_path: Path):
+    args = ["+experiment=ours", f"data.root={phantom_root}", *LONG]
+    straight = run_cli(args, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    (reference,) = (tmp_path / "straight" / "ours").iterdir()
+
+    killed_root = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "covidct.run", *args],
+        cwd=REPO,
+        env=cli_env(killed_root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(killed_root / "ours" / reference.name / "checkpoints" / "last.ckpt", process)
+        time.sleep(0.4)  # into the next epoch
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    folder = killed_root / "ours" / reference.name
+    assert not (folder / "metrics.json").exists(), "the kill came too late to test resuming"
+    assert torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] < 3
+
+    resumed = run_cli(args, killed_root)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert _record(folder) == _record(reference)
+
+
+def test_rerun_multirun_skips_finished_runs_and_a_changed_config_gets_a_new_folder(phantom_root: Path, tmp_path: Path):
+    args = ["+experiment=joint", f"data.root={phantom_root}", *FAST, "fold=0,1", "-m"]
+    first = run_cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    records = sorted((tmp_path / "joint").glob("*/metrics.json"))
+    assert len(records) == 2
+    stamps = [(p.stat().st_mtime_ns, p.read_bytes()) for p in records]
+
+    again = run_cli(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (again.stdout + again.stderr).count("skipping") == 2
+    assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in records] == stamps
+
+    changed = run_cli(["+experiment=joint", f"data.root={phantom_root}", *FAST, "fold=0", "model.lr=3e-4"], tmp_path)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert len(list((tmp_path / "joint").glob("*/metrics.json"))) == 3
+    assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in records] == stamps
+
+
+def test_same_seed_same_record_and_another_seed_other_numbers(phantom_root: Path, tmp_path: Path):
+    def run(seed: int, folder: str) -> dict:
+        train(compose_experiment("ours", [f"data.root={phantom_root}", *FAST, f"seed={seed}"]), tmp_path / folder)
+        return json.loads((tmp_path / folder / "metrics.json").read_text())
+
+    first, second, other = run(5, "a"), run(5, "b"), run(6, "c")
+    assert first == second
+    assert (tmp_path / "a" / "predictions.csv").read_bytes() == (tmp_path / "b" / "predictions.csv").read_bytes()
+    assert (first["A"], first["B"]) != (other["A"], other["B"])
+    assert first["run"]["splits"] == other["run"]["splits"]  # folds depend on split_seed only
+
+
+def test_a_folder_of_another_config_is_refused_and_left_untouched(phantom_root: Path, tmp_path: Path):
+    train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST]), tmp_path)
+    before = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds a run of another configuration \(differs in: model.lr\)"):
+        train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "model.lr=0.1"]), tmp_path)
+    assert (tmp_path / "metrics.json").read_bytes() == before
+    # the same config (even with another data root or worker count) skips and returns the record
+    again = train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "data.num_workers=1"]), tmp_path)
+    assert again == {site: json.loads(before)[site] for site in ("A", "B")}
+
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(phantom_root: Path, tmp_path: Path):
+    overrides = [f"data.root={phantom_root}", *FAST, "trainer.max_epochs=3", "trainer.limit_train_batches=3"]
+    overrides += ["model._target_=tests.helpers.DivergingJoint", "+model.diverge_at_step=4"]
+    cfg = compose_experiment("joint", overrides)
+    with pytest.raises(TrainingDiverged, match=r"non-finite at epoch 1, step 4 \(loss=nan"):
+        train(cfg, tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 3
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
+
+
+def test_a_checkpoint_of_another_method_or_backbone_is_refused(phantom_root: Path, tmp_path: Path):
+    train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST]), tmp_path / "joint")
+    joint_ckpt = tmp_path / "joint" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"saved by \{'method': 'Joint'.*same method and backbone"):
+        train(
+            compose_experiment("sepnorm", [f"data.root={phantom_root}", *FAST, f"resume_from={joint_ckpt}"]),
+            tmp_path / "s",
+        )
+    with pytest.raises(ConfigError, match=r"'redesign': True.*'redesign': False"):
+        train(
+            compose_experiment("joint_covidnet", [f"data.root={phantom_root}", *FAST, f"resume_from={joint_ckpt}"]),
+            tmp_path / "c",
+        )
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(
+            compose_experiment("joint", [f"data.root={phantom_root}", *FAST, f"resume_from={tmp_path}/no.ckpt"]),
+            tmp_path / "n",
+        )
+    assert not list(tmp_path.glob("[scn]/metrics.json"))
+
+
+def _broken_copy(phantom_root: Path, tmp_path: Path, how: str) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    if how == "missing site":
+        shutil.rmtree(root / "covid-ct" / "CT_COVID")
+    elif how == "empty class":
+        for p in (root / "sars-cov-2" / "non-COVID").iterdir():
+            p.unlink()
+    elif how == "non-image":
+        (root / "sars-cov-2" / "COVID" / "Thumbs.db").write_bytes(b"\0" * 10)
+    elif how == "patients csv":
+        (root / "covid-ct" / "Meta" / "patients.csv").write_text("folder;file;patient\n")
+    elif how == "corrupt image":
+        bad = root / "covid-ct" / "CT_COVID" / "img002.png"
+        bad.write_bytes(bad.read_bytes()[:60])
+    return root
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("missing site", r"CT_COVID is missing"),
+        ("empty class", r"non-COVID holds no images"),
+        ("non-image", r"Thumbs.db is not an image"),
+        ("patients csv", r"patients.csv must have the columns"),
+        ("corrupt image", r"cannot read image .*img002.png"),
+    ],
+)
+def test_bad_data_gets_a_clear_error_and_writes_no_record(phantom_root: Path, tmp_path: Path, how: str, message: str):
+    from covidct.errors import DataError
+
+    root = _broken_copy(phantom_root, tmp_path, how)
+    with pytest.raises(DataError, match=message):
+        train(compose_experiment("ours", [f"data.root={root}", *FAST]), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("fold=4", "fold must be in 0..3, got 4"), ("data.batch_per_site=40", "fewer than data.batch_per_site=40")],
+)
+def test_bad_settings_get_a_clear_error(phantom_root: Path, tmp_path: Path, override: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        train(compose_experiment("ours", [f"data.root={phantom_root}", *FAST, override]), tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_cli_errors_are_one_clear_line(phantom_root: Path, tmp_path: Path):
+    root = _broken_copy(phantom_root, tmp_path, "corrupt image")
+    corrupt = run_cli(["+experiment=ours", f"data.root={root}", *FAST, "data.num_workers=2"], tmp_path / "out")
+    assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr
+    assert "error: cannot read image" in corrupt.stderr and "img002.png" in corrupt.stderr
+    unknown = run_cli(["+experiment=ourz", f"data.root={root}"], tmp_path / "out")
+    assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
+    assert "Could not find 'experiment/ourz'" in unknown.stderr and "ours" in unknown.stderr
+    assert not list((tmp_path / "out").rglob("metrics.json"))
+
+
+def test_submitit_preemption_requeues_and_resumes(phantom_root: Path, tmp_path: Path):
+    submitit = pytest.importorskip("submitit")
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(RequeueableRun("ours", [f"data.root={phantom_root}", *LONG], tmp_path / "run"))
+    _wait_for(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    # SLURM signals the job's task before a time limit or preemption (USR2 with submitit's settings);
+    # locally the task is the child of submitit's controller process.
+    (task,) = _children(job._process.pid)
+    os.kill(task, signal.SIGUSR2)
+    results = job.result()
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert results == {site: record[site] for site in ("A", "B")} and record["run"]["epochs_trained"] == 3
+    log = "".join(p.read_text() for p in (tmp_path / "submitit").glob("*_log.*"))
+    assert "Restored all states from the checkpoint" in log  # the requeued attempt resumed the fit
+
+
+def test_slurm_launcher_config():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=ours", "hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0 and launcher.gpus_per_node == 1
