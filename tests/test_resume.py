@@ -159,6 +159,8 @@ def _broken_copy(phantom_root: Path, tmp_path: Path, how: str) -> Path:
     root = tmp_path / "data"
     shutil.copytree(phantom_root, root)
     if how == "missing site":
+        shutil.rmtree(root / "covid-ct")
+    elif how == "missing class":
         shutil.rmtree(root / "covid-ct" / "CT_COVID")
     elif how == "empty class":
         for p in (root / "sars-cov-2" / "non-COVID").iterdir():
@@ -176,7 +178,8 @@ def _broken_copy(phantom_root: Path, tmp_path: Path, how: str) -> Path:
 @pytest.mark.parametrize(
     ("how", "message"),
     [
-        ("missing site", r"CT_COVID is missing"),
+        ("missing site", r"site B folder .*covid-ct is missing; get it from GitHub UCSD-AI4H/COVID-CT"),
+        ("missing class", r"class folder .*CT_COVID is missing"),
         ("empty class", r"non-COVID holds no images"),
         ("non-image", r"Thumbs.db is not an image"),
         ("patients csv", r"patients.csv must have the columns"),
