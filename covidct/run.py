@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -46,6 +47,11 @@ def _logger(cfg: DictConfig, output_dir: Path) -> Any:
     logger = instantiate(cfg.logger, save_dir=str(output_dir))
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return logger
+
+
+def _device_name(trainer: pl.Trainer) -> str:
+    root = trainer.strategy.root_device
+    return torch.cuda.get_device_name(root) if root.type == "cuda" else root.type
 
 
 def _finish_logger(logger: Any, results: dict[str, dict[str, float]]) -> None:
@@ -120,6 +126,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "epochs_trained": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "git_commit": git_commit(),
+        "device": _device_name(trainer),
         "splits": datamodule.split_summary(),
     }
     path = write_run_record(

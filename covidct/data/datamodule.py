@@ -77,6 +77,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
     ):
         super().__init__()
+        self.save_hyperparameters()  # stored in checkpoints: predict and explain reuse the preprocessing
         self.sites = [str(s) for s in sites]
         for site in self.sites:
             site_index(site)

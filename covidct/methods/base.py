@@ -82,6 +82,10 @@ class SiteMethod(pl.LightningModule):
     def logits(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def cam_layer(self, site: str) -> nn.Module:
+        """The layer whose output Grad-CAM explains for a site: the last PEPX block (7x7 at 224 px)."""
+        return self.net.stages[-1][-1]
+
     def checkpoint_identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this module: the method and its backbone."""
         return {"method": type(self).__name__, "backbone": dict(self.backbone_config)}

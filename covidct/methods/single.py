@@ -40,6 +40,9 @@ class Single(SiteMethod):
             out[mask] = logits.to(out.dtype)
         return out
 
+    def cam_layer(self, site: str) -> nn.Module:
+        return self.nets[site].stages[-1][-1]
+
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,

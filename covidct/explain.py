@@ -1,0 +1,239 @@
+"""Grad-CAM overlays of test images per site, as in the paper's Figs. 4 and 5.
+
+`python -m covidct.explain ckpt=PATH [site=A|B|both] [n=8] [files=[...]] [data_root=DIR] [predictions=PATH]
+[out=DIR] [device=cpu|cuda|auto] [seed=0]`
+
+By default the images are drawn from the run's predictions.csv (`<run>/predictions.csv`, the run folder
+being two levels above the checkpoint): up to n per site, half of them misclassified when there are
+that many, so the figure shows where the model fails as well as where it succeeds. Writes
+`<out>/gradcam_<site>.png` and `<out>/gradcam_<site>.json` (the files shown, with label,
+probability and correct/wrong); out defaults to `<run>/gradcam/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import MISSING
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from covidct.data.sources import COVID, SITE_LAYOUTS, SITES, site_index
+from covidct.errors import ConfigError, CovidCTError, DataError
+from covidct.methods import SiteMethod
+from covidct.predict import TrainedModel, parse_args
+from covidct.records import PREDICTION_COLUMNS, PREDICTIONS_FILE, atomic_write_text
+
+USAGE = (
+    "python -m covidct.explain ckpt=PATH [site=A|B|both] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR] "
+    "[predictions=PATH] [out=DIR] [device=cpu|cuda|auto] [seed=0]"
+)
+GRID_COLUMNS = 4
+
+
+@dataclass
+class ExplainArgs:
+    ckpt: str = MISSING
+    site: str = "both"
+    n: int = 8
+    files: list[str] | None = None
+    data_root: str | None = None
+    predictions: str | None = None
+    out: str | None = None
+    device: str = "auto"
+    seed: int = 0
+
+
+class SiteBound(nn.Module):
+    """A method with its site fixed: Grad-CAM calls model(x), and the CAM must come from that site's branch."""
+
+    def __init__(self, method: SiteMethod, site: str):
+        super().__init__()
+        self.method = method
+        self.site = site_index(site)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.logits(x, torch.full((len(x),), self.site, dtype=torch.long, device=x.device))
+
+
+def grad_cam(method: SiteMethod, site: str, images: torch.Tensor) -> np.ndarray:
+    """COVID-class Grad-CAM at `method.cam_layer(site)`: one HxW map in [0, 1] per image, at the input size."""
+    with GradCAM(model=SiteBound(method, site), target_layers=[method.cam_layer(site)]) as cam:
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(COVID)] * len(images))
+
+
+def site_of(file: str) -> str:
+    """The site whose class folder starts `file` (class folders differ between the two publishers)."""
+    folder = file.split("/", 1)[0]
+    for name, layout in SITE_LAYOUTS.items():
+        if folder in layout.classes and "/" in file:
+            return name
+    known = "; ".join(f"site {name}: {', '.join(layout.classes)}" for name, layout in SITE_LAYOUTS.items())
+    raise ConfigError(f"files: {file!r} must be <class folder>/<file name>, the class folder one of ({known}).")
+
+
+def true_label(file: str) -> int:
+    return SITE_LAYOUTS[site_of(file)].classes[file.split("/", 1)[0]]
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ConfigError(
+            f"no predictions file {path}: pass predictions=PATH (a run's predictions.csv) or files=[...]."
+        )
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not set(PREDICTION_COLUMNS) <= set(reader.fieldnames):
+            raise DataError(f"{path} must have the columns {', '.join(PREDICTION_COLUMNS)}; found {reader.fieldnames}.")
+        try:
+            return [{**row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])} for row in reader]
+        except ValueError as err:
+            raise DataError(f"{path}: {err}") from None
+
+
+def choose(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[str]:
+    """Up to n files, half misclassified (all of them if fewer), the rest correct; reproducible for a seed."""
+    wrong = sorted(r["file"] for r in rows if (r["prob_covid"] >= 0.5) != (r["label"] == COVID))
+    correct = sorted(r["file"] for r in rows if (r["prob_covid"] >= 0.5) == (r["label"] == COVID))
+    n_wrong = min(len(wrong), max((n + 1) // 2, n - len(correct)))
+    n_correct = min(len(correct), n - n_wrong)
+    rng = random.Random(seed)
+    return sorted(rng.sample(correct, n_correct)) + sorted(rng.sample(wrong, n_wrong))
+
+
+def _selection(
+    sites: Sequence[str], files: Sequence[str] | None, predictions: Path, n: int, seed: int
+) -> dict[str, list[str]]:
+    if files is not None:
+        chosen: dict[str, list[str]] = {site: [] for site in sites}
+        for file in files:
+            site = site_of(file)
+            if site not in chosen:
+                raise ConfigError(
+                    f"files: {file} is a site {site} image, but only site(s) {', '.join(sites)} are explained."
+                )
+            chosen[site].append(file)
+        chosen = {site: picked for site, picked in chosen.items() if picked}
+        if not chosen:
+            raise ConfigError("files=[] names no image.")
+        return chosen
+    rows = read_predictions(predictions)
+    chosen = {}
+    for site in sites:
+        site_rows = [r for r in rows if r["site"] == site]
+        if not site_rows:
+            raise DataError(f"{predictions} has no predictions for site {site}; choose images with files=[...].")
+        chosen[site] = choose(site_rows, n, seed)
+    return chosen
+
+
+def _figure(title: str, tiles: Sequence[dict[str, Any]], overlays: Sequence[np.ndarray], path: Path) -> None:
+    cols = min(GRID_COLUMNS, len(tiles))
+    rows = math.ceil(len(tiles) / cols)
+    fig = Figure(figsize=(3 * cols, 3.3 * rows + 0.4), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=10)
+    for i, (tile, overlay) in enumerate(zip(tiles, overlays)):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(overlay)
+        ax.set_axis_off()
+        truth = "COVID" if tile["label"] == COVID else "non-COVID"
+        verdict = "correct" if tile["correct"] else "wrong"
+        ax.set_title(
+            f"{tile['file']}\ntrue {truth}, p(COVID)={tile['prob_covid']:.3f}, {verdict}",
+            fontsize=7,
+            color="tab:green" if tile["correct"] else "tab:red",
+        )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def explain(
+    ckpt: str | Path,
+    sites: Sequence[str] | None = None,
+    n: int = 8,
+    files: Sequence[str] | None = None,
+    data_root: str | Path | None = None,
+    predictions: str | Path | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    seed: int = 0,
+) -> list[Path]:
+    """Write a Grad-CAM grid per site (sites=None: every site the checkpoint was trained for); returns the PNGs.
+
+    The tiles show this checkpoint's own probabilities; labels come from the class folders.
+    """
+    if n < 1:
+        raise ConfigError(f"n must be at least 1, got {n}.")
+    model = TrainedModel(ckpt, device)
+    sites = list(model.sites if sites is None else sites)
+    for site in sites:
+        model.check_site(site)
+    run_dir = Path(ckpt).resolve().parent.parent
+    root = Path(data_root).expanduser() if data_root is not None else model.data_root
+    out_dir = Path(out) if out is not None else run_dir / "gradcam"
+    chosen = _selection(sites, files, Path(predictions) if predictions else run_dir / PREDICTIONS_FILE, n, seed)
+    written = []
+    for site, picked in chosen.items():
+        paths = [root / SITE_LAYOUTS[site].folder / file for file in picked]
+        for path in paths:
+            if not path.is_file():
+                raise DataError(f"{path} does not exist; set data_root=DIR to the data root holding it.")
+        resized = [model.load(path) for path in paths]
+        images = model.batch(resized)
+        probs = model.prob_covid(images, site).tolist()
+        cams = grad_cam(model.method, site, images)
+        labels = [true_label(file) for file in picked]
+        tiles = [
+            {"file": file, "label": label, "prob_covid": prob, "correct": (prob >= 0.5) == (label == COVID)}
+            for file, label, prob in zip(picked, labels, probs)
+        ]
+        overlays = [
+            show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True) for image, cam in zip(resized, cams)
+        ]
+        png = out_dir / f"gradcam_{site}.png"
+        title = f"Grad-CAM (class COVID), site {site}: {type(model.method).__name__}, {Path(ckpt).name}"
+        _figure(title, tiles, overlays, png)
+        record = {"site": site, "checkpoint": str(ckpt), "target_class": "COVID", "tiles": tiles}
+        atomic_write_text(png.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+        written.append(png)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0: grids written; 2: bad arguments, checkpoint, predictions or images."""
+    try:
+        args: ExplainArgs = parse_args(ExplainArgs, argv, USAGE)
+        if args.site not in ("both", *SITES):
+            raise ConfigError(f"site must be one of {', '.join(SITES)} or both, got {args.site!r}.")
+        sites = None if args.site == "both" else [args.site]
+        written = explain(
+            args.ckpt, sites, args.n, args.files, args.data_root, args.predictions, args.out, args.device, args.seed
+        )
+    except CovidCTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for png in written:
+        tiles = json.loads(png.with_suffix(".json").read_text())["tiles"]
+        wrong = sum(not tile["correct"] for tile in tiles)
+        print(f"{png}: {len(tiles)} image(s), {wrong} misclassified")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

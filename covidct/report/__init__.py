@@ -1,0 +1,1 @@
+"""Report: Table I, paired t-tests and ROC curves from run records (`python -m covidct.report`)."""
