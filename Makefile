@@ -7,7 +7,22 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 DATA ?= $(or $(COVIDCT_DATA),data)
 ARGS ?=
 
-.PHONY: setup train test lint format clean
+# Table I: PROTOCOL=paper|smoke, OUT (tables), RUNS (run folders), HYDRA_ARGS (e.g. a launcher).
+PROTOCOL ?= paper
+OUT ?= experiments/table1-$(PROTOCOL)
+RUNS ?= outputs/table1-$(PROTOCOL)
+TABLE1 := single_covidnet,single,joint_covidnet,joint,series_adapter,parallel_adapter,msnet,sepnorm,ours
+ifeq ($(PROTOCOL),smoke)
+FOLDS ?= 0
+SEEDS ?= 643
+else
+FOLDS ?= 0,1,2,3
+SEEDS ?= 643,644,645
+endif
+HYDRA_ARGS ?=
+REPORT_ARGS ?=
+
+.PHONY: setup train test lint format clean table1 table1-collect
 
 setup: $(VENV)/.installed
 
@@ -21,6 +36,18 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
 	$(PY) -m covidct.run +experiment=ours fold=0 data.root="$(DATA)" $(ARGS)
+
+## every missing run of the Table I sweep (finished ones are skipped), then the tables
+table1: setup
+	@$(PY) -m covidct.data where --root "$(DATA)"
+	$(PY) -m covidct.run -m +experiment=$(TABLE1) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
+		data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
+	$(MAKE) --no-print-directory table1-collect
+
+## only aggregate existing run records: table1.md/.csv/.tex, ttests.csv, roc_A.png, roc_B.png in OUT
+table1-collect: setup
+	$(PY) -m covidct.report --runs "$(RUNS)" --out "$(OUT)" --protocol $(PROTOCOL) \
+		--folds $(FOLDS) --seeds $(SEEDS) $(REPORT_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

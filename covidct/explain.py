@@ -78,16 +78,21 @@ def grad_cam(method: SiteMethod, site: str, images: torch.Tensor) -> np.ndarray:
 
 def site_of(file: str) -> str:
     """The site whose class folder starts `file` (class folders differ between the two publishers)."""
-    folder = file.split("/", 1)[0]
-    for name, layout in SITE_LAYOUTS.items():
-        if folder in layout.classes and "/" in file:
-            return name
+    folder, _, name = file.partition("/")
+    for site, layout in SITE_LAYOUTS.items():
+        if folder in layout.classes and name:
+            return site
     known = "; ".join(f"site {name}: {', '.join(layout.classes)}" for name, layout in SITE_LAYOUTS.items())
     raise ConfigError(f"files: {file!r} must be <class folder>/<file name>, the class folder one of ({known}).")
 
 
 def true_label(file: str) -> int:
-    return SITE_LAYOUTS[site_of(file)].classes[file.split("/", 1)[0]]
+    return SITE_LAYOUTS[site_of(file)].classes[file.partition("/")[0]]
+
+
+def is_correct(prob_covid: float, label: int) -> bool:
+    """The evaluation's decision rule: P(COVID) >= 0.5 predicts COVID."""
+    return (prob_covid >= 0.5) == (label == COVID)
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -107,8 +112,8 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
 
 def choose(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[str]:
     """Up to n files, half misclassified (all of them if fewer), the rest correct; reproducible for a seed."""
-    wrong = sorted(r["file"] for r in rows if (r["prob_covid"] >= 0.5) != (r["label"] == COVID))
-    correct = sorted(r["file"] for r in rows if (r["prob_covid"] >= 0.5) == (r["label"] == COVID))
+    correct = sorted(r["file"] for r in rows if is_correct(r["prob_covid"], r["label"]))
+    wrong = sorted(r["file"] for r in rows if not is_correct(r["prob_covid"], r["label"]))
     n_wrong = min(len(wrong), max((n + 1) // 2, n - len(correct)))
     n_correct = min(len(correct), n - n_wrong)
     rng = random.Random(seed)
@@ -200,7 +205,7 @@ def explain(
         cams = grad_cam(model.method, site, images)
         labels = [true_label(file) for file in picked]
         tiles = [
-            {"file": file, "label": label, "prob_covid": prob, "correct": (prob >= 0.5) == (label == COVID)}
+            {"file": file, "label": label, "prob_covid": prob, "correct": is_correct(prob, label)}
             for file, label, prob in zip(picked, labels, probs)
         ]
         overlays = [

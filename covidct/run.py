@@ -54,14 +54,25 @@ def _device_name(trainer: pl.Trainer) -> str:
     return torch.cuda.get_device_name(root) if root.type == "cuda" else root.type
 
 
-def _finish_logger(logger: Any, results: dict[str, dict[str, float]]) -> None:
-    """W&B: final test metrics into the run summary, and close the run so the next job of a sweep gets its own."""
+def _finish_logger(logger: Any, results: dict[str, dict[str, float]], predictions: list[dict[str, Any]]) -> None:
+    """W&B: final test metrics into the run summary, a ROC curve per site, and close the run so the next
+    job of a sweep gets its own."""
     if type(logger).__name__ != "WandbLogger":
         return
+    import wandb
+
     experiment = logger.experiment
     for site, values in results.items():
         for name, value in values.items():
             experiment.summary[f"final/{site}/{name}"] = value
+        rows = [p for p in predictions if p["site"] == site]
+        roc = wandb.plot.roc_curve(
+            [p["label"] for p in rows],
+            [[1 - p["prob_covid"], p["prob_covid"]] for p in rows],
+            labels=["non-COVID", "COVID"],
+            classes_to_plot=[1],
+        )
+        experiment.log({f"test/{site}/roc": roc})
     experiment.finish()
 
 
@@ -100,7 +111,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
         return {site: state.record[site] for site in state.record if site not in ("run", "config")}
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = _build(cfg.data)
+    datamodule = _build(cfg.data, _convert_="all")
     datamodule.setup("fit")
     model = _build(cfg.model, _convert_="all")
     resume_from = state.checkpoint or (Path(cfg.resume_from) if cfg.get("resume_from") else None)
@@ -132,7 +143,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     path = write_run_record(
         output_dir, model.test_results, model.test_predictions, run, OmegaConf.to_container(cfg, resolve=True)
     )
-    _finish_logger(logger, model.test_results)
+    _finish_logger(logger, model.test_results, model.test_predictions)
     log.info("run record: %s", path)
     for site, values in model.test_results.items():
         log.info("test %s: %s", site, "  ".join(f"{k}={v:.4f}" for k, v in values.items()))

@@ -1,0 +1,252 @@
+"""predict and explain on tiny phantom-trained checkpoints: an `ours` run (site-specific norms, both sites)
+and a `single` run trained on site B only (per-site networks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from covidct import explain as explain_module
+from covidct import predict as predict_module
+from covidct.data.sources import SITE_LAYOUTS
+from covidct.errors import ConfigError
+from covidct.explain import choose, explain, grad_cam
+from covidct.methods import Ours, Single
+from covidct.predict import TrainedModel, predict_folder
+from tests.helpers import FAST, REPO, compose_experiment
+
+
+def _train(phantom_root: Path, out: Path, experiment: str, *overrides: str) -> Path:
+    from covidct.run import train
+
+    train(compose_experiment(experiment, [f"data.root={phantom_root}", *FAST, *overrides]), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(phantom_root, tmp_path_factory.mktemp("ours_run"), "ours")
+
+
+@pytest.fixture(scope="module")
+def single_b_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(phantom_root, tmp_path_factory.mktemp("single_run"), "single", "data.sites=[B]")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """64-px models: thread hand-offs cost more than they save, and far more on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ckpt(run: Path) -> Path:
+    return run / "checkpoints" / "last.ckpt"
+
+
+def recorded(run: Path) -> list[dict]:
+    """The run's test predictions, made by the evaluation dataloader during training."""
+    with (run / "predictions.csv").open(newline="") as fh:
+        return [
+            {**row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])} for row in csv.DictReader(fh)
+        ]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def is_wrong(row: dict) -> bool:
+    return (row["prob_covid"] >= 0.5) != (row["label"] == 1)
+
+
+@pytest.fixture
+def mixed_folder(phantom_root: Path, tmp_path: Path) -> Path:
+    """Three site-A phantoms, a corrupt .png and a text file."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for class_folder, name in [("COVID", "img000.png"), ("COVID", "img001.png"), ("non-COVID", "img002.png")]:
+        shutil.copy(phantom_root / "sars-cov-2" / class_folder / name, folder / f"{class_folder}_{name}")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.mark.parametrize("run_name", ["ours_run", "single_b_run"])
+def test_predict_matches_the_evaluation_path(
+    run_name: str, phantom_root: Path, tmp_path: Path, request: pytest.FixtureRequest
+):
+    run = request.getfixturevalue(run_name)
+    expected = recorded(run)
+    assert expected
+    for site in sorted({row["site"] for row in expected}):
+        site_rows = [row for row in expected if row["site"] == site]
+        folder = tmp_path / site  # the run's test images of the site, flattened: class folders share file names
+        folder.mkdir()
+        for row in site_rows:
+            shutil.copy(phantom_root / SITE_LAYOUTS[site].folder / row["file"], folder / row["file"].replace("/", "__"))
+        got = {row["file"]: row for row in predict_folder(ckpt(run), folder, site, batch_size=5)}
+        assert len(got) == len(site_rows)
+        for row in site_rows:
+            prediction = got[row["file"].replace("/", "__")]
+            assert prediction["error"] is None
+            assert prediction["prob_covid"] == pytest.approx(row["prob_covid"], abs=1e-5), row
+
+
+def test_predict_cli_reports_unreadable_files(ours_run: Path, mixed_folder: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out" / "predictions.csv"
+    assert predict_module.main([f"ckpt={ckpt(ours_run)}", f"images={mixed_folder}", "site=A", f"out={out}"]) == 0
+    captured = capsys.readouterr()
+    assert "3 image(s) classified, 1 unreadable" in captured.out and str(out) in captured.out
+    assert "corrupt.png" in captured.err
+    rows = read_csv(out)
+    assert [row["file"] for row in rows] == [
+        "COVID_img000.png",
+        "COVID_img001.png",
+        "corrupt.png",
+        "non-COVID_img002.png",
+    ]
+    corrupt = rows[2]
+    assert corrupt["error"] and corrupt["prob_covid"] == "" and corrupt["prediction"] == ""
+    for row in rows[:2] + rows[3:]:
+        prob = float(row["prob_covid"])
+        assert 0.0 <= prob <= 1.0 and row["error"] == ""
+        assert row["prediction"] == ("COVID" if prob >= 0.5 else "non-COVID")
+
+
+def test_predict_site_selects_the_branch(ours_run: Path, mixed_folder: Path):
+    probs = {
+        site: [row["prob_covid"] for row in predict_folder(ckpt(ours_run), mixed_folder, site) if not row["error"]]
+        for site in ("A", "B")
+    }
+    assert len(probs["A"]) == 3
+    assert not np.allclose(probs["A"], probs["B"], rtol=0, atol=1e-7)
+
+
+def test_predict_refuses_a_site_the_model_was_not_trained_for(single_b_run: Path, mixed_folder: Path, capsys):
+    with pytest.raises(ConfigError, match="site\\(s\\) B only, not site A"):
+        predict_folder(ckpt(single_b_run), mixed_folder, "A")
+    assert predict_module.main([f"ckpt={ckpt(single_b_run)}", f"images={mixed_folder}", "site=A"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_predict_cli_exit_codes(ours_run: Path, tmp_path: Path, capsys):
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "broken.jpg").write_bytes(b"nope")
+    out = tmp_path / "p.csv"
+    assert predict_module.main([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=B", f"out={out}"]) == 1
+    assert "none of the 1 image files" in capsys.readouterr().err
+    assert read_csv(out)[0]["error"]
+    for argv, message in [
+        ([f"ckpt={tmp_path / 'missing.ckpt'}", f"images={unreadable}", "site=A"], "does not exist"),
+        ([f"ckpt={ckpt(ours_run)}", f"images={tmp_path / 'nowhere'}", "site=A"], "does not exist"),
+        ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=A", "colour=red"], "valid ones are ckpt, images"),
+        ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=C"], "unknown site"),
+        ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=A", "batch_size=many"], "batch_size"),
+        ([f"ckpt={ckpt(ours_run)}", "site=A"], "missing required argument(s) images"),
+    ]:
+        assert predict_module.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_cli_entry_point_prints_errors_without_traceback(tmp_path: Path):
+    args = [f"ckpt={tmp_path / 'x.ckpt'}", f"images={tmp_path}", "site=A"]
+    proc = subprocess.run([sys.executable, "-m", "covidct.predict", *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_explain_writes_a_grid_per_site_with_misclassified_images(ours_run: Path):
+    written = explain(ckpt(ours_run), n=4, device="cpu")
+    assert written == [ours_run / "gradcam" / "gradcam_A.png", ours_run / "gradcam" / "gradcam_B.png"]
+    expected = recorded(ours_run)
+    for png in written:
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 200
+        record = json.loads(png.with_suffix(".json").read_text())
+        site = record["site"]
+        tiles = record["tiles"]
+        site_rows = {row["file"]: row for row in expected if row["site"] == site}
+        assert len(tiles) == 4 and {tile["file"] for tile in tiles} <= set(site_rows)
+        for tile in tiles:
+            row = site_rows[tile["file"]]
+            assert tile["label"] == row["label"]
+            assert tile["prob_covid"] == pytest.approx(row["prob_covid"], abs=1e-5)
+            assert tile["correct"] == (not is_wrong(row))
+        n_wrong = sum(is_wrong(row) for row in site_rows.values())
+        assert n_wrong, "the tiny run is expected to misclassify some test images"
+        assert sum(not tile["correct"] for tile in tiles) == min(2, n_wrong)
+    assert explain(ckpt(ours_run), n=4, device="cpu") == written  # the same selection again: seeded
+
+
+def test_explain_binds_the_site(ours_run: Path, single_b_run: Path, tmp_path: Path, monkeypatch):
+    seen: list[list[int]] = []
+    logits = Ours.logits
+
+    def spy(self, image, site):
+        seen.append(site.unique().tolist())
+        return logits(self, image, site)
+
+    monkeypatch.setattr(Ours, "logits", spy)
+    explain(ckpt(ours_run), ["B"], n=2, out=tmp_path / "ours", device="cpu")
+    assert seen and all(sites == [1] for sites in seen)
+    monkeypatch.undo()
+
+    model = TrainedModel(ckpt(ours_run), "cpu")
+    images = model.batch([np.full((64, 64, 3), 128, np.uint8), np.full((64, 64, 3), 90, np.uint8)])
+    images = images + torch.randn_like(images)
+    cams = {site: grad_cam(model.method, site, images) for site in ("A", "B")}
+    assert cams["A"].shape == (2, 64, 64)
+    assert not np.allclose(cams["A"], cams["B"])
+
+    written = explain(ckpt(single_b_run), n=2, out=tmp_path / "single", device="cpu")
+    assert [png.name for png in written] == ["gradcam_B.png"]
+    with pytest.raises(ConfigError, match="not site A"):
+        explain(ckpt(single_b_run), ["A"], out=tmp_path / "single", device="cpu")
+    single = TrainedModel(ckpt(single_b_run), "cpu").method
+    assert isinstance(single, Single) and single.cam_layer("B") is single.nets["B"].stages[-1][-1]
+
+
+def test_explain_files_selection(ours_run: Path, tmp_path: Path, capsys):
+    files = "files=[non-COVID/img003.png,CT_COVID/img002.png,COVID/img005.png]"
+    assert explain_module.main([f"ckpt={ckpt(ours_run)}", files, f"out={tmp_path}", "device=cpu"]) == 0
+    assert "gradcam_A.png: 2 image(s)" in capsys.readouterr().out
+    chosen = {site: json.loads((tmp_path / f"gradcam_{site}.json").read_text())["tiles"] for site in ("A", "B")}
+    assert [tile["file"] for tile in chosen["A"]] == ["non-COVID/img003.png", "COVID/img005.png"]
+    assert [(tile["file"], tile["label"]) for tile in chosen["B"]] == [("CT_COVID/img002.png", 1)]
+
+    assert explain_module.main([f"ckpt={ckpt(ours_run)}", "site=B", "files=[COVID/img005.png]"]) == 2
+    assert "only site(s) B" in capsys.readouterr().err
+    assert explain_module.main([f"ckpt={ckpt(ours_run)}", "files=[lungs/img005.png]"]) == 2
+    assert "class folder" in capsys.readouterr().err
+    missing_predictions = [f"ckpt={ckpt(ours_run)}", f"predictions={tmp_path / 'none.csv'}"]
+    assert explain_module.main(missing_predictions) == 2
+    assert "no predictions file" in capsys.readouterr().err
+
+
+def test_choose_takes_half_misclassified_or_all_there_are():
+    rows = [{"file": f"COVID/c{i}.png", "label": 1, "prob_covid": 0.9} for i in range(10)]
+    rows += [{"file": f"COVID/w{i}.png", "label": 1, "prob_covid": 0.1} for i in range(10)]
+    picked = choose(rows, 8, seed=0)
+    assert len(picked) == 8 and sum("/w" in f for f in picked) == 4
+    assert choose(rows, 8, seed=0) == picked and choose(rows, 8, seed=1) != picked
+    assert sum("/w" in f for f in choose(rows[:10] + rows[10:11], 8, seed=0)) == 1
+    assert sum("/w" in f for f in choose(rows[:2] + rows[10:], 8, seed=0)) == 6
+    assert choose(rows[:3], 8, seed=0) == [r["file"] for r in rows[:3]]
+    assert choose(rows[10:], 1, seed=0)[0].startswith("COVID/w")
