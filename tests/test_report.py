@@ -140,3 +140,21 @@ def test_cli_writes_every_output_from_run_folders(tmp_path: Path):
     table = (out / "table1.md").read_text()
     assert "missing (0/4)" in table and "(3/4)*" in table and "image-level" in table
     assert report_main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+def test_cli_logs_the_table_to_wandb_offline(tmp_path: Path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = tmp_path / "runs" / "ours" / "r"
+    runs.mkdir(parents=True)
+    record = fake_records()[-2]
+    (runs / "metrics.json").write_text(json.dumps(record))
+    (runs / "predictions.csv").write_text(
+        "site,file,label,prob_covid\nA,a.png,1,0.9\nA,b.png,0,0.2\nB,c.png,1,0.4\nB,d.png,0,0.6\n"
+    )
+    out = tmp_path / "out"
+    args = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--folds", "0,1", "--seeds", "643,644", "--wandb"]
+    assert report_main(args) == 0
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
