@@ -82,6 +82,10 @@ def write_report(runs: Path, out: Path, protocol: str, folds: list[int], seeds: 
         f"(9 methods x folds {folds} x seeds {seeds})",
         "group_by": ", ".join(sorted({r["run"].get("group_by", "?") for r in selected})) or "none",
     }
+    if protocol == "smoke":
+        provenance["note"] = (
+            "smoke protocol: networks trained for 2 steps; the numbers test the pipeline, not the methods"
+        )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table1.md", to_markdown(rows, ttests, provenance))
     atomic_write_text(out / "table1.csv", to_csv(rows, TABLE_COLUMNS))
