@@ -76,6 +76,14 @@ def _finish_logger(logger: Any, results: dict[str, dict[str, float]], prediction
     experiment.finish()
 
 
+def make_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    """The configured Trainer; precision 'auto' means bf16 autocast on a GPU that has it, else fp32."""
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    return instantiate(cfg.trainer, precision=precision, **kwargs)
+
+
 def _checkpoint_callbacks(output_dir: Path, best: bool) -> tuple[list[AtomicCheckpoint], AtomicCheckpoint]:
     """All checkpoint callbacks, and the one whose file is tested: 'last' (saved every epoch, what a rerun
     resumes from) or, with best_val_auc, the best validation AUC.
@@ -122,7 +130,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     checkpoints, selected = _checkpoint_callbacks(output_dir, best)
     logger = _logger(cfg, output_dir)
     callbacks = checkpoints + ([LearningRateMonitor("epoch")] if logger else [])
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
+    trainer = make_trainer(cfg, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     ckpt_path = selected.best_model_path
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path or None, verbose=False)

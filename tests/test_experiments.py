@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from covidct.methods import Joint, MSNet, Ours, ParallelAdapter, SepNorm, SeriesAdapter, Single
 from covidct.records import METRIC_NAMES
-from covidct.run import train
+from covidct.run import make_trainer, train
 from tests.helpers import FAST, compose_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_overrides_reach_the_objects(phantom_root: Path):
     model = instantiate(cfg.model, _convert_="all")
     assert (model.hparams.tau, model.hparams.alpha) == (0.2, 0.5)
     assert model.hparams.backbone["image_size"] == 96
-    trainer = instantiate(cfg.trainer, logger=False)
+    trainer = make_trainer(cfg, logger=False)
     assert trainer.max_epochs == 7 and trainer.limit_train_batches == 3
     assert trainer.gradient_clip_val == 2.0
 
