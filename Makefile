@@ -22,7 +22,11 @@ endif
 HYDRA_ARGS ?=
 REPORT_ARGS ?=
 
-.PHONY: setup train test lint format clean table1 table1-collect
+# Benchmark: DEVICE=auto|cpu|cuda; results to experiments/bench/bench-<device>.json and .md
+DEVICE ?= auto
+BENCH_ARGS ?=
+
+.PHONY: setup train test lint format clean table1 table1-collect bench
 
 setup: $(VENV)/.installed
 
@@ -48,6 +52,11 @@ table1: setup
 table1-collect: setup
 	$(PY) -m covidct.report --runs "$(RUNS)" --out "$(OUT)" --protocol $(PROTOCOL) \
 		--folds $(FOLDS) --seeds $(SEEDS) $(REPORT_ARGS)
+
+## training img/s of the reference-like and the fast path, and of the data pipeline (when DATA exists)
+bench: setup
+	$(PY) -m covidct.bench --device $(DEVICE) --json experiments/bench/bench-$(DEVICE).json \
+		$(if $(wildcard $(DATA)/covid-ct),--data-root "$(DATA)",) $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -1,0 +1,265 @@
+"""`python -m covidct.bench` (`make bench`): training throughput of a reference-like and the fast path,
+and of the data pipeline, measured in one process on one device.
+
+(a) reference: fp32, NCHW, eager, one forward per site per step, plain Adam (the authors' settings);
+(b) fast: one routed forward for both sites, bf16 autocast and channels_last on GPU, fused Adam,
+    optionally torch.compile.
+Both run the full optimizer step of `ours` (CE + contrastive, gradient clipping 2.0) on random images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from covidct.methods import Ours
+from covidct.methods.ours import contrastive_loss
+from covidct.records import atomic_write_text, git_commit
+
+CLIP = 2.0
+
+
+def reference_losses(model: Ours, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The authors' step: one forward per site, embeddings joined for the contrastive term."""
+    embeddings, logits = [], []
+    for s in batch["site"].unique(sorted=True):
+        mask = batch["site"] == s
+        embedding = model.net.features(batch["image"][mask], batch["site"][mask])
+        embeddings.append(model.projection(embedding, batch["site"][mask]))
+        logits.append(model.net.classify(embedding, batch["site"][mask]))
+    labels = torch.cat([batch["label"][batch["site"] == s] for s in batch["site"].unique(sorted=True)])
+    ce = F.cross_entropy(torch.cat(logits), labels)
+    return ce + model.hparams.alpha * contrastive_loss(torch.cat(embeddings), labels, model.hparams.tau)
+
+
+def fast_losses(model: Ours, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.training_losses(batch)["loss"]
+
+
+def random_batch(batch_per_site: int, image_size: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    n = 2 * batch_per_site
+    return {
+        "image": torch.randn(n, 3, image_size, image_size, generator=generator).to(device),
+        "label": torch.randint(0, 2, (n,), generator=generator).to(device),
+        "site": torch.arange(2).repeat_interleave(batch_per_site).to(device),
+    }
+
+
+def build(
+    path: str, device: torch.device, image_size: int, width: float, compile_model: bool
+) -> tuple[Ours, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    fast = path == "fast"
+    model = Ours(backbone={"redesign": True, "width": width, "image_size": image_size}).to(device).train()
+    if fast and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if fast and compile_model:
+        model.net.compile()
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=1e-4, weight_decay=1e-7, fused=(fast and device.type == "cuda") or None
+    )
+    return model, optimizer
+
+
+def train_step(path: str, model: Ours, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
+    device = batch["image"].device
+    bf16 = path == "fast" and device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        loss = (fast_losses if path == "fast" else reference_losses)(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_training(
+    path: str,
+    device: torch.device,
+    image_size: int,
+    batch_per_site: int,
+    width: float,
+    steps: int,
+    warmup: int,
+    compile_model: bool = False,
+) -> dict[str, Any]:
+    model, optimizer = build(path, device, image_size, width, compile_model)
+    batch = random_batch(batch_per_site, image_size, device)
+    if path == "fast" and device.type == "cuda":
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    for _ in range(warmup):
+        train_step(path, model, optimizer, batch)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(path, model, optimizer, batch)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    images = steps * 2 * batch_per_site
+    return {
+        "path": path,
+        "img_per_s": images / seconds,
+        "seconds": seconds,
+        "steps": steps,
+        "peak_memory_mb": (
+            torch.cuda.max_memory_allocated(device) / 2**20
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
+    }
+
+
+def forward_gflop_per_image(image_size: int, width: float) -> float:
+    model = Ours(backbone={"redesign": True, "width": width, "image_size": image_size}).eval()
+    batch = random_batch(1, image_size, torch.device("cpu"))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.net(batch["image"], batch["site"])
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def measure_data(root: Path, image_size: int, batch_per_site: int, workers: int, batches: int) -> dict[str, Any]:
+    """Images per second the DataModule delivers (cache warm, augmentation on), after one warm-up batch."""
+    from covidct.data import TwoSiteDataModule
+
+    datamodule = TwoSiteDataModule(
+        root, image_size=image_size, batch_per_site=batch_per_site, num_workers=workers, pin_memory=True
+    )
+    datamodule.setup()
+    iterator = iter(datamodule.train_dataloader())
+    next(iterator)
+    start = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        try:
+            n += len(next(iterator)["label"])
+        except StopIteration:
+            break
+    return {"img_per_s": n / (time.perf_counter() - start), "batches": batches, "workers": workers}
+
+
+def measure_concurrent(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """n independent fast-path processes on the same device at once: aggregate images per second."""
+    command = [
+        sys.executable, "-m", "covidct.bench", "--only-fast", "--device", args.device,
+        "--image-size", str(args.image_size), "--batch-per-site", str(args.batch_per_site),
+        "--width", str(args.width), "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", "-",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    outputs = [json.loads(p.communicate()[0]) for p in processes]
+    wall = time.perf_counter() - start
+    per_run = [o["fast"]["img_per_s"] for o in outputs]
+    return {"runs": n, "sum_img_per_s": sum(per_run), "per_run_img_per_s": per_run, "wall_s": wall}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'x86'})"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# covidct bench: {result['device']}",
+        "",
+        f"commit {result['git_commit']}, torch {result['torch']}, {result['settings']}",
+        "",
+        "| what | img/s | ratio | TFLOP/s | peak memory (MB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key in ("reference", "fast"):
+        if key in result:
+            r = result[key]
+            ratio = r["img_per_s"] / result["reference"]["img_per_s"] if "reference" in result else float("nan")
+            lines.append(
+                f"| {key} | {r['img_per_s']:.1f} | {ratio:.2f} | {r['tflops']:.3g} | {r['peak_memory_mb']:.0f} |"
+            )
+    if "data" in result:
+        lines.append(
+            f"| data pipeline ({result['data']['workers']} workers) | {result['data']['img_per_s']:.1f} | | | |"
+        )
+    for c in result.get("concurrent", []):
+        lines.append(f"| {c['runs']} concurrent fast runs (sum) | {c['sum_img_per_s']:.1f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m covidct.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on GPU, 64 on CPU")
+    parser.add_argument("--batch-per-site", type=int, default=16)
+    parser.add_argument("--width", type=float, default=None, help="default: 1.0 on GPU, 0.25 on CPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 5 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 GPU, 2 CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the fast path's backbone")
+    parser.add_argument("--data-root", type=Path, default=None, help="measure the data pipeline on this data")
+    parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: CPU count)")
+    parser.add_argument("--concurrent", default="", help="e.g. 1,4: aggregate img/s of N runs sharing the device")
+    parser.add_argument("--only-fast", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", default="experiments/bench/bench.json", help="where the JSON goes ('-': stdout)")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.image_size = args.image_size or (224 if gpu else 64)
+    args.width = args.width or (1.0 if gpu else 0.25)
+    args.steps = args.steps or (50 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    common = (device, args.image_size, args.batch_per_site, args.width, args.steps, args.warmup)
+    result: dict[str, Any] = {
+        "device": device_name(device),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "settings": f"{args.image_size} px, batch {args.batch_per_site}+{args.batch_per_site}, width {args.width}, "
+        f"{args.steps} timed steps after {args.warmup}, compile={args.compile}",
+        "fast": measure_training("fast", *common, compile_model=args.compile),
+    }
+    if args.only_fast:
+        print(json.dumps(result))
+        return 0
+    result["reference"] = measure_training("reference", *common)
+    gflop = forward_gflop_per_image(args.image_size, args.width)
+    result["forward_gflop_per_image"] = gflop
+    for key in ("reference", "fast"):
+        result[key]["tflops"] = result[key]["img_per_s"] * 3 * gflop / 1e3  # forward + backward ~ 3x forward
+    result["ratio_fast_over_reference"] = result["fast"]["img_per_s"] / result["reference"]["img_per_s"]
+    if args.data_root:
+        workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
+        result["data"] = measure_data(args.data_root, args.image_size, args.batch_per_site, workers, batches=30)
+        result["data"]["ratio_over_fast_demand"] = result["data"]["img_per_s"] / result["fast"]["img_per_s"]
+    if args.concurrent:
+        result["concurrent"] = [measure_concurrent(int(n), args) for n in args.concurrent.split(",")]
+    text = markdown(result)
+    print(text)
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        path = Path(args.json)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(path.with_suffix(".md"), text)
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
