@@ -148,6 +148,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "device": _device_name(trainer),
         "splits": datamodule.split_summary(),
     }
+    if not trainer.is_global_zero:
+        return model.test_results
     path = write_run_record(
         output_dir, model.test_results, model.test_predictions, run, OmegaConf.to_container(cfg, resolve=True)
     )

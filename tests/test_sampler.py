@@ -117,3 +117,14 @@ def test_setup_warms_the_cache_and_stops_on_a_corrupt_image(phantom_root: Path, 
     broken = TwoSiteDataModule(root, image_size=32, num_workers=2, batch_per_site=4, cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match="img005.png"):
         broken.setup()
+
+
+def test_ranks_share_out_an_epoch_without_overlap():
+    sites = [range(40), range(40, 50)]
+    single = [tuple(b) for b in SiteBalancedBatchSampler(sites, [1, 4], 4, seed=2)]
+    ranks = [
+        [tuple(b) for b in SiteBalancedBatchSampler(sites, [1, 4], 4, seed=2, rank=r, world_size=2)] for r in (0, 1)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == math.ceil(len(single) / 2)
+    assert sorted(ranks[0] + ranks[1]) == sorted(single)  # 10 steps: dealt 5 + 5, every batch once
+    assert all(len(b) == 8 for b in ranks[0] + ranks[1])

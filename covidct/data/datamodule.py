@@ -148,7 +148,11 @@ class TwoSiteDataModule(pl.LightningDataModule):
             self.cache,
             augmentation("train", self.image_size, self.mean, self.std),
         )
-        sampler = SiteBalancedBatchSampler(site_indices, repeats, self.batch_per_site, seed=self.seed)
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = SiteBalancedBatchSampler(
+            site_indices, repeats, self.batch_per_site, seed=self.seed, rank=rank, world_size=world_size
+        )
         return self._loader(dataset, batch_sampler=sampler)
 
     def _eval_loaders(self, part: str) -> list[DataLoader]:

@@ -26,6 +26,8 @@ class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
         repeats: Sequence[int],
         batch_per_site: int,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if len(site_indices) != len(repeats):
             raise ValueError("one repeat factor per site is needed")
@@ -37,9 +39,14 @@ class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
         self.repeats = list(repeats)
         self.batch_per_site = batch_per_site
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def __len__(self) -> int:
+        """Steps per epoch on this rank: the epoch's batches dealt round-robin over the ranks."""
+        return math.ceil(self._global_steps() / self.world_size)
+
+    def _global_steps(self) -> int:
         longest = max(r * len(ix) for r, ix in zip(self.repeats, self.site_indices))
         return math.ceil(longest / self.batch_per_site)
 
@@ -49,7 +56,7 @@ class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        steps = len(self)
+        steps = self._global_steps()
         need = steps * self.batch_per_site
         streams = []
         for indices in self.site_indices:
@@ -58,6 +65,7 @@ class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
             streams.append(order[:need].tolist())
         b = self.batch_per_site
         seeds = torch.randint(0, 2**31 - 1, (steps, b * len(streams)), generator=generator).tolist()
-        for step in range(steps):
+        for k in range(len(self)):
+            step = (self.rank + k * self.world_size) % steps  # ranks short of a batch wrap to the start
             indices = [i for stream in streams for i in stream[step * b : (step + 1) * b]]
             yield list(zip(indices, seeds[step]))

@@ -134,6 +134,7 @@ class SiteMethod(pl.LightningModule):
             on_epoch=True,
             prog_bar=True,
             batch_size=len(batch["label"]),
+            sync_dist=True,  # a no-op on one device; under DDP the epoch values average the ranks
         )
         return losses["loss"]
 
@@ -186,9 +187,9 @@ class SiteMethod(pl.LightningModule):
             results[site] = {name: float(value) for name, value in collection.compute().items()}
             collection.reset()
             for name, value in results[site].items():
-                self.log(f"{stage}/{site}/{name}", value, add_dataloader_idx=False)
+                self.log(f"{stage}/{site}/{name}", value, add_dataloader_idx=False, sync_dist=True)
         self._sites_seen[stage].clear()
         if results:
             mean_auc = sum(r["auc"] for r in results.values()) / len(results)
-            self.log(f"{stage}/auc", mean_auc, add_dataloader_idx=False, prog_bar=stage == "val")
+            self.log(f"{stage}/auc", mean_auc, add_dataloader_idx=False, prog_bar=stage == "val", sync_dist=True)
         return results
