@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 
 from covidct.errors import ConfigError, CovidCTError
 from covidct.records import git_commit, write_run_record
+from covidct.report.roc import roc_curve
 from covidct.resume import AtomicCheckpoint, check_checkpoint, prepare_run_dir
 
 log = logging.getLogger("covidct.run")
@@ -66,12 +67,9 @@ def _finish_logger(logger: Any, results: dict[str, dict[str, float]], prediction
         for name, value in values.items():
             experiment.summary[f"final/{site}/{name}"] = value
         rows = [p for p in predictions if p["site"] == site]
-        roc = wandb.plot.roc_curve(
-            [p["label"] for p in rows],
-            [[1 - p["prob_covid"], p["prob_covid"]] for p in rows],
-            labels=["non-COVID", "COVID"],
-            classes_to_plot=[1],
-        )
+        fpr, tpr, auc = roc_curve([p["label"] for p in rows], [p["prob_covid"] for p in rows])
+        table = wandb.Table(columns=["fpr", "tpr"], data=[[f, t] for f, t in zip(fpr, tpr)])
+        roc = wandb.plot.line(table, "fpr", "tpr", title=f"ROC, site {site} (AUC {100 * auc:.1f})")
         experiment.log({f"test/{site}/roc": roc})
     experiment.finish()
 

@@ -157,4 +157,4 @@ def test_cli_logs_the_table_to_wandb_offline(tmp_path: Path, monkeypatch):
     out = tmp_path / "out"
     args = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--folds", "0,1", "--seeds", "643,644", "--wandb"]
     assert report_main(args) == 0
-    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1

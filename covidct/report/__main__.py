@@ -98,15 +98,15 @@ def write_report(runs: Path, out: Path, protocol: str, folds: list[int], seeds: 
         curves = {TABLE1_ROWS[e]: roc_curve(*pooled[site][e]) for e in TABLE1_ROWS if e in pooled.get(site, {})}
         images[site] = plot_rocs(curves, f"Site {site}: pooled test predictions", out / f"roc_{site}.png")
     if wandb:
-        _log_to_wandb(rows, images, provenance)
+        _log_to_wandb(rows, images, provenance, out)
     return out / "table1.md"
 
 
-def _log_to_wandb(rows: list[dict[str, Any]], images: dict[str, Path], provenance: dict[str, Any]) -> None:
+def _log_to_wandb(rows: list[dict[str, Any]], images: dict[str, Path], provenance: dict[str, Any], out: Path) -> None:
     """One W&B run (job_type table1) with the table, the ROC images and the provenance as config."""
     import wandb
 
-    run = wandb.init(project="covidct", job_type="table1", group="table1", config=provenance)
+    run = wandb.init(project="covidct", job_type="table1", group="table1", config=provenance, dir=str(out))
     run.log(
         {
             "table1": wandb.Table(columns=list(TABLE_COLUMNS), data=[[r[c] for c in TABLE_COLUMNS] for r in rows]),
