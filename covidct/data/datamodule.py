@@ -70,7 +70,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         site_b_repeat: int = 4,
         eval_batch_size: int = 64,
         num_workers: int | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         cache_dir: str | Path | None = None,
         seed: int = 0,
         mean: Sequence[float] = IMAGENET_MEAN,
@@ -95,7 +95,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.site_b_repeat = site_b_repeat
         self.eval_batch_size = eval_batch_size
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-        self.pin_memory = pin_memory
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.cache = DecodedImageCache(cache_dir or default_cache_dir(), image_size)
         self.seed = seed
         self.mean, self.std = tuple(mean), tuple(std)
