@@ -102,16 +102,20 @@ def _differing_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
-def check_checkpoint(path: Path, model: pl.LightningModule) -> None:
-    """Refuse, with a clear message, a checkpoint saved by another method or backbone."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents (memory-mapped, so cheap even for large files), or a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist; fix resume_from or drop it.")
+        raise ConfigError(f"checkpoint {path} does not exist.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file
-        raise DataError(f"checkpoint {path} cannot be read ({err}); delete it to start the run afresh.") from err
-    saved = checkpoint.get("covidct")
+        raise DataError(f"checkpoint {path} cannot be read ({err}); delete or replace it.") from err
+
+
+def check_checkpoint(path: Path, model: pl.LightningModule) -> None:
+    """Refuse, with a clear message, a checkpoint saved by another method or backbone."""
+    saved = read_checkpoint(path).get("covidct")
     expected = model.checkpoint_identity()
     if saved != expected:
         raise ConfigError(

@@ -2,9 +2,7 @@
 
 from pathlib import Path
 
-import torch
-
-from covidct.errors import ConfigError, DataError
+from covidct.errors import ConfigError
 from covidct.methods.base import SiteMethod
 from covidct.methods.joint import Joint
 from covidct.methods.msnet import MSNet
@@ -13,6 +11,7 @@ from covidct.methods.parallel_adapter import ParallelAdapter
 from covidct.methods.sepnorm import SepNorm
 from covidct.methods.series_adapter import SeriesAdapter
 from covidct.methods.single import Single
+from covidct.resume import read_checkpoint
 
 METHODS: dict[str, type[SiteMethod]] = {
     cls.__name__: cls for cls in (Single, Joint, SepNorm, SeriesAdapter, ParallelAdapter, MSNet, Ours)
@@ -22,13 +21,7 @@ METHODS: dict[str, type[SiteMethod]] = {
 def load_method(checkpoint_path: str | Path, map_location: str = "cpu") -> SiteMethod:
     """Rebuild the trained module of a covidct checkpoint, whatever its method, with its weights."""
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise DataError(f"checkpoint {path} cannot be read ({err}).") from err
-    identity = checkpoint.get("covidct") or {}
+    identity = read_checkpoint(path).get("covidct") or {}
     method = METHODS.get(identity.get("method", ""))
     if method is None:
         raise ConfigError(f"{path} is not a covidct checkpoint of a known method (found {identity or 'none'}).")
