@@ -39,6 +39,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
+    "keep_optimizer_state",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,17 @@ def _finish_logger(logger: Any, results: dict[str, dict[str, float]], prediction
         roc = wandb.plot.line(table, "fpr", "tpr", title=f"ROC, site {site} (AUC {100 * auc:.1f})")
         experiment.log({f"test/{site}/roc": roc})
     experiment.finish()
+
+
+def _drop_optimizer_state(folder: Path) -> None:
+    """A finished run is never resumed: keep the weights, drop the Adam state (two thirds of each file)."""
+    for path in folder.glob("*.ckpt"):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint.pop("optimizer_states", None)
+        checkpoint.pop("lr_schedulers", None)
+        partial = path.with_name(path.name + ".partial")
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)
 
 
 def make_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
@@ -151,6 +163,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     path = write_run_record(
         output_dir, model.test_results, model.test_predictions, run, OmegaConf.to_container(cfg, resolve=True)
     )
+    if not cfg.keep_optimizer_state:
+        _drop_optimizer_state(output_dir / "checkpoints")
     _finish_logger(logger, model.test_results, model.test_predictions)
     log.info("run record: %s", path)
     for site, values in model.test_results.items():

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from covidct.methods import Joint, MSNet, Ours, ParallelAdapter, SepNorm, SeriesAdapter, Single
@@ -48,7 +49,8 @@ def test_experiment_composes_and_fast_runs(name: str, phantom_root: Path, tmp_pa
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     n_test = sum(record["run"]["splits"]["sites"][s]["test"]["images"] for s in ("A", "B"))
     assert lines[0] == "site,file,label,prob_covid" and len(lines) == 1 + n_test
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "optimizer_states" not in checkpoint and checkpoint["state_dict"]  # finished: weights only
 
 
 def test_overrides_reach_the_objects(phantom_root: Path):
