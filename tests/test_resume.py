@@ -122,12 +122,17 @@ def test_a_folder_of_another_config_is_refused_and_left_untouched(phantom_root: 
     assert again == {site: json.loads(before)[site] for site in ("A", "B")}
 
 
-def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(phantom_root: Path, tmp_path: Path):
+@pytest.mark.parametrize("fused", [False, True], ids=["checked-each-step", "fused-skips-on-device"])
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(phantom_root: Path, tmp_path: Path, fused):
+    """Unfused, the loss is read every step; fused (the sync-free GPU path) the update is skipped on the
+    device and the host learns of it by the epoch's end at the latest: the same step is named either way."""
     overrides = [f"data.root={phantom_root}", *FAST, "trainer.max_epochs=3", "trainer.limit_train_batches=3"]
+    overrides += [f"model.speed.fused_optimizer={fused}", f"model.speed.sync_free_routing={fused}"]
     overrides += ["model._target_=tests.helpers.DivergingJoint", "+model.diverge_at_step=4"]
     cfg = compose_experiment("joint", overrides)
-    with pytest.raises(TrainingDiverged, match=r"non-finite at epoch 1, step 4 \(loss=nan"):
+    with pytest.raises(TrainingDiverged, match=r"non-finite at epoch 1, step 4 \(loss=nan") as raised:
         train(cfg, tmp_path)
+    assert ("skipped on the device" in str(raised.value)) == fused
     assert not (tmp_path / "metrics.json").exists()
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 3

@@ -1,5 +1,6 @@
 """The fast path computes what the reference path computes; the benchmark runs on CPU."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from covidct.bench import fast_losses, main, random_batch, reference_losses
-from covidct.methods import Ours
+from covidct.methods import Ours, ParallelAdapter, SeriesAdapter
 
 TINY = {"redesign": True, "width": 0.125, "image_size": 64}
 
@@ -63,3 +64,75 @@ def test_full_width_forward_cost_matches_the_paper():
     from covidct.bench import forward_gflop_per_image
 
     assert forward_gflop_per_image(224, 1.0) == pytest.approx(12.3, rel=0.05)
+
+
+def _grads(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("shape", [(10, 3, 5, 5), (10, 6)])
+def test_sync_free_dsbn_equals_indexed_dsbn(shape):
+    """Same outputs, gradients and running statistics as one nn.BatchNorm per site, in train and eval."""
+    from covidct.models import SiteBatchNorm
+    from covidct.models.routing import use_sync_free_routing
+
+    torch.manual_seed(0)
+    indexed = SiteBatchNorm(shape[1], num_sites=2, dim=len(shape) - 2 or 1)
+    for p in indexed.parameters():
+        p.data.uniform_(0.5, 1.5)
+    sync_free = copy.deepcopy(indexed)
+    use_sync_free_routing(sync_free)
+    site = torch.tensor([1, 0, 0, 1, 1, 0, 1, 1, 0, 1])
+    for step in range(3):
+        x = torch.randn(shape) * (step + 2) + step
+        outputs = []
+        for bn in (indexed, sync_free):
+            xi = x.clone().requires_grad_()
+            out = bn(xi, site)
+            (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+            outputs.append((out, xi.grad))
+        assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5)
+        assert torch.allclose(outputs[0][1], outputs[1][1], atol=1e-5)
+    assert torch.allclose(_grads(indexed), _grads(sync_free), atol=1e-4)
+    for a, b in zip(indexed.buffers(), sync_free.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    x = torch.randn(shape)
+    assert torch.allclose(indexed.eval()(x, site), sync_free.eval()(x, site), atol=1e-5)
+
+
+def test_sync_free_dsbn_leaves_an_absent_sites_statistics_alone():
+    from covidct.models import SiteBatchNorm
+    from covidct.models.routing import use_sync_free_routing
+
+    bn = SiteBatchNorm(3, num_sites=2)
+    use_sync_free_routing(bn)
+    bn(torch.randn(4, 3, 2, 2) + 5, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(bn.norms[1].running_mean, torch.zeros(3)) and bn.norms[1].num_batches_tracked == 0
+    assert bn.norms[0].running_mean.min() > 0.3 and bn.norms[0].num_batches_tracked == 1
+
+
+@pytest.mark.parametrize("method", [Ours, SeriesAdapter, ParallelAdapter])
+def test_sync_free_routing_gives_the_indexed_loss_and_gradients(method):
+    """A whole network: the sync-free step is the indexed step (mixed, unsorted site order)."""
+    from covidct.models.routing import use_sync_free_routing
+
+    torch.manual_seed(0)
+    model = method(backbone=TINY).train()
+    for name, p in model.named_parameters():
+        if "adapter" in name:
+            p.data.normal_(0, 0.05)  # adapters start at zero; make them matter
+    batch = random_batch(4, 64, torch.device("cpu"))
+    order = torch.randperm(8)
+    batch = {k: v[order] for k, v in batch.items()}
+    sync_free = copy.deepcopy(model)
+    use_sync_free_routing(sync_free)
+    losses = [fast_losses(m, batch) for m in (model, sync_free)]
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+    for loss in losses:
+        loss.backward()
+    reference, fast = _grads(model), _grads(sync_free)
+    assert (fast - reference).norm() <= 1e-4 * reference.norm()
+    with torch.no_grad():
+        model.eval(), sync_free.eval()
+        image, site = batch["image"], batch["site"]
+        assert torch.allclose(model.net(image, site), sync_free.net(image, site), atol=1e-4)

@@ -22,12 +22,14 @@ from torchmetrics.classification import (
 )
 
 from covidct.data.sources import SITES
-from covidct.errors import ConfigError, TrainingDiverged
+from covidct.errors import ConfigError
+from covidct.methods.divergence import DivergenceGuard
 from covidct.models import CovidNet
+from covidct.models.routing import use_sync_free_routing
 
 EVAL_STAGES = ("val", "test")
 # Fast-path switches: True, False, or "auto" (on where it helps: on a CUDA device).
-SPEED_DEFAULTS = {"channels_last": "auto", "compile": False, "fused_optimizer": "auto"}
+SPEED_DEFAULTS = {"channels_last": "auto", "compile": False, "fused_optimizer": "auto", "sync_free_routing": "auto"}
 LR_SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -75,6 +77,7 @@ class SiteMethod(pl.LightningModule):
         self._sites_seen: dict[str, set[str]] = {stage: set() for stage in EVAL_STAGES}
         self.test_results: dict[str, dict[str, float]] = {}
         self.test_predictions: list[dict[str, Any]] = []
+        self.divergence_guard = DivergenceGuard()
 
     # What a method defines ------------------------------------------------------------------------
     def make_backbone(self) -> CovidNet:
@@ -106,6 +109,7 @@ class SiteMethod(pl.LightningModule):
         return self.device.type == "cuda" if value == "auto" else bool(value)
 
     def on_fit_start(self) -> None:
+        use_sync_free_routing(self, self.uses("sync_free_routing"))
         if self.uses("channels_last"):
             self.to(memory_format=torch.channels_last)
         if self.uses("compile"):
@@ -121,22 +125,20 @@ class SiteMethod(pl.LightningModule):
     # Training -----------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.training_losses(batch)
-        if not torch.isfinite(losses["loss"]):
-            terms = ", ".join(f"{name}={value.item():.4g}" for name, value in losses.items())
-            raise TrainingDiverged(
-                f"the training loss became non-finite at epoch {self.current_epoch}, step {self.global_step} "
-                f"({terms}). Training stopped before this step's update; the checkpoint of the last finished "
-                "epoch is kept. Lower model.lr, or check the data of this run."
-            )
+        optimizer = self.optimizers().optimizer if self._trainer is not None else None
+        self.divergence_guard.check(losses, optimizer, self.current_epoch, self.global_step)
         self.log_dict(
             {f"train/{name}": value.detach() for name, value in losses.items()},
             on_step=True,
             on_epoch=True,
-            prog_bar=True,
             batch_size=len(batch["label"]),
             sync_dist=True,  # a no-op on one device; under DDP the epoch values average the ranks
         )
         return losses["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # wait for the device at the epoch's end only, so no checkpoint follows a non-finite loss
+        self.divergence_guard.poll(wait=batch_idx + 1 >= self.trainer.num_training_batches)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

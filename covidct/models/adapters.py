@@ -9,15 +9,20 @@ sample goes through its own site's adapter, in training and at test time.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from covidct.models.routing import route_by_site
+from covidct.models.routing import SiteRouted, route_by_site
 
 ADAPTER_MODES = ("none", "series", "parallel")
 
 
-class SiteConv1x1(nn.Module):
-    """One 1x1 convolution per site; each sample is routed to its site's convolution."""
+class SiteConv1x1(SiteRouted):
+    """One 1x1 convolution per site; each sample is routed to its site's convolution.
+
+    Sync-free, all sites' convolutions run as one convolution on every sample and each sample keeps its
+    own site's output (num_sites times the adapter's arithmetic, no host sync).
+    """
 
     def __init__(self, c_in: int, c_out: int, num_sites: int, stride: int = 1):
         super().__init__()
@@ -26,7 +31,12 @@ class SiteConv1x1(nn.Module):
             nn.init.zeros_(conv.weight)  # start as the identity residual: the shared path alone
 
     def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        return route_by_site(x, site, self.convs)
+        if not self.sync_free:
+            return route_by_site(x, site, self.convs)
+        weight = torch.cat([conv.weight for conv in self.convs])  # (S * C_out, C_in, 1, 1)
+        y = F.conv2d(x, weight, stride=self.convs[0].stride)
+        y = y.unflatten(1, (len(self.convs), -1))  # (N, S, C_out, H, W)
+        return y[torch.arange(len(x), device=x.device), site]
 
 
 class AdaptedConv(nn.Module):

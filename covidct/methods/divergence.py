@@ -1,0 +1,70 @@
+"""Stopping at a non-finite loss, with or without waiting for the device every step."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+
+import torch
+
+from covidct.errors import TrainingDiverged
+
+
+def _diverged(epoch: int, step: int, terms: Mapping[str, float], skipped: bool) -> TrainingDiverged:
+    listed = ", ".join(f"{name}={value:.4g}" for name, value in terms.items())
+    how = (
+        "Its update was skipped on the device and training stopped"
+        if skipped
+        else "Training stopped before this step's update"
+    )
+    return TrainingDiverged(
+        f"the training loss became non-finite at epoch {epoch}, step {step} ({listed}). {how}; the checkpoint "
+        "of the last finished epoch is kept. Lower model.lr, or check the data of this run."
+    )
+
+
+class DivergenceGuard:
+    """Raises TrainingDiverged for the first step whose loss is NaN or inf; no checkpoint follows it.
+
+    With a fused optimizer nothing waits for the device: the flag goes to the optimizer as `found_inf`
+    (as GradScaler does), so the fused kernel skips that step's update on the device, and the host
+    reads the flag through a non-blocking copy once it has arrived, waiting only at the end of an
+    epoch (`poll(wait=True)`), before any checkpoint is written. Otherwise the loss is read at once:
+    one host sync per step, which costs nothing on the CPU.
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[int, int, list[str], torch.Tensor, torch.cuda.Event | None]] = deque()
+
+    def check(
+        self, losses: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None, epoch: int, step: int
+    ) -> None:
+        loss = losses["loss"].detach()
+        if optimizer is None or not optimizer.defaults.get("fused"):
+            if not torch.isfinite(loss):
+                raise _diverged(epoch, step, {k: v.item() for k, v in losses.items()}, skipped=False)
+            return
+        bad = ~torch.isfinite(loss)
+        optimizer.found_inf = bad.float()
+        report = torch.stack([bad.float(), *(v.detach().float() for v in losses.values())])
+        cuda = report.device.type == "cuda"
+        host = torch.empty(report.shape, pin_memory=cuda)
+        host.copy_(report, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((epoch, step, list(losses), host, event))
+
+    def poll(self, wait: bool = False) -> None:
+        """Raise for the first non-finite step whose flag has reached the host (all of them if `wait`)."""
+        while self._pending:
+            epoch, step, names, host, event = self._pending[0]
+            if event is not None:
+                if not wait and not event.query():
+                    return
+                event.synchronize()
+            self._pending.popleft()
+            if host[0] > 0:
+                self._pending.clear()
+                raise _diverged(epoch, step, dict(zip(names, host[1:].tolist())), skipped=True)
