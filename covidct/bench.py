@@ -143,7 +143,11 @@ def measure_data(root: Path, image_size: int, batch_per_site: int, workers: int,
     from covidct.data import TwoSiteDataModule
 
     datamodule = TwoSiteDataModule(
-        root, image_size=image_size, batch_per_site=batch_per_site, num_workers=workers, pin_memory=torch.cuda.is_available()
+        root,
+        image_size=image_size,
+        batch_per_site=batch_per_site,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
     )
     datamodule.setup()
     iterator = iter(datamodule.train_dataloader())

@@ -71,11 +71,8 @@ class SiteBatchNorm(SiteRouted):
     def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor, count: torch.Tensor) -> None:
         present = count > 0
         for s, norm in enumerate(self.norms):
-            m = norm.momentum
-            norm.running_mean.copy_(torch.where(present[s], (1 - m) * norm.running_mean + m * mean[s], norm.running_mean))
-            norm.running_var.copy_(
-                torch.where(present[s], (1 - m) * norm.running_var + m * unbiased_var[s], norm.running_var)
-            )
+            for running, batch_value in ((norm.running_mean, mean[s]), (norm.running_var, unbiased_var[s])):
+                running.copy_(torch.where(present[s], running.lerp(batch_value, norm.momentum), running))
             norm.num_batches_tracked.add_(present[s].long())
 
 
