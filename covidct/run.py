@@ -21,6 +21,7 @@ from covidct.errors import ConfigError, CovidCTError
 from covidct.records import git_commit, write_run_record
 from covidct.report.roc import roc_curve
 from covidct.resume import AtomicCheckpoint, check_checkpoint, prepare_run_dir
+from covidct.timing import TrainThroughput
 
 log = logging.getLogger("covidct.run")
 SELECTIONS = ("last", "best_val_auc")
@@ -139,7 +140,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     best = cfg.select == "best_val_auc"
     checkpoints, selected = _checkpoint_callbacks(output_dir, best)
     logger = _logger(cfg, output_dir)
-    callbacks = checkpoints + ([LearningRateMonitor("epoch")] if logger else [])
+    throughput = TrainThroughput()
+    callbacks = [*checkpoints, throughput] + ([LearningRateMonitor("epoch")] if logger else [])
     trainer = make_trainer(cfg, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     ckpt_path = selected.best_model_path
@@ -163,6 +165,9 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     path = write_run_record(
         output_dir, model.test_results, model.test_predictions, run, OmegaConf.to_container(cfg, resolve=True)
     )
+    throughput.write(output_dir)
+    for epoch in throughput.epochs:
+        log.info("epoch %d: %.1f s training, %.1f img/s", epoch["epoch"], epoch["seconds"], epoch["img_per_s"])
     if not cfg.keep_optimizer_state:
         _drop_optimizer_state(output_dir / "checkpoints")
     _finish_logger(logger, model.test_results, model.test_predictions)

@@ -32,6 +32,8 @@ def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path
         record = json.loads(path.read_text())
         assert record["run"]["fold"] == fold and record["run"]["experiment"] == "ours"
         assert record["run"]["global_steps"] == 3
+        timing = json.loads(path.with_name("timing.json").read_text())["train_epochs"]
+        assert [(e["epoch"], e["images"]) for e in timing] == [(0, 3 * 32)] and timing[0]["img_per_s"] > 0
         assert any("image-level" in note for note in record["run"]["splits"]["notes"])
         for site in ("A", "B"):
             assert set(record[site]) == set(METRIC_NAMES)

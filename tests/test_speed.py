@@ -136,3 +136,18 @@ def test_sync_free_routing_gives_the_indexed_loss_and_gradients(method):
         model.eval(), sync_free.eval()
         image, site = batch["image"], batch["site"]
         assert torch.allclose(model.net(image, site), sync_free.net(image, site), atol=1e-4)
+
+
+def test_compile_switch_compiles_the_trunk_that_methods_call():
+    """Methods call `net.features` directly, so that is what model.speed.compile must wrap."""
+    model = Ours(backbone=TINY, speed={"compile": True, "compile_mode": "default"})
+    plain = model.net.features
+    model.enable_fast_path()
+    assert model.net.features is not plain and hasattr(model.net.features, "_torchdynamo_orig_callable")
+
+
+def test_unknown_compile_mode_is_a_config_error():
+    from covidct.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compile_mode must be one of"):
+        Ours(backbone=TINY, speed={"compile_mode": "fastest"})

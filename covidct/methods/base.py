@@ -29,7 +29,15 @@ from covidct.models.routing import use_sync_free_routing
 
 EVAL_STAGES = ("val", "test")
 # Fast-path switches: True, False, or "auto" (on where it helps: on a CUDA device).
-SPEED_DEFAULTS = {"channels_last": "auto", "compile": False, "fused_optimizer": "auto", "sync_free_routing": "auto"}
+SPEED_DEFAULTS: dict[str, Any] = {
+    "channels_last": "auto",
+    "compile": False,
+    "compile_mode": "reduce-overhead",  # torch.compile mode; reduce-overhead adds CUDA graphs
+    "cudnn_benchmark": "auto",
+    "fused_optimizer": "auto",
+    "sync_free_routing": "auto",
+}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LR_SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -71,6 +79,9 @@ class SiteMethod(pl.LightningModule):
         if unknown:
             raise ConfigError(f"unknown model.speed key(s) {sorted(unknown)}; known: {sorted(SPEED_DEFAULTS)}.")
         self.speed = {**SPEED_DEFAULTS, **(speed or {})}
+        if self.speed["compile_mode"] not in COMPILE_MODES:
+            mode = self.speed["compile_mode"]
+            raise ConfigError(f"model.speed.compile_mode must be one of {COMPILE_MODES}, got {mode!r}.")
         self.eval_metrics = nn.ModuleDict(
             {f"{stage}_{site}": site_metrics() for stage in EVAL_STAGES for site in SITES}
         )
@@ -108,14 +119,21 @@ class SiteMethod(pl.LightningModule):
         value = self.speed[switch]
         return self.device.type == "cuda" if value == "auto" else bool(value)
 
-    def on_fit_start(self) -> None:
+    def enable_fast_path(self) -> None:
+        """Apply the configured switches to this module on its current device (training and `make bench`)."""
         use_sync_free_routing(self, self.uses("sync_free_routing"))
+        if self.uses("cudnn_benchmark"):
+            torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest conv algorithms once
         if self.uses("channels_last"):
             self.to(memory_format=torch.channels_last)
         if self.uses("compile"):
             for module in self.modules():
                 if isinstance(module, CovidNet):
-                    module.compile()
+                    # methods call `features` directly, so that (the whole conv trunk) is what gets compiled
+                    module.features = torch.compile(module.features, mode=self.speed["compile_mode"])
+
+    def on_fit_start(self) -> None:
+        self.enable_fast_path()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.uses("channels_last"):
