@@ -285,8 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 GPU, 2 CPU)")
     parser.add_argument(
         "--compile",
-        default="none",
-        help="fast-path variants, comma-separated torch.compile modes; none = eager (e.g. none,reduce-overhead)",
+        default=None,
+        help="fast-path variants, comma-separated torch.compile modes; none = eager "
+        "(default: none,reduce-overhead on GPU, none on CPU)",
     )
     parser.add_argument("--data-root", type=Path, default=None, help="measure the data pipeline on this data")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: CPU count)")
@@ -303,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.steps = args.steps or (50 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     common = (device, args.image_size, args.batch_per_site, args.width, args.steps, args.warmup)
-    modes = _compile_modes(args.compile)
+    modes = _compile_modes(args.compile or ("none,reduce-overhead" if gpu else "none"))
     if args.only_fast:
         print(json.dumps({"fast": measure_training("fast", *common, compile_mode=modes[0])}))
         return 0
@@ -317,6 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "paths": [measure_training("reference", *common)]
         + [measure_training("fast", *common, compile_mode=mode) for mode in modes],
     }
+
+    def save() -> None:  # after each part, so a part that runs out of time keeps the others' results
+        if args.json != "-":
+            atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+
     gflop = forward_gflop_per_image(args.image_size, args.width)
     result["forward_gflop_per_image"] = gflop
     measured = [r for r in result["paths"] if "error" not in r]
@@ -328,13 +334,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["fast"] = max(fast_paths, key=lambda r: r["img_per_s"])
         result["ratio_fast_over_reference"] = result["fast"]["img_per_s"] / result["reference"]["img_per_s"]
     best_mode = modes[[path_name(m) for m in modes].index(result["fast"]["path"])] if "fast" in result else modes[0]
+    save()
     if args.data_root:
         workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
         result["data"] = measure_data(args.data_root, args.image_size, args.batch_per_site, workers, batches=30)
         demand = result["fast"]["img_per_s"] if "fast" in result else float("nan")
         result["data"]["ratio_over_fast_demand"] = result["data"]["img_per_s"] / demand
+        save()
     if args.concurrent:
-        result["concurrent"] = [measure_concurrent(int(n), best_mode, args) for n in args.concurrent.split(",")]
+        result["concurrent"] = []
+        for n in args.concurrent.split(","):
+            result["concurrent"].append(measure_concurrent(int(n), best_mode, args))
+            save()
     text = markdown(result)
     print(text)
     if args.json == "-":

@@ -35,7 +35,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def git_commit() -> str:
-    """Commit of the code that ran, '+dirty' when the working tree differs from it."""
+    """Commit of the code that ran, '+dirty' when the working tree differs from it.
+
+    A copy without .git (a container, a remote GPU machine) can name it in COVIDCT_GIT_COMMIT.
+    """
+    if os.environ.get("COVIDCT_GIT_COMMIT"):
+        return os.environ["COVIDCT_GIT_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(

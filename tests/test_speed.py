@@ -9,6 +9,7 @@ import torch
 
 from covidct.bench import fast_losses, main, random_batch, reference_losses
 from covidct.methods import Ours, ParallelAdapter, SeriesAdapter
+from covidct.models.routing import SiteRouted
 
 TINY = {"redesign": True, "width": 0.125, "image_size": 64}
 
@@ -144,6 +145,8 @@ def test_compile_switch_compiles_the_trunk_that_methods_call():
     plain = model.net.features
     model.enable_fast_path()
     assert model.net.features is not plain and hasattr(model.net.features, "_torchdynamo_orig_callable")
+    # indexed routing would break the graph at every routed layer, so compiling implies sync-free routing
+    assert all(m.sync_free for m in model.modules() if isinstance(m, SiteRouted))
 
 
 def test_unknown_compile_mode_is_a_config_error():

@@ -117,6 +117,8 @@ class SiteMethod(pl.LightningModule):
     # Fast path --------------------------------------------------------------------------------------
     def uses(self, switch: str) -> bool:
         value = self.speed[switch]
+        if value == "auto" and switch == "sync_free_routing" and self.uses("compile"):
+            return True  # indexed routing's data-dependent shapes would break the compiled graph
         return self.device.type == "cuda" if value == "auto" else bool(value)
 
     def enable_fast_path(self) -> None:
