@@ -18,7 +18,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,20 @@ def train_step(
     guard.poll()
 
 
+def print_profile(name: str, step: Callable[[], None], device: torch.device, steps: int = 5) -> None:
+    """Where a step's time goes (host and device), to stderr: the table that says what to speed up next."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    for sort in ("self_cpu_time_total", "self_device_time_total" if device.type == "cuda" else "cpu_time_total"):
+        table = profiler.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60)
+        print(f"\n== profile of {steps} steps, {name}, by {sort}\n{table}", file=sys.stderr)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,6 +140,7 @@ def measure_training(
     steps: int,
     warmup: int,
     compile_mode: str | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     name = "reference" if path == "reference" else path_name(compile_mode)
     try:
@@ -146,6 +161,8 @@ def measure_training(
         _sync(device)
         seconds = time.perf_counter() - start
         guard.poll(wait=True)
+        if profile:
+            print_profile(name, lambda: train_step(path, model, optimizer, batch, guard), device)
     except Exception as error:  # a variant that fails (e.g. compile on this stack) is reported, not fatal
         return {"path": name, "error": f"{type(error).__name__}: {error}"[:2000]}
     finally:
@@ -292,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, default=None, help="measure the data pipeline on this data")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: CPU count)")
     parser.add_argument("--concurrent", default="", help="e.g. 1,4: aggregate img/s of N runs sharing the device")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per path (stderr)")
     parser.add_argument("--only-fast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default="experiments/bench/bench.json", help="where the JSON goes ('-': stdout)")
     args = parser.parse_args(argv)
@@ -315,8 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "settings": f"{args.image_size} px, batch {args.batch_per_site}+{args.batch_per_site}, width {args.width}, "
         f"{args.steps} timed steps after {args.warmup}",
-        "paths": [measure_training("reference", *common)]
-        + [measure_training("fast", *common, compile_mode=mode) for mode in modes],
+        "paths": [measure_training("reference", *common, profile=args.profile)]
+        + [measure_training("fast", *common, compile_mode=mode, profile=args.profile) for mode in modes],
     }
 
     def save() -> None:  # after each part, so a part that runs out of time keeps the others' results

@@ -154,3 +154,26 @@ def test_unknown_compile_mode_is_a_config_error():
 
     with pytest.raises(ConfigError, match="compile_mode must be one of"):
         Ours(backbone=TINY, speed={"compile_mode": "fastest"})
+
+
+def test_gpu_default_path_trains_bf16_with_fused_adam_and_clipping(phantom_root: Path, tmp_path: Path):
+    """bf16-mixed + fused Adam + clipping + sync-free routing (the CUDA defaults), here on the CPU.
+
+    Lightning's precision plugin refused to clip for fused optimizers; the method clips itself.
+    """
+    from covidct.run import train
+    from tests.helpers import FAST, compose_experiment
+
+    overrides = [f"data.root={phantom_root}", *FAST, "trainer.precision=bf16-mixed"]
+    overrides += ["model.speed.fused_optimizer=true", "model.speed.sync_free_routing=true"]
+    results = train(compose_experiment("ours", overrides), tmp_path)
+    assert set(results) == {"A", "B"} and json.loads((tmp_path / "metrics.json").read_text())["A"]
+
+
+def test_the_method_clips_gradients_to_the_configured_norm():
+    model = Ours(backbone=TINY)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    model.configure_gradient_clipping(None, 2.0, "norm")
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert norm == pytest.approx(2.0, rel=1e-2)  # from about 10 * sqrt(#parameters)

@@ -24,7 +24,7 @@ from torchmetrics.classification import (
 from covidct.data.sources import SITES
 from covidct.errors import ConfigError
 from covidct.methods.divergence import DivergenceGuard
-from covidct.models import CovidNet
+from covidct.models import CovidNet, SiteMLP
 from covidct.models.routing import use_sync_free_routing
 
 EVAL_STAGES = ("val", "test")
@@ -129,10 +129,13 @@ class SiteMethod(pl.LightningModule):
         if self.uses("channels_last"):
             self.to(memory_format=torch.channels_last)
         if self.uses("compile"):
+            mode = self.speed["compile_mode"]
             for module in self.modules():
                 if isinstance(module, CovidNet):
                     # methods call `features` directly, so that (the whole conv trunk) is what gets compiled
-                    module.features = torch.compile(module.features, mode=self.speed["compile_mode"])
+                    module.features = torch.compile(module.features, mode=mode)
+                elif isinstance(module, SiteMLP):  # classifier, projection and auxiliary heads
+                    module.compile(mode=mode)
 
     def on_fit_start(self) -> None:
         self.enable_fast_path()
@@ -160,9 +163,25 @@ class SiteMethod(pl.LightningModule):
         # wait for the device at the epoch's end only, so no checkpoint follows a non-finite loss
         self.divergence_guard.poll(wait=batch_idx + 1 >= self.trainer.num_training_batches)
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip here: Lightning's mixed-precision plugin refuses to clip for fused optimizers even under
+        bf16, where no gradient scaler is involved (float16 runs get an unfused optimizer instead)."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm == "value":
+            nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        else:
+            nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        fused = self.uses("fused_optimizer") or None
+        # a float16 gradient scaler must unscale before clipping, which a fused Adam would do only in its step
+        fused = (self.uses("fused_optimizer") and str(self.trainer.precision) != "16-mixed") or None
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
         if hp.lr_schedule == "cosine":
             epochs = self.trainer.max_epochs
