@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from covidct.methods import Ours
 from covidct.methods.divergence import DivergenceGuard
 from covidct.methods.ours import contrastive_loss
+from covidct.models.routing import site_blocks
 from covidct.records import atomic_write_text, git_commit
 
 CLIP = 2.0
@@ -60,6 +61,7 @@ def random_batch(batch_per_site: int, image_size: int, device: torch.device, see
         "image": torch.randn(n, 3, image_size, image_size, generator=generator).to(device),
         "label": torch.randint(0, 2, (n,), generator=generator).to(device),
         "site": torch.arange(2).repeat_interleave(batch_per_site).to(device),
+        "site_layout": ((0, 1), (batch_per_site, batch_per_site)),  # as the DataModule's collate declares it
     }
 
 
@@ -103,7 +105,11 @@ def train_step(
     device = batch["image"].device
     bf16 = path != "reference" and device.type == "cuda"
     with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-        losses = model.training_losses(batch) if path != "reference" else {"loss": reference_losses(model, batch)}
+        if path == "reference":
+            losses = {"loss": reference_losses(model, batch)}
+        else:
+            with site_blocks(batch["site_layout"]):
+                losses = model.training_losses(batch)
     guard.check(losses, optimizer, epoch=0, step=0)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()

@@ -61,9 +61,11 @@ def test_datamodule_train_batches(phantom_root: Path, tmp_path: Path):
     batch = next(iter(loader))
     assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
     assert batch["site"].tolist() == [0] * 4 + [1] * 4
+    assert batch["site_layout"] == ((0, 1), (4, 4))  # declared for the models' block routing
     assert len(batch["file"]) == 8
     eval_batch = next(iter(dm.test_dataloader()[1]))
     assert eval_batch["image"].shape[1:] == (3, 32, 32) and set(eval_batch["site"].tolist()) == {1}
+    assert eval_batch["site_layout"] == ((1,), (len(eval_batch["site"]),))
 
 
 def test_single_site_mode(phantom_root: Path, tmp_path: Path):

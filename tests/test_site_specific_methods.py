@@ -5,6 +5,7 @@ import torch
 
 from covidct.methods import MSNet, ParallelAdapter, SeriesAdapter
 from covidct.models.adapters import AdaptedConv, SiteConv1x1
+from covidct.models.routing import site_blocks
 
 TINY = {"redesign": True, "width": 0.125, "image_size": 64}
 
@@ -28,8 +29,10 @@ def _site_b_state(model) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("declared", [False, True], ids=["indexed", "blocks"])
 @pytest.mark.parametrize("method", [SeriesAdapter, ParallelAdapter])
-def test_a_step_on_site_a_leaves_site_b_untouched(method):
+def test_a_step_on_site_a_leaves_site_b_untouched(method, declared):
+    """With indexed routing, and with the block routing of DataModule batches (here one block, site A)."""
     model = method(backbone=TINY)
     adapters = [m for m in model.modules() if isinstance(m, SiteConv1x1)]
     assert len(adapters) == 16 + 4  # every depthwise 3x3 and every upper-branch conv
@@ -41,7 +44,8 @@ def test_a_step_on_site_a_leaves_site_b_untouched(method):
     assert before and site_a_before
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-7)
     model.train()
-    model.training_losses(_batch([0] * 6))["loss"].backward()
+    with site_blocks(((0,), (6,)) if declared else None):
+        model.training_losses(_batch([0] * 6))["loss"].backward()
     optimizer.step()
     after = _site_b_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before), "site B's adapter or BN changed"

@@ -9,7 +9,7 @@ import torch
 
 from covidct.bench import fast_losses, main, random_batch, reference_losses
 from covidct.methods import Ours, ParallelAdapter, SeriesAdapter
-from covidct.models.routing import SiteRouted
+from covidct.models.routing import SiteRouted, site_blocks
 
 TINY = {"redesign": True, "width": 0.125, "image_size": 64}
 
@@ -124,7 +124,7 @@ def test_sync_free_routing_gives_the_indexed_loss_and_gradients(method):
             p.data.normal_(0, 0.05)  # adapters start at zero; make them matter
     batch = random_batch(4, 64, torch.device("cpu"))
     order = torch.randperm(8)
-    batch = {k: v[order] for k, v in batch.items()}
+    batch = {k: batch[k][order] for k in ("image", "label", "site")}
     sync_free = copy.deepcopy(model)
     use_sync_free_routing(sync_free)
     losses = [fast_losses(m, batch) for m in (model, sync_free)]
@@ -177,3 +177,44 @@ def test_the_method_clips_gradients_to_the_configured_norm():
     model.configure_gradient_clipping(None, 2.0, "norm")
     norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
     assert norm == pytest.approx(2.0, rel=1e-2)  # from about 10 * sqrt(#parameters)
+
+
+@pytest.mark.parametrize("method", [Ours, SeriesAdapter, ParallelAdapter])
+def test_block_routing_of_datamodule_batches_is_the_indexed_computation(method):
+    """Slicing declared site blocks: the indexed loss, gradients and running statistics, no host sync."""
+    torch.manual_seed(0)
+    model = method(backbone=TINY).train()
+    for name, p in model.named_parameters():
+        if "adapter" in name:
+            p.data.normal_(0, 0.05)
+    batch = random_batch(4, 64, torch.device("cpu"))
+    blocked = copy.deepcopy(model)
+    indexed_loss = fast_losses(model, batch)
+    with site_blocks(batch["site_layout"]):
+        blocked_loss = fast_losses(blocked, batch)
+    assert blocked_loss.item() == pytest.approx(indexed_loss.item(), rel=1e-6)
+    indexed_loss.backward()
+    blocked_loss.backward()
+    assert (_grads(blocked) - _grads(model)).norm() <= 1e-5 * _grads(model).norm()
+    for a, b in zip(model.buffers(), blocked.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_a_layout_is_used_only_for_the_batch_it_describes():
+    from covidct.models import SiteBatchNorm
+
+    bn = SiteBatchNorm(3, num_sites=2).eval()
+    bn.norms[1].running_mean.fill_(5.0)
+    x = torch.zeros(4, 3, 2, 2)
+    with site_blocks(((0, 1), (4, 4))):  # describes a batch of 8: x (4 rows of site B) routes by its own sites
+        out = bn(x, torch.ones(4, dtype=torch.long))
+    assert torch.allclose(out, torch.full_like(out, -5.0), atol=1e-3)
+
+
+def test_site_layout_of_batches():
+    from covidct.data.sampler import site_layout_of
+
+    assert site_layout_of(torch.tensor([0, 0, 0, 1, 1, 1])) == ((0, 1), (3, 3))
+    assert site_layout_of(torch.tensor([1, 1])) == ((1,), (2,))
+    assert site_layout_of(torch.tensor([0, 1, 0])) is None
+    assert site_layout_of(torch.tensor([], dtype=torch.long)) is None

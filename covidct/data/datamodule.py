@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.cache import DecodedImageCache, default_cache_dir
 from covidct.data.folds import DEFAULT_VAL_FRACTION, N_FOLDS, SITE_A_FOLD_NOTE, split_fold
-from covidct.data.sampler import SiteBalancedBatchSampler
+from covidct.data.sampler import SiteBalancedBatchSampler, collate_with_site_layout
 from covidct.data.sources import SITES, Sample, scan_site, site_index
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augmentation, to_chw_tensor_array
 from covidct.errors import ConfigError
@@ -83,6 +83,10 @@ class TwoSiteDataModule(pl.LightningDataModule):
             site_index(site)
         if not 0 <= fold < N_FOLDS:
             raise ConfigError(f"fold must be in 0..{N_FOLDS - 1}, got {fold}.")
+        if batch_per_site < 2:
+            raise ConfigError(
+                f"data.batch_per_site must be at least 2 (each site's BatchNorm needs 2 samples), got {batch_per_site}."
+            )
         if image_size < 32:
             raise ConfigError(f"data.image_size must be at least 32, got {image_size}.")
         self.root = Path(os.path.expanduser(str(root)))
@@ -131,6 +135,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=workers > 0,
+            collate_fn=collate_with_site_layout,
             **kwargs,
         )
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Sampler, default_collate
 
 
 class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -69,3 +70,28 @@ class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
             step = (self.rank + k * self.world_size) % steps  # ranks short of a batch wrap to the start
             indices = [i for stream in streams for i in stream[step * b : (step + 1) * b]]
             yield list(zip(indices, seeds[step]))
+
+
+def site_layout_of(site: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(site of each block, size of each block) of a batch that holds one contiguous run per site, else None.
+
+    Every batch of this sampler has that layout (and every eval batch, which holds one site); models route
+    such batches by slicing (models/routing.py). Read in the DataLoader's collate, on the CPU, for free.
+    """
+    sites: list[int] = []
+    sizes: list[int] = []
+    for value in site.tolist():
+        if sites and sites[-1] == value:
+            sizes[-1] += 1
+        elif value in sites:
+            return None
+        else:
+            sites.append(value)
+            sizes.append(1)
+    return (tuple(sites), tuple(sizes)) if sites else None
+
+
+def collate_with_site_layout(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = default_collate(samples)
+    batch["site_layout"] = site_layout_of(batch["site"])
+    return batch

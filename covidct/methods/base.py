@@ -25,7 +25,7 @@ from covidct.data.sources import SITES
 from covidct.errors import ConfigError
 from covidct.methods.divergence import DivergenceGuard
 from covidct.models import CovidNet, SiteMLP
-from covidct.models.routing import use_sync_free_routing
+from covidct.models.routing import site_blocks, use_sync_free_routing
 
 EVAL_STAGES = ("val", "test")
 # Fast-path switches: True, False, or "auto" (on where it helps: on a CUDA device).
@@ -147,7 +147,8 @@ class SiteMethod(pl.LightningModule):
 
     # Training -----------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.training_losses(batch)
+        with site_blocks(batch.get("site_layout")):
+            losses = self.training_losses(batch)
         optimizer = self.optimizers().optimizer if self._trainer is not None else None
         self.divergence_guard.check(losses, optimizer, self.current_epoch, self.global_step)
         self.log_dict(
@@ -202,7 +203,8 @@ class SiteMethod(pl.LightningModule):
         self._eval_step("test", batch)
 
     def _eval_step(self, stage: str, batch: Mapping[str, Any]) -> None:
-        prob = self.logits(batch["image"], batch["site"]).float().softmax(-1)[:, 1]
+        with site_blocks(batch.get("site_layout")):
+            prob = self.logits(batch["image"], batch["site"]).float().softmax(-1)[:, 1]
         label, site = batch["label"], batch["site"]
         for s in site.unique().tolist():
             mask = site == s

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from covidct.models.routing import SiteRouted, route_by_site, site_one_hot
+from covidct.models.routing import SiteRouted, declared_layout, route_by_blocks, route_by_site, site_one_hot
 
 
 class SiteBatchNorm(SiteRouted):
@@ -28,13 +28,20 @@ class SiteBatchNorm(SiteRouted):
     def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         if self.num_sites == 1:
             return self.norms[0](x)
+        layout = declared_layout(x)
+        if self.training and x.dim() == 2:
+            # (the sync-free path cannot look without a host sync; the DataModule keeps batch_per_site >= 2)
+            sizes = layout[1] if layout else [] if self.sync_free else torch.bincount(site).tolist()
+            if 1 in sizes:
+                raise ValueError(
+                    "a site has a single sample in this training batch: its BatchNorm needs at least 2 "
+                    "(the authors' code silently dropped such sites; batches here hold batch_per_site per site)"
+                )
+        blocked = route_by_blocks(x, self.norms)
+        if blocked is not None:
+            return blocked
         if self.sync_free:
             return self._masked(x, site)
-        if self.training and x.dim() == 2 and (torch.bincount(site, minlength=self.num_sites) == 1).any():
-            raise ValueError(
-                "a site has a single sample in this training batch: its BatchNorm needs at least 2 "
-                "(the authors' code silently dropped such sites; batches here hold batch_per_site per site)"
-            )
         return route_by_site(x, site, self.norms)
 
     def _masked(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
