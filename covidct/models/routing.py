@@ -35,10 +35,17 @@ def site_blocks(layout: SiteLayout | None) -> Iterator[None]:
 
 
 def declared_layout(x: torch.Tensor) -> SiteLayout | None:
-    """The declared layout if it describes x's batch (not, e.g., a subset of one site's rows)."""
-    if _layout is None or x.shape[0] != sum(_layout[1]):
+    """The declared layout if it describes x's batch (not, e.g., a subset of one site's rows).
+
+    A one-site layout holds for any part of the batch too, and is read without its size, so a compiled
+    model is not specialised to each evaluation batch size.
+    """
+    if _layout is None:
         return None
-    return _layout
+    sites, sizes = _layout
+    if len(sites) == 1:
+        return sites, (x.shape[0],)
+    return _layout if x.shape[0] == sum(sizes) else None
 
 
 def route_by_blocks(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor | None:
