@@ -238,7 +238,10 @@ def measure_concurrent(n: int, compile_mode: str | None, args: argparse.Namespac
         "--compile", compile_mode or "none", "--json", "-",
     ]  # fmt: skip
     start = time.perf_counter()
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    env = dict(os.environ)
+    if args.device == "cpu":  # share the cores instead of oversubscribing them n times
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(n)]
     outputs = [json.loads(p.communicate()[0].splitlines()[-1]) for p in processes]
     wall = time.perf_counter() - start
     errors = [o["fast"]["error"] for o in outputs if "error" in o["fast"]]

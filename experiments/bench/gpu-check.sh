@@ -2,7 +2,7 @@
 # The GPU check behind experiments/bench/bench-gpu.{json,md}: one call on the lent GPU machine, parts in
 # order of importance, each under its own time limit so one slow part cannot take the others down.
 #   bash experiments/bench/gpu-check.sh DATA_ROOT OUT_DIR
-# 1. make bench: reference vs fast (eager and compiled), data pipeline, 1 vs 4 concurrent runs;
+# 1. make bench: reference vs fast (eager and compiled, with profiles), data pipeline, 1 vs 4 concurrent runs;
 # 2. one real training epoch of `ours` (fold 0, 224 px) through the CLI on the default fast path;
 # 3. the same with model.speed.compile=true, two epochs (the second one is steady-state).
 # BENCH_ARGS / RUN_ARGS add arguments (a CPU dry run uses small sizes).
@@ -22,7 +22,7 @@ $python -c "import os, torch, pytorch_lightning as pl; print('torch', torch.__ve
 
 section "1. bench"
 timeout "${BENCH_TIMEOUT:-280}" $python -m covidct.bench --compile none,reduce-overhead --data-root "$data" \
-  --concurrent 1,4 --json "$out/bench-gpu.json" ${BENCH_ARGS:-} 2>"$out/bench.log"
+  --concurrent 1,4 --profile --json "$out/bench-gpu.json" ${BENCH_ARGS:-} 2>"$out/bench.log"
 echo "exit $?"; grep -iE "error|warn" "$out/bench.log" | sort | uniq -c | head -5
 
 train() {  # name timeout overrides...
