@@ -112,16 +112,21 @@ def test_sync_free_dsbn_leaves_an_absent_sites_statistics_alone():
     assert bn.norms[0].running_mean.min() > 0.3 and bn.norms[0].num_batches_tracked == 1
 
 
-@pytest.mark.parametrize("method", [Ours, SeriesAdapter, ParallelAdapter])
-def test_sync_free_routing_gives_the_indexed_loss_and_gradients(method):
-    """A whole network: the sync-free step is the indexed step (mixed, unsorted site order)."""
-    from covidct.models.routing import use_sync_free_routing
-
+def _with_live_adapters(method: type) -> torch.nn.Module:
     torch.manual_seed(0)
     model = method(backbone=TINY).train()
     for name, p in model.named_parameters():
         if "adapter" in name:
             p.data.normal_(0, 0.05)  # adapters start at zero; make them matter
+    return model
+
+
+@pytest.mark.parametrize("method", [Ours, SeriesAdapter, ParallelAdapter])
+def test_sync_free_routing_gives_the_indexed_loss_and_gradients(method):
+    """A whole network: the sync-free step is the indexed step (mixed, unsorted site order)."""
+    from covidct.models.routing import use_sync_free_routing
+
+    model = _with_live_adapters(method)
     batch = random_batch(4, 64, torch.device("cpu"))
     order = torch.randperm(8)
     batch = {k: batch[k][order] for k in ("image", "label", "site")}
@@ -182,11 +187,7 @@ def test_the_method_clips_gradients_to_the_configured_norm():
 @pytest.mark.parametrize("method", [Ours, SeriesAdapter, ParallelAdapter])
 def test_block_routing_of_datamodule_batches_is_the_indexed_computation(method):
     """Slicing declared site blocks: the indexed loss, gradients and running statistics, no host sync."""
-    torch.manual_seed(0)
-    model = method(backbone=TINY).train()
-    for name, p in model.named_parameters():
-        if "adapter" in name:
-            p.data.normal_(0, 0.05)
+    model = _with_live_adapters(method)
     batch = random_batch(4, 64, torch.device("cpu"))
     blocked = copy.deepcopy(model)
     indexed_loss = fast_losses(model, batch)

@@ -103,6 +103,10 @@ class SiteMethod(pl.LightningModule):
     def logits(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter sets whose gradient norm is clipped separately: one, the whole model, by default."""
+        return [list(self.parameters())]
+
     def cam_layer(self, site: str) -> nn.Module:
         """The layer whose output Grad-CAM explains for a site: the last PEPX block (7x7 at 224 px)."""
         return self.net.stages[-1][-1]
@@ -174,10 +178,11 @@ class SiteMethod(pl.LightningModule):
         bf16, where no gradient scaler is involved (float16 runs get an unfused optimizer instead)."""
         if not gradient_clip_val:
             return
-        if gradient_clip_algorithm == "value":
-            nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
-        else:
-            nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        for group in self.clip_groups():
+            if gradient_clip_algorithm == "value":
+                nn.utils.clip_grad_value_(group, gradient_clip_val)
+            else:
+                nn.utils.clip_grad_norm_(group, gradient_clip_val)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

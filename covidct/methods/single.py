@@ -43,16 +43,5 @@ class Single(SiteMethod):
     def cam_layer(self, site: str) -> nn.Module:
         return self.nets[site].stages[-1][-1]
 
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        if not gradient_clip_val:
-            return
-        for net in self.nets.values():
-            if gradient_clip_algorithm == "value":
-                nn.utils.clip_grad_value_(net.parameters(), gradient_clip_val)
-            else:
-                nn.utils.clip_grad_norm_(net.parameters(), gradient_clip_val)
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        return [list(net.parameters()) for net in self.nets.values()]
