@@ -100,7 +100,7 @@ def build(
 
 def train_step(
     path: str, model: Ours, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], guard: DivergenceGuard
-) -> None:
+) -> torch.Tensor:
     """One optimizer step as training takes it: loss, divergence guard, backward, clipping, update."""
     device = batch["image"].device
     bf16 = path != "reference" and device.type == "cuda"
@@ -116,6 +116,7 @@ def train_step(
     torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     optimizer.step()
     guard.poll()
+    return losses["loss"].detach()
 
 
 def print_profile(name: str, step: Callable[[], None], device: torch.device, steps: int = 5) -> None:
@@ -163,7 +164,7 @@ def measure_training(
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         for _ in range(steps):
-            train_step(path, model, optimizer, batch, guard)
+            loss = train_step(path, model, optimizer, batch, guard)
         _sync(device)
         seconds = time.perf_counter() - start
         guard.poll(wait=True)
@@ -182,6 +183,9 @@ def measure_training(
         "seconds": seconds,
         "warmup_seconds": warmup_seconds,
         "steps": steps,
+        # every path trains from the same initialisation on the same batch: a fast path that computed
+        # something else would end at another loss (bf16 moves it a little)
+        "final_loss": loss.item(),
         "peak_memory_mb": (
             torch.cuda.max_memory_allocated(device) / 2**20
             if device.type == "cuda"
@@ -268,31 +272,31 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"commit {result['git_commit']}, torch {result['torch']}, {result['settings']}",
         "",
-        "| what | img/s | x reference | TFLOP/s | peak memory (MB) | warm-up (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| what | img/s | x reference | TFLOP/s | peak memory (MB) | warm-up (s) | final loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["paths"]:
         if "error" in r:
-            lines.append(f"| {r['path']} | failed: {r['error'].splitlines()[0][:100]} | | | | |")
+            lines.append(f"| {r['path']} | failed: {r['error'].splitlines()[0][:100]} | | | | | |")
             continue
         ratio = f"{r['img_per_s'] / reference:.2f}" if reference else ""
         lines.append(
             f"| {r['path']} | {r['img_per_s']:.1f} | {ratio} | {r['tflops']:.3g} | {r['peak_memory_mb']:.0f} "
-            f"| {r['warmup_seconds']:.1f} |"
+            f"| {r['warmup_seconds']:.1f} | {r['final_loss']:.4f} |"
         )
     for c in result.get("concurrent", []):
         if "error" in c:
             lines.append(
-                f"| {c['runs']} concurrent {c['path']} runs | failed: {c['error'].splitlines()[0][:100]} |||||"
+                f"| {c['runs']} concurrent {c['path']} runs | failed: {c['error'].splitlines()[0][:100]} ||||||"
             )
             continue
         ratio = f"{c['sum_img_per_s'] / reference:.2f}" if reference else ""
-        lines.append(f"| {c['runs']} concurrent {c['path']} runs (sum) | {c['sum_img_per_s']:.1f} | {ratio} | | | |")
+        lines.append(f"| {c['runs']} concurrent {c['path']} runs (sum) | {c['sum_img_per_s']:.1f} | {ratio} | | | | |")
     if "data" in result:
         d = result["data"]
         lines.append(
             f"| data pipeline ({d['workers']} workers; {d['ratio_over_fast_demand']:.2f}x the fastest path's demand) "
-            f"| {d['img_per_s']:.1f} | | | | {d['setup_seconds']:.1f} |"
+            f"| {d['img_per_s']:.1f} | | | | {d['setup_seconds']:.1f} | |"
         )
     return "\n".join(lines) + "\n"
 
