@@ -153,7 +153,6 @@ def measure_training(
     try:
         model, optimizer = build(path, device, image_size, width, compile_mode)
         batch = random_batch(batch_per_site, image_size, device)
-        model.on_after_batch_transfer(batch, 0)
         guard = DivergenceGuard()
         start = time.perf_counter()
         for _ in range(warmup):

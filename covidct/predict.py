@@ -23,7 +23,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from covidct.data.sources import IMAGE_SUFFIXES, SITES, load_image, site_index
-from covidct.data.transforms import augmentation, deterministic_resize, to_chw_tensor_array
+from covidct.data.transforms import deterministic_resize, normalize_images, to_chw_uint8
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.methods import SiteMethod, load_method
 from covidct.records import atomic_write_text
@@ -106,7 +106,7 @@ class TrainedModel:
         per_site_networks = getattr(self.method, "sites", None)
         self.sites = tuple(s for s in SITES if s in trained and (per_site_networks is None or s in per_site_networks))
         self._resize = deterministic_resize("eval", self.image_size)
-        self._normalize = augmentation("eval", self.image_size, tuple(data["mean"]), tuple(data["std"]))
+        self.mean, self.std = tuple(data["mean"]), tuple(data["std"])
 
     def check_site(self, site: str) -> int:
         """The site's index, if the model has a trained branch for it; an untrained one would give noise."""
@@ -124,8 +124,8 @@ class TrainedModel:
 
     def batch(self, resized: Sequence[np.ndarray]) -> torch.Tensor:
         """Normalised NCHW float tensor on the model's device."""
-        arrays = [to_chw_tensor_array(self._normalize(image=image)["image"]) for image in resized]
-        return torch.from_numpy(np.stack(arrays)).to(self.device)
+        images = torch.from_numpy(np.stack([to_chw_uint8(image) for image in resized])).to(self.device)
+        return normalize_images(images, self.mean, self.std)  # as the DataModule does after transfer
 
     def prob_covid(self, images: torch.Tensor, site: str) -> np.ndarray:
         """P(COVID) from the site's branch, computed as in the test step of training."""

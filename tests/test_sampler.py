@@ -59,7 +59,7 @@ def test_datamodule_train_batches(phantom_root: Path, tmp_path: Path):
     n_b = len(dm.splits["B"]["train"])
     assert len(loader) == math.ceil(max(len(dm.splits["A"]["train"]), 4 * n_b) / 4)
     batch = next(iter(loader))
-    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.uint8  # normalised on device
     assert batch["site"].tolist() == [0] * 4 + [1] * 4
     assert batch["site_layout"] == ((0, 1), (4, 4))  # declared for the models' block routing
     assert len(batch["file"]) == 8
@@ -130,3 +130,23 @@ def test_ranks_share_out_an_epoch_without_overlap():
     assert len(ranks[0]) == len(ranks[1]) == math.ceil(len(single) / 2)
     assert sorted(ranks[0] + ranks[1]) == sorted(single)  # 10 steps: dealt 5 + 5, every batch once
     assert all(len(b) == 8 for b in ranks[0] + ranks[1])
+
+
+def test_normalising_on_the_device_is_albumentations_normalize(phantom_root: Path, tmp_path: Path):
+    """Workers ship uint8; the DataModule's after-transfer hook gives what A.Normalize gave on the CPU."""
+    import albumentations as A
+    import numpy as np
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    dm = TwoSiteDataModule(phantom_root, image_size=32, num_workers=0, cache_dir=tmp_path, mean=mean, std=std)
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()[0]))
+    expected = np.stack(
+        [
+            A.Normalize(mean=mean, std=std, max_pixel_value=255.0)(image=im)["image"]
+            for im in batch["image"].permute(0, 2, 3, 1).numpy()
+        ]
+    ).transpose(0, 3, 1, 2)
+    normalised = dm.on_after_batch_transfer(batch, 0)["image"]
+    assert normalised.dtype == torch.float32
+    assert np.abs(normalised.numpy() - expected).max() < 1e-5

@@ -15,7 +15,7 @@ from covidct.data.cache import DecodedImageCache, default_cache_dir
 from covidct.data.folds import DEFAULT_VAL_FRACTION, N_FOLDS, SITE_A_FOLD_NOTE, split_fold
 from covidct.data.sampler import SiteBalancedBatchSampler, collate_with_site_layout
 from covidct.data.sources import SITES, Sample, scan_site, site_index
-from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augmentation, to_chw_tensor_array
+from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augmentation, normalize_images, to_chw_uint8
 from covidct.errors import ConfigError
 
 
@@ -42,7 +42,7 @@ class SiteImageDataset(Dataset):
         sample = self.samples[item]
         image = self.augment(image=self.cache.get(sample.path, self.kind))["image"]
         return {
-            "image": torch.from_numpy(to_chw_tensor_array(image)),
+            "image": torch.from_numpy(to_chw_uint8(image)),  # normalised on the device (on_after_batch_transfer)
             "label": sample.label,
             "site": site_index(sample.site),
             "file": sample.name,
@@ -139,6 +139,11 @@ class TwoSiteDataModule(pl.LightningDataModule):
             **kwargs,
         )
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise on the device the batch has reached: the workers ship uint8."""
+        batch["image"] = normalize_images(batch["image"], self.mean, self.std)
+        return batch
+
     def train_dataloader(self) -> DataLoader:
         samples: list[Sample] = []
         site_indices = []
@@ -151,7 +156,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             samples,
             "train",
             self.cache,
-            augmentation("train", self.image_size, self.mean, self.std),
+            augmentation("train", self.image_size),
         )
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -165,7 +170,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         for site in self.sites:
             if not self.splits[site][part]:
                 continue
-            augment = augmentation("eval", self.image_size, self.mean, self.std)
+            augment = augmentation("eval", self.image_size)
             dataset = SiteImageDataset(self.splits[site][part], "eval", self.cache, augment)
             loaders.append(self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False))
         return loaders

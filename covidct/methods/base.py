@@ -132,6 +132,9 @@ class SiteMethod(pl.LightningModule):
             torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest conv algorithms once
         if self.uses("channels_last"):
             self.to(memory_format=torch.channels_last)
+            for module in self.modules():
+                if isinstance(module, CovidNet):
+                    module.channels_last_input = True
         if self.uses("compile"):
             mode = self.speed["compile_mode"]
             for module in self.modules():
@@ -143,11 +146,6 @@ class SiteMethod(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.enable_fast_path()
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.uses("channels_last"):
-            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        return batch
 
     # Training -----------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:

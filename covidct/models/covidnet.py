@@ -66,6 +66,8 @@ def _trunk_output_side(image_size: int) -> int:
 class CovidNet(nn.Module):
     """Backbone plus classifier; `features` gives the pooled embedding that the projection head uses."""
 
+    channels_last_input = False  # set with channels_last weights (SiteMethod.enable_fast_path)
+
     def __init__(
         self,
         redesign: bool = True,
@@ -107,6 +109,8 @@ class CovidNet(nn.Module):
 
     def features(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         """Pooled, flattened embedding of the last PEPX block's output (as in the authors' code)."""
+        if self.channels_last_input:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = F.max_pool2d(self.stem_norm(self.stem(x), site), 2)
         block_input = x
         shortcut = self.upper_norms[0](self.upper[0](x, site), site)
