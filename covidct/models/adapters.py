@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidct.models.routing import SiteRouted, route_by_blocks, route_by_site
+from covidct.models.routing import SiteRouted, declared_layout, route_by_blocks, route_by_site
 
 ADAPTER_MODES = ("none", "series", "parallel")
 
@@ -31,9 +31,11 @@ class SiteConv1x1(SiteRouted):
             nn.init.zeros_(conv.weight)  # start as the identity residual: the shared path alone
 
     def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        blocked = route_by_blocks(x, self.convs)
-        if blocked is not None:
-            return blocked
+        if len(self.convs) == 1:
+            return self.convs[0](x)
+        layout = declared_layout(x)
+        if layout is not None:
+            return route_by_blocks(x, self.convs, layout)
         if not self.sync_free:
             return route_by_site(x, site, self.convs)
         weight = torch.cat([conv.weight for conv in self.convs])  # (S * C_out, C_in, 1, 1)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from covidct.models.routing import SiteRouted, declared_layout, route_by_blocks, route_by_site, site_one_hot
+from covidct.models.routing import (
+    SiteLayout,
+    SiteRouted,
+    declared_layout,
+    route_by_blocks,
+    route_by_site,
+    site_one_hot,
+)
 
 
 class SiteBatchNorm(SiteRouted):
@@ -13,7 +20,7 @@ class SiteBatchNorm(SiteRouted):
 
     In training each site's BN sees only that site's samples of the batch; at test time each sample is
     normalised with its own site's running statistics. With num_sites=1 it is a plain shared BatchNorm.
-    The parameters live in `norms[s]` (nn.BatchNorm) under both routing implementations.
+    The parameters live in `norms[s]` (nn.BatchNorm) under every routing (models/routing.py).
     """
 
     def __init__(self, num_features: int, num_sites: int = 1, dim: int = 2):
@@ -30,19 +37,25 @@ class SiteBatchNorm(SiteRouted):
             return self.norms[0](x)
         layout = declared_layout(x)
         if self.training and x.dim() == 2:
-            # (the sync-free path cannot look without a host sync; the DataModule keeps batch_per_site >= 2)
-            sizes = layout[1] if layout else [] if self.sync_free else torch.bincount(site).tolist()
-            if 1 in sizes:
-                raise ValueError(
-                    "a site has a single sample in this training batch: its BatchNorm needs at least 2 "
-                    "(the authors' code silently dropped such sites; batches here hold batch_per_site per site)"
-                )
-        blocked = route_by_blocks(x, self.norms)
-        if blocked is not None:
-            return blocked
+            self._check_two_samples_per_site(layout, site)
+        if layout is not None:
+            return route_by_blocks(x, self.norms, layout)
         if self.sync_free:
             return self._masked(x, site)
         return route_by_site(x, site, self.norms)
+
+    def _check_two_samples_per_site(self, layout: SiteLayout | None, site: torch.Tensor) -> None:
+        if layout is not None:
+            sizes = layout[1]
+        elif self.sync_free:
+            return  # it cannot look without a host sync; the DataModule keeps batch_per_site >= 2
+        else:
+            sizes = torch.bincount(site).tolist()
+        if 1 in sizes:
+            raise ValueError(
+                "a site has a single sample in this training batch: its BatchNorm needs at least 2 "
+                "(the authors' code silently dropped such sites; batches here hold batch_per_site per site)"
+            )
 
     def _masked(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         """Per-site batch statistics by masked sums: nn.BatchNorm's numerics without host syncs.

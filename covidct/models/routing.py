@@ -48,11 +48,8 @@ def declared_layout(x: torch.Tensor) -> SiteLayout | None:
     return _layout if x.shape[0] == sum(sizes) else None
 
 
-def route_by_blocks(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor | None:
-    """modules[s] on each declared site block of x, or None when no layout for this batch is declared."""
-    layout = declared_layout(x)
-    if layout is None or len(modules) == 1:
-        return None
+def route_by_blocks(x: torch.Tensor, modules: Sequence[nn.Module], layout: SiteLayout) -> torch.Tensor:
+    """modules[s] on each site block of x (a layout from `declared_layout(x)`)."""
     sites, sizes = layout
     if len(sites) == 1:
         return modules[sites[0]](x)
