@@ -49,11 +49,6 @@ def reference_losses(model: Ours, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return ce + model.hparams.alpha * contrastive_loss(torch.cat(embeddings), labels, model.hparams.tau)
 
 
-def fast_losses(model: Ours, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One routed forward for both sites (what training does)."""
-    return model.training_losses(batch)["loss"]
-
-
 def random_batch(batch_per_site: int, image_size: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     n = 2 * batch_per_site
