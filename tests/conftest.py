@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,7 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("COVIDCT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # One decode cache for the whole session (subprocesses inherit it), never inside ../shared.
-os.environ.setdefault("COVIDCT_CACHE", tempfile.mkdtemp(prefix="covidct-test-cache-"))
+# It holds about 1 GB of decoded images, so the session removes it at the end unless the caller chose it.
+_OWN_CACHE = None if "COVIDCT_CACHE" in os.environ else tempfile.mkdtemp(prefix="covidct-test-cache-")
+if _OWN_CACHE:
+    os.environ["COVIDCT_CACHE"] = _OWN_CACHE
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
@@ -27,3 +31,8 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.phantoms import make_phantom_root
 
     return make_phantom_root(tmp_path_factory.mktemp("phantoms"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
