@@ -4,7 +4,8 @@ and of the data pipeline, measured in one process on one device.
 (a) reference: fp32, NCHW, eager, one forward per site per step, plain Adam (the authors' settings);
 (b) fast: training's fast path (`SiteMethod.enable_fast_path`): one sync-free routed forward for both
     sites, and on GPU bf16 autocast, channels_last, cuDNN autotuning, fused Adam whose divergence
-    guard never waits for the device; optionally torch.compile (`--compile MODE[,MODE]`).
+    guard never waits for the device; variants (`--variants`) add torch.compile and/or the whole step
+    as one CUDA graph (`model.speed.cuda_graph`, methods/graphed.py).
 Both run the full optimizer step of `ours` (CE + contrastive, gradient clipping 2.0) on random images.
 """
 
@@ -29,11 +30,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from covidct.methods import Ours
 from covidct.methods.divergence import DivergenceGuard
+from covidct.methods.graphed import GraphedTrainingStep
 from covidct.methods.ours import contrastive_loss
 from covidct.models.routing import site_blocks
 from covidct.records import atomic_write_text, git_commit
 
 CLIP = 2.0
+GPU_VARIANTS = "eager,graph,compile:reduce-overhead"
 
 
 def reference_losses(model: Ours, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -69,20 +72,42 @@ REFERENCE_SPEED = {
 }
 
 
-def path_name(compile_mode: str | None) -> str:
-    return "fast" if compile_mode is None else f"fast+compile({compile_mode})"
+Variant = tuple[str | None, bool]  # (torch.compile mode or None, whole step as one CUDA graph)
+
+
+def parse_variant(text: str) -> Variant:
+    """eager | graph | compile:MODE | compile:MODE+graph"""
+    graph = text.endswith("+graph") or text == "graph"
+    base = text.removesuffix("+graph")
+    if base in ("eager", "graph"):
+        return None, graph
+    if base.startswith("compile:"):
+        return base.split(":", 1)[1], graph
+    raise SystemExit(f"error: unknown bench variant {text!r}; use eager, graph, compile:MODE or compile:MODE+graph.")
+
+
+def variant_text(variant: Variant) -> str:
+    mode, graph = variant
+    base = "eager" if mode is None else f"compile:{mode}"
+    return "graph" if base == "eager" and graph else base + ("+graph" if graph else "")
+
+
+def path_name(variant: Variant) -> str:
+    mode, graph = variant
+    return "fast" + ("" if mode is None else f"+compile({mode})") + ("+graph" if graph else "")
 
 
 def build(
-    path: str, device: torch.device, image_size: int, width: float, compile_mode: str | None = None
+    path: str, device: torch.device, image_size: int, width: float, variant: Variant = (None, False)
 ) -> tuple[Ours, torch.optim.Optimizer]:
     """The reference model, or the fast one exactly as training sets it up (`SiteMethod.enable_fast_path`)."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = False
+    compile_mode, graph = variant
     speed = (
         REFERENCE_SPEED
         if path == "reference"
-        else {"compile": compile_mode is not None, "compile_mode": compile_mode or "reduce-overhead"}
+        else {"compile": compile_mode is not None, "compile_mode": compile_mode or "default", "cuda_graph": graph}
     )
     model = Ours(backbone={"redesign": True, "width": width, "image_size": image_size}, speed=speed)
     model = model.to(device).train()
@@ -141,29 +166,41 @@ def measure_training(
     width: float,
     steps: int,
     warmup: int,
-    compile_mode: str | None = None,
+    variant: Variant = (None, False),
     profile: bool = False,
 ) -> dict[str, Any]:
-    name = "reference" if path == "reference" else path_name(compile_mode)
+    name = "reference" if path == "reference" else path_name(variant)
     try:
-        model, optimizer = build(path, device, image_size, width, compile_mode)
+        model, optimizer = build(path, device, image_size, width, variant)
         batch = random_batch(batch_per_site, image_size, device)
         guard = DivergenceGuard()
+        graphed = GraphedTrainingStep(model, optimizer, CLIP) if model.uses("cuda_graph") else None
+
+        def step() -> torch.Tensor:
+            if graphed is None:
+                return train_step(path, model, optimizer, batch, guard)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                losses, report = graphed(batch)
+            guard.track(report, list(losses), epoch=0, step=0)
+            guard.poll()
+            return losses["loss"]
+
         start = time.perf_counter()
         for _ in range(warmup):
-            train_step(path, model, optimizer, batch, guard)
+            step()
         _sync(device)
         warmup_seconds = time.perf_counter() - start
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         for _ in range(steps):
-            loss = train_step(path, model, optimizer, batch, guard)
+            loss = step()
         _sync(device)
         seconds = time.perf_counter() - start
         guard.poll(wait=True)
+        final_loss = loss.item()  # before profiling's steps (a graph's output is overwritten in place)
         if profile:
-            print_profile(name, lambda: train_step(path, model, optimizer, batch, guard), device)
+            print_profile(name, step, device)
     except Exception as error:  # a variant that fails (e.g. compile on this stack) is reported, not fatal
         return {"path": name, "error": f"{type(error).__name__}: {error}"[:2000]}
     finally:
@@ -179,7 +216,8 @@ def measure_training(
         "steps": steps,
         # every path trains from the same initialisation on the same batch: a fast path that computed
         # something else would end at another loss (bf16 moves it a little)
-        "final_loss": loss.item(),
+        "final_loss": final_loss,
+        **({"graph_captures": graphed.captures} if graphed is not None else {}),
         "peak_memory_mb": (
             torch.cuda.max_memory_allocated(device) / 2**20
             if device.type == "cuda"
@@ -227,13 +265,13 @@ def measure_data(root: Path, image_size: int, batch_per_site: int, workers: int,
     }
 
 
-def measure_concurrent(n: int, compile_mode: str | None, args: argparse.Namespace) -> dict[str, Any]:
+def measure_concurrent(n: int, variant: Variant, args: argparse.Namespace) -> dict[str, Any]:
     """n independent fast-path processes on the same device at once: aggregate images per second."""
     command = [
         sys.executable, "-m", "covidct.bench", "--only-fast", "--device", args.device,
         "--image-size", str(args.image_size), "--batch-per-site", str(args.batch_per_site),
         "--width", str(args.width), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--compile", compile_mode or "none", "--json", "-",
+        "--variants", variant_text(variant), "--json", "-",
     ]  # fmt: skip
     start = time.perf_counter()
     env = dict(os.environ)
@@ -244,11 +282,11 @@ def measure_concurrent(n: int, compile_mode: str | None, args: argparse.Namespac
     wall = time.perf_counter() - start
     errors = [o["fast"]["error"] for o in outputs if "error" in o["fast"]]
     if errors:
-        return {"runs": n, "path": path_name(compile_mode), "error": errors[0]}
+        return {"runs": n, "path": path_name(variant), "error": errors[0]}
     per_run = [o["fast"]["img_per_s"] for o in outputs]
     return {
         "runs": n,
-        "path": path_name(compile_mode),
+        "path": path_name(variant),
         "sum_img_per_s": sum(per_run),
         "per_run_img_per_s": per_run,
         "wall_s": wall,
@@ -295,10 +333,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _compile_modes(text: str) -> list[str | None]:
-    return [None if mode in ("", "none") else mode for mode in text.split(",")]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidct.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -308,10 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 GPU, 2 CPU)")
     parser.add_argument(
-        "--compile",
+        "--variants",
         default=None,
-        help="fast-path variants, comma-separated torch.compile modes; none = eager "
-        "(default: none,reduce-overhead on GPU, none on CPU)",
+        help="fast-path variants, comma-separated: eager, graph (the step as one CUDA graph), compile:MODE "
+        "(a torch.compile mode), compile:MODE+graph (default: " + GPU_VARIANTS + " on GPU, eager on CPU)",
     )
     parser.add_argument("--data-root", type=Path, default=None, help="measure the data pipeline on this data")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: CPU count)")
@@ -329,9 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.steps = args.steps or (50 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     common = (device, args.image_size, args.batch_per_site, args.width, args.steps, args.warmup)
-    modes = _compile_modes(args.compile or ("none,reduce-overhead" if gpu else "none"))
+    variants = [parse_variant(v) for v in (args.variants or (GPU_VARIANTS if gpu else "eager")).split(",")]
     if args.only_fast:
-        print(json.dumps({"fast": measure_training("fast", *common, compile_mode=modes[0])}))
+        print(json.dumps({"fast": measure_training("fast", *common, variant=variants[0])}))
         return 0
     result: dict[str, Any] = {
         "device": device_name(device),
@@ -341,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": f"{args.image_size} px, batch {args.batch_per_site}+{args.batch_per_site}, width {args.width}, "
         f"{args.steps} timed steps after {args.warmup}",
         "paths": [measure_training("reference", *common, profile=args.profile)]
-        + [measure_training("fast", *common, compile_mode=mode, profile=args.profile) for mode in modes],
+        + [measure_training("fast", *common, variant=v, profile=args.profile) for v in variants],
     }
 
     def save() -> None:  # after each part, so a part that runs out of time keeps the others' results
@@ -358,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "error" not in result["reference"] and fast_paths:
         result["fast"] = max(fast_paths, key=lambda r: r["img_per_s"])
         result["ratio_fast_over_reference"] = result["fast"]["img_per_s"] / result["reference"]["img_per_s"]
-    best_mode = modes[[path_name(m) for m in modes].index(result["fast"]["path"])] if "fast" in result else modes[0]
+    best = variants[[path_name(v) for v in variants].index(result["fast"]["path"])] if "fast" in result else variants[0]
     save()
     if args.data_root:
         workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
@@ -369,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.concurrent:
         result["concurrent"] = []
         for n in args.concurrent.split(","):
-            result["concurrent"].append(measure_concurrent(int(n), best_mode, args))
+            result["concurrent"].append(measure_concurrent(int(n), best, args))
             save()
     text = markdown(result)
     print(text)

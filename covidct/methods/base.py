@@ -6,6 +6,7 @@ losses (`training_losses`) and how it turns images into logits (`logits`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from torchmetrics.classification import (
 from covidct.data.sources import SITES
 from covidct.errors import ConfigError
 from covidct.methods.divergence import DivergenceGuard
+from covidct.methods.graphed import GraphedTrainingStep
 from covidct.models import CovidNet, SiteMLP
 from covidct.models.routing import site_blocks, use_sync_free_routing
 
@@ -33,6 +35,7 @@ SPEED_DEFAULTS: dict[str, Any] = {
     "channels_last": "auto",
     "compile": False,
     "compile_mode": "reduce-overhead",  # torch.compile mode; reduce-overhead adds CUDA graphs
+    "cuda_graph": False,  # the whole training step as one CUDA graph (methods/graphed.py)
     "cudnn_benchmark": "auto",
     "fused_optimizer": "auto",
     "sync_free_routing": "auto",
@@ -59,6 +62,7 @@ class SiteMethod(pl.LightningModule):
 
     norm_per_site: bool = False
     adapter: str = "none"
+    graph_capturable: bool = True  # the training step never waits for the host (model.speed.cuda_graph)
 
     def __init__(
         self,
@@ -89,6 +93,7 @@ class SiteMethod(pl.LightningModule):
         self.test_results: dict[str, dict[str, float]] = {}
         self.test_predictions: list[dict[str, Any]] = []
         self.divergence_guard = DivergenceGuard()
+        self._graphed_step: GraphedTrainingStep | None = None
 
     # What a method defines ------------------------------------------------------------------------
     def make_backbone(self) -> CovidNet:
@@ -117,13 +122,36 @@ class SiteMethod(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["covidct"] = self.checkpoint_identity()
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state["param_groups"]:
+                if isinstance(group["lr"], torch.Tensor):  # a captured step's (methods/graphed.py)
+                    group["lr"], group["capturable"] = group["lr"].item(), False  # resumable anywhere
 
     # Fast path --------------------------------------------------------------------------------------
     def uses(self, switch: str) -> bool:
         value = self.speed[switch]
-        if value == "auto" and switch == "sync_free_routing" and self.uses("compile"):
-            return True  # indexed routing's data-dependent shapes would break the compiled graph
+        if value == "auto" and switch == "sync_free_routing" and (self.uses("compile") or self.uses("cuda_graph")):
+            return True  # indexed routing's data-dependent shapes would break a compiled or captured graph
+        if switch == "cuda_graph" and value:
+            return self._cuda_graph_possible(explicit=value != "auto")
         return self.device.type == "cuda" if value == "auto" else bool(value)
+
+    def _cuda_graph_possible(self, explicit: bool) -> bool:
+        """What a captured step needs; `auto` quietly goes without it, an explicit `true` says why not."""
+        trainer = self._trainer
+        needs = {
+            "a CUDA device": self.device.type == "cuda",
+            f"a method whose step needs no host sync ({type(self).__name__} has one)": self.graph_capturable,
+            "a fused optimizer (model.speed.fused_optimizer)": self.speed["fused_optimizer"] is not False,
+            "one process (not DDP)": trainer is None or trainer.world_size == 1,
+            "no gradient accumulation": trainer is None or trainer.accumulate_grad_batches == 1,
+            "no float16 gradient scaler (use bf16-mixed or 32-true)": trainer is None
+            or str(trainer.precision) != "16-mixed",
+        }
+        missing = [need for need, met in needs.items() if not met]
+        if missing and explicit:
+            raise ConfigError(f"model.speed.cuda_graph=true needs {'; '.join(missing)}. Set it to auto or false.")
+        return not missing
 
     def enable_fast_path(self) -> None:
         """Apply the configured switches to this module on its current device (training and `make bench`)."""
@@ -146,21 +174,48 @@ class SiteMethod(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.enable_fast_path()
+        if self.uses("cuda_graph"):
+            warnings.filterwarnings("ignore", message="`training_step` returned `None`")  # on purpose, see there
+            trainer = self.trainer
+            clip = trainer.gradient_clip_val
+            self._graphed_step = GraphedTrainingStep(
+                self, self.optimizers().optimizer, clip, trainer.gradient_clip_algorithm
+            )
+
+    def on_fit_end(self) -> None:
+        self._graphed_step = None  # releases the graph's memory pool
 
     # Training -----------------------------------------------------------------------------------
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        with site_blocks(batch.get("site_layout")):
-            losses = self.training_losses(batch)
-        optimizer = self.optimizers().optimizer if self._trainer is not None else None
-        self.divergence_guard.check(losses, optimizer, self.current_epoch, self.global_step)
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if self._graphed_step is not None:
+            # the whole step, update included, ran here; None tells Lightning there is nothing to backward
+            losses, report = self._graphed_step(batch)
+            self.divergence_guard.track(report, list(losses), self.current_epoch, self.global_step)
+            loss = None
+        else:
+            with site_blocks(batch.get("site_layout")):
+                losses = self.training_losses(batch)
+            optimizer = self.optimizers().optimizer if self._trainer is not None else None
+            self.divergence_guard.check(losses, optimizer, self.current_epoch, self.global_step)
+            loss = losses["loss"]
         self.log_dict(
-            {f"train/{name}": value.detach() for name, value in losses.items()},
+            # a copy: a replayed graph overwrites its outputs in place
+            {f"train/{name}": value.detach().clone() for name, value in losses.items()},
             on_step=True,
             on_epoch=True,
             batch_size=len(batch["label"]),
             sync_dist=True,  # a no-op on one device; under DDP the epoch values average the ranks
         )
-        return losses["loss"]
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self._graphed_step is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer_closure()  # runs training_step, which stepped the optimizer inside the graph
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if self._graphed_step is None:  # a captured step owns its gradient buffers
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # wait for the device at the epoch's end only, so no checkpoint follows a non-finite loss
@@ -174,18 +229,24 @@ class SiteMethod(pl.LightningModule):
     ) -> None:
         """Clip here: Lightning's mixed-precision plugin refuses to clip for fused optimizers even under
         bf16, where no gradient scaler is involved (float16 runs get an unfused optimizer instead)."""
-        if not gradient_clip_val:
+        self.clip_gradients_(gradient_clip_val, gradient_clip_algorithm)
+
+    def clip_gradients_(self, value: float | None, algorithm: str | None = "norm") -> None:
+        """Clip each of `clip_groups` in place, with no host sync (a captured step does this too)."""
+        if not value:
             return
         for group in self.clip_groups():
-            if gradient_clip_algorithm == "value":
-                nn.utils.clip_grad_value_(group, gradient_clip_val)
+            if algorithm == "value":
+                nn.utils.clip_grad_value_(group, value)
             else:
-                nn.utils.clip_grad_norm_(group, gradient_clip_val)
+                nn.utils.clip_grad_norm_(group, value)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         # a float16 gradient scaler must unscale before clipping, which a fused Adam would do only in its step
-        fused = (self.uses("fused_optimizer") and str(self.trainer.precision) != "16-mixed") or None
+        # a captured step skips a non-finite update inside the fused kernel, so it implies a fused Adam
+        wants_fused = self.uses("fused_optimizer") or self.uses("cuda_graph")
+        fused = (wants_fused and str(self.trainer.precision) != "16-mixed") or None
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
         if hp.lr_schedule == "cosine":
             epochs = self.trainer.max_epochs

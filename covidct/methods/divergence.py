@@ -44,9 +44,18 @@ class DivergenceGuard:
             if not torch.isfinite(loss):
                 raise _diverged(epoch, step, {k: v.item() for k, v in losses.items()}, skipped=False)
             return
-        bad = ~torch.isfinite(loss)
-        optimizer.found_inf = bad.float()
-        report = torch.stack([bad.float(), *(v.detach().float() for v in losses.values())])
+        self.track(self.flag(losses, optimizer), list(losses), epoch, step)
+
+    @staticmethod
+    def flag(losses: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """On the device only (it may be captured in a CUDA graph): makes the fused optimizer skip this
+        step's update if the loss is not finite; returns [flag, *loss terms] for `track`."""
+        bad = (~torch.isfinite(losses["loss"].detach())).float()
+        optimizer.found_inf = bad
+        return torch.stack([bad, *(v.detach().float() for v in losses.values())])
+
+    def track(self, report: torch.Tensor, names: list[str], epoch: int, step: int) -> None:
+        """Start copying a step's report to the host, without waiting for it."""
         cuda = report.device.type == "cuda"
         host = torch.empty(report.shape, pin_memory=cuda)
         host.copy_(report, non_blocking=cuda)
@@ -54,7 +63,7 @@ class DivergenceGuard:
         if cuda:
             event = torch.cuda.Event()
             event.record()
-        self._pending.append((epoch, step, list(losses), host, event))
+        self._pending.append((epoch, step, names, host, event))
 
     def poll(self, wait: bool = False) -> None:
         """Raise for the first non-finite step whose flag has reached the host (all of them if `wait`)."""

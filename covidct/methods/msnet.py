@@ -22,6 +22,8 @@ from covidct.models import classifier_head
 
 
 class MSNet(SepNorm):
+    graph_capturable = False  # the auxiliary heads' `nonzero` and the epoch-dependent weight need the host
+
     def __init__(self, kt_weight: float = 0.5, kt_warmup_epochs: int = 10, **kwargs: Any):
         super().__init__(**kwargs)
         self.aux_heads = nn.ModuleList(classifier_head(self.net.embedding_dim, num_sites=1) for _ in SITES)

@@ -16,6 +16,8 @@ from covidct.methods.base import SiteMethod
 class Single(SiteMethod):
     """Nothing is shared; gradients are clipped per network, so the two runs stay independent."""
 
+    graph_capturable = False  # routing by `mask.any()` waits for the device
+
     def __init__(self, sites: Sequence[str] = SITES, **kwargs: Any):
         super().__init__(**kwargs)
         self.sites = [str(s) for s in sites]
