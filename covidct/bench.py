@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     save()
     if args.data_root:
         workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
-        result["data"] = measure_data(args.data_root, args.image_size, args.batch_per_site, workers, batches=30)
+        result["data"] = measure_data(args.data_root, args.image_size, args.batch_per_site, workers, batches=120)
         demand = result["fast"]["img_per_s"] if "fast" in result else float("nan")
         result["data"]["ratio_over_fast_demand"] = result["data"]["img_per_s"] / demand
         save()

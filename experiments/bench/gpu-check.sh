@@ -2,9 +2,11 @@
 # The GPU check behind experiments/bench/bench-gpu.{json,md}: one call on the lent GPU machine, parts in
 # order of importance, each under its own time limit so one slow part cannot take the others down.
 #   bash experiments/bench/gpu-check.sh DATA_ROOT OUT_DIR
-# 1. make bench: reference vs fast (eager and compiled, with profiles), data pipeline, 1 vs 4 concurrent runs;
-# 2. one real training epoch of `ours` (fold 0, 224 px) through the CLI on the default fast path;
-# 3. the same with model.speed.compile=true, two epochs (the second one is steady-state).
+# 1. the CUDA tests (a replayed whole-step graph trains as the eager step does);
+# 2. make bench: reference vs fast (eager, whole step as one CUDA graph), profiles, data pipeline,
+#    4 concurrent runs of the fastest path;
+# 3. real training of `ours` (fold 0, 224 px) through the CLI: model.speed.cuda_graph=true for two
+#    epochs, then the default fast path for one.
 # BENCH_ARGS / RUN_ARGS add arguments (a CPU dry run uses small sizes).
 set -uo pipefail
 data=${1:?usage: gpu-check.sh DATA_ROOT OUT_DIR}
@@ -20,9 +22,12 @@ section environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 $python -c "import os, torch, pytorch_lightning as pl; print('torch', torch.__version__, '| lightning', pl.__version__, '| cpus', os.cpu_count())"
 
-section "1. bench"
-timeout "${BENCH_TIMEOUT:-280}" $python -m covidct.bench --compile none,reduce-overhead --data-root "$data" \
-  --concurrent 1,4 --profile --json "$out/bench-gpu.json" ${BENCH_ARGS:-} 2>"$out/bench.log"
+section "1. CUDA tests"
+timeout "${TEST_TIMEOUT:-120}" $python -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -15
+
+section "2. bench"
+timeout "${BENCH_TIMEOUT:-240}" $python -m covidct.bench --variants "${VARIANTS:-eager,graph}" --data-root "$data" \
+  --concurrent "${CONCURRENT:-4}" --profile --json "$out/bench-gpu.json" ${BENCH_ARGS:-} 2>"$out/bench.log"
 echo "exit $?"; grep -iE "error|warn" "$out/bench.log" | sort | uniq -c | head -5
 
 train() {  # name timeout overrides...
@@ -30,9 +35,9 @@ train() {  # name timeout overrides...
   section "$name"
   timeout "$limit" $python -m covidct.run +experiment=ours fold=0 data.root="$data" logger=csv \
     trainer.enable_progress_bar=false paths.log_dir="$runs" name="$name" ${RUN_ARGS:-} "$@" >"$out/$name.log" 2>&1
-  echo "exit $?"; grep -E "epoch [0-9]+:|test [AB]:|error" "$out/$name.log" | head -8
-  cp "$runs/$name"/*/timing.json "$out/timing-$name.json" 2>/dev/null
+  echo "exit $?"; grep -E "epoch [0-9]+:|test [AB]:|rror" "$out/$name.log" | head -8
+  cat "$runs/$name"/*/timing.json 2>/dev/null
 }
-train train-eager "${TRAIN_TIMEOUT:-90}" trainer.max_epochs=1
-train train-compiled "${TRAIN_TIMEOUT:-200}" trainer.max_epochs=2 model.speed.compile=true
+train train-graph "${TRAIN_TIMEOUT:-120}" trainer.max_epochs=2 model.speed.cuda_graph=true
+train train-eager "${TRAIN_TIMEOUT:-120}" trainer.max_epochs=1
 section done
