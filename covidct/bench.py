@@ -36,7 +36,7 @@ from covidct.models.routing import site_blocks
 from covidct.records import atomic_write_text, git_commit
 
 CLIP = 2.0
-GPU_VARIANTS = "eager,graph,compile:reduce-overhead"
+GPU_VARIANTS = "eager,graph,compile:default+graph"
 
 
 def reference_losses(model: Ours, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -45,6 +45,16 @@ def test_explicit_cuda_graph_says_what_it_needs():
     assert not Ours(backbone=TINY, speed={"cuda_graph": "auto"}).uses("cuda_graph")  # auto: quietly off on CPU
 
 
+def test_a_compiled_trunk_inside_the_captured_step_captures_no_graphs_of_its_own(monkeypatch):
+    monkeypatch.setattr(SiteMethod, "_cuda_graph_possible", lambda self, explicit: True)
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: modes.append(mode) or fn)
+    for compile_mode, expected in [("reduce-overhead", "default"), ("max-autotune", "max-autotune-no-cudagraphs")]:
+        modes.clear()
+        Ours(backbone=TINY, speed={"compile": True, "compile_mode": compile_mode}).enable_fast_path()
+        assert modes and set(modes) == {expected}  # the trunk and every head
+
+
 def test_the_graphed_step_off_cuda_is_the_eager_step():
     eager, graphed, eager_opt, graphed_opt = _pair("cpu")
     step = GraphedTrainingStep(graphed, graphed_opt, CLIP)

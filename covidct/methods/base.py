@@ -35,12 +35,14 @@ SPEED_DEFAULTS: dict[str, Any] = {
     "channels_last": "auto",
     "compile": False,
     "compile_mode": "reduce-overhead",  # torch.compile mode; reduce-overhead adds CUDA graphs
-    "cuda_graph": False,  # the whole training step as one CUDA graph (methods/graphed.py)
+    "cuda_graph": "auto",  # the whole training step as one CUDA graph (methods/graphed.py)
     "cudnn_benchmark": "auto",
     "fused_optimizer": "auto",
     "sync_free_routing": "auto",
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# inside a captured step a compiled graph must not capture graphs of its own
+WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 LR_SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -165,6 +167,8 @@ class SiteMethod(pl.LightningModule):
                     module.channels_last_input = True
         if self.uses("compile"):
             mode = self.speed["compile_mode"]
+            if self.uses("cuda_graph"):
+                mode = WITHOUT_CUDA_GRAPHS.get(mode, mode)
             for module in self.modules():
                 if isinstance(module, CovidNet):
                     # methods call `features` directly, so that (the whole conv trunk) is what gets compiled

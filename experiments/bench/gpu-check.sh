@@ -3,10 +3,10 @@
 # order of importance, each under its own time limit so one slow part cannot take the others down.
 #   bash experiments/bench/gpu-check.sh DATA_ROOT OUT_DIR
 # 1. the CUDA tests (a replayed whole-step graph trains as the eager step does);
-# 2. make bench: reference vs fast (eager, whole step as one CUDA graph), profiles, data pipeline,
-#    4 concurrent runs of the fastest path;
-# 3. real training of `ours` (fold 0, 224 px) through the CLI: model.speed.cuda_graph=true for two
-#    epochs, then the default fast path for one.
+# 2. make bench: reference vs fast (eager; whole step as one CUDA graph; compiled trunk inside that graph),
+#    profiles, data pipeline, 4 concurrent runs of the fastest path;
+# 3. real training of `ours` (fold 0, 224 px) through the CLI, two epochs each (the second is steady-state):
+#    the default fast path (CUDA graph on), then with model.speed.compile=true.
 # BENCH_ARGS / RUN_ARGS add arguments (a CPU dry run uses small sizes).
 set -uo pipefail
 data=${1:?usage: gpu-check.sh DATA_ROOT OUT_DIR}
@@ -26,7 +26,7 @@ section "1. CUDA tests"
 timeout "${TEST_TIMEOUT:-120}" $python -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -15
 
 section "2. bench"
-timeout "${BENCH_TIMEOUT:-240}" $python -m covidct.bench --variants "${VARIANTS:-eager,graph}" --data-root "$data" \
+timeout "${BENCH_TIMEOUT:-240}" $python -m covidct.bench --variants "${VARIANTS:-eager,graph,compile:default+graph}" --data-root "$data" \
   --concurrent "${CONCURRENT:-4}" --profile --json "$out/bench-gpu.json" ${BENCH_ARGS:-} 2>"$out/bench.log"
 echo "exit $?"; grep -iE "error|warn" "$out/bench.log" | sort | uniq -c | head -5
 
@@ -38,6 +38,6 @@ train() {  # name timeout overrides...
   echo "exit $?"; grep -E "epoch [0-9]+:|test [AB]:|rror" "$out/$name.log" | head -8
   cat "$runs/$name"/*/timing.json 2>/dev/null
 }
-train train-graph "${TRAIN_TIMEOUT:-120}" trainer.max_epochs=2 model.speed.cuda_graph=true
-train train-eager "${TRAIN_TIMEOUT:-120}" trainer.max_epochs=1
+train train-default "${TRAIN_TIMEOUT:-120}" trainer.max_epochs=2
+train train-compiled "${TRAIN_TIMEOUT:-180}" trainer.max_epochs=2 model.speed.compile=true
 section done
