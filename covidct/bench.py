@@ -133,7 +133,7 @@ def train_step(
     guard.check(losses, optimizer, epoch=0, step=0)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    model.clip_gradients_(CLIP)
     optimizer.step()
     guard.poll()
     return losses["loss"].detach()

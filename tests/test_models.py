@@ -86,3 +86,39 @@ def test_single_sample_site_in_a_training_batch_is_a_clear_error():
     net = CovidNet(redesign=True, num_sites=2, width=0.125).train()
     with pytest.raises(ValueError, match="single sample"):
         net(torch.randn(3, 3, 64, 64), torch.tensor([0, 0, 1]))
+
+
+def _dense_features(net: CovidNet, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+    """COVID-Net's trunk written as its definition reads: every PEPX block after a stage's first takes
+    the shortcut plus the sum of all earlier outputs of its stage; the next stage starts from the sum of
+    the max-pooled outputs and shortcut."""
+    import torch.nn.functional as F
+
+    x = F.max_pool2d(net.stem_norm(net.stem(x), site), 2)
+    block_input, shortcut = x, net.upper_norms[0](net.upper[0](x, site), site)
+    for k, stage in enumerate(net.stages):
+        outputs = []
+        for j, block in enumerate(stage):
+            outputs.append(block(block_input if j == 0 else shortcut + sum(outputs), site))
+        if k + 1 < len(net.stages):
+            next_shortcut = F.max_pool2d(
+                net.upper_norms[k + 1](net.upper[k + 1](shortcut + sum(outputs), site), site), 2
+            )
+            block_input = sum(F.max_pool2d(t, 2) for t in [*outputs, shortcut])
+            shortcut = next_shortcut
+    return torch.flatten(net.pool(outputs[-1]), 1)
+
+
+def test_the_trunk_computes_the_dense_connections_of_its_definition():
+    torch.manual_seed(0)
+    net = CovidNet(redesign=True, num_sites=2, width=0.125, image_size=64).train()
+    x, site = torch.randn(6, 3, 64, 64, requires_grad=True), torch.tensor([0, 0, 0, 1, 1, 1])
+    definition, features = _dense_features(net, x, site), net.features(x, site)
+    torch.testing.assert_close(features, definition, rtol=1e-4, atol=1e-5)
+    direction = torch.randn_like(features)
+    inputs = [x, *net.parameters()]
+    expected = torch.autograd.grad((direction * definition).sum(), inputs, allow_unused=True)
+    for got, want in zip(torch.autograd.grad((direction * features).sum(), inputs, allow_unused=True), expected):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)

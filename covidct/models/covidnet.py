@@ -115,13 +115,19 @@ class CovidNet(nn.Module):
         block_input = x
         shortcut = self.upper_norms[0](self.upper[0](x, site), site)
         for k, stage in enumerate(self.stages):
+            last_stage = k + 1 == len(self.stages)
+            # block j > 0 reads shortcut + outputs[0] + ... + outputs[j-1]: kept as a running sum rather than
+            # re-summed per block (tests/test_models.py checks it against the dense definition)
             outputs: list[torch.Tensor] = []
+            running = shortcut
             for j, block in enumerate(stage):
-                outputs.append(block(block_input if j == 0 else shortcut + sum(outputs), site))
-            if k + 1 < len(self.stages):
-                stage_sum = shortcut + sum(outputs)
-                next_shortcut = F.max_pool2d(self.upper_norms[k + 1](self.upper[k + 1](stage_sum, site), site), 2)
-                block_input = sum(F.max_pool2d(t, 2) for t in [*outputs, shortcut])
+                outputs.append(block(block_input if j == 0 else running, site))
+                if not (last_stage and j + 1 == len(stage)):
+                    running = running + outputs[-1]
+            if not last_stage:
+                next_shortcut = F.max_pool2d(self.upper_norms[k + 1](self.upper[k + 1](running, site), site), 2)
+                pooled = [F.max_pool2d(t, 2) for t in [*outputs, shortcut]]
+                block_input = sum(pooled[1:], start=pooled[0])
                 shortcut = next_shortcut
         return torch.flatten(self.pool(outputs[-1]), 1)
 
