@@ -13,7 +13,7 @@ import torch
 
 from covidct.bench import CLIP, random_batch, train_step
 from covidct.errors import ConfigError, TrainingDiverged
-from covidct.methods import Ours, Single
+from covidct.methods import MSNet, Ours, Single
 from covidct.methods.base import SiteMethod
 from covidct.methods.divergence import DivergenceGuard
 from covidct.methods.graphed import GraphedTrainingStep, make_capturable
@@ -28,10 +28,11 @@ def _params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for p in model.parameters()])
 
 
-def _pair(device: str) -> tuple[Ours, Ours, torch.optim.Optimizer, torch.optim.Optimizer]:
+def _pair(device: str, method: type = Ours) -> tuple[Ours, Ours, torch.optim.Optimizer, torch.optim.Optimizer]:
     torch.manual_seed(0)
     speed = {"sync_free_routing": True, "fused_optimizer": True, "cudnn_benchmark": False}
-    eager = Ours(backbone=TINY, speed=speed).to(device).train()
+    extra = {"kt_warmup_epochs": 0} if method is MSNet else {}  # its transfer term on from the start
+    eager = method(backbone=TINY, speed=speed, **extra).to(device).train()
     graphed = copy.deepcopy(eager)
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-7, fused=True) for m in (eager, graphed)]
     return eager, graphed, *optimizers
@@ -40,8 +41,6 @@ def _pair(device: str) -> tuple[Ours, Ours, torch.optim.Optimizer, torch.optim.O
 def test_explicit_cuda_graph_says_what_it_needs():
     with pytest.raises(ConfigError, match="a CUDA device"):
         Ours(backbone=TINY, speed={"cuda_graph": True}).uses("cuda_graph")
-    with pytest.raises(ConfigError, match="Single has one"):
-        Single(backbone=TINY, speed={"cuda_graph": True}).uses("cuda_graph")
     assert not Ours(backbone=TINY, speed={"cuda_graph": "auto"}).uses("cuda_graph")  # auto: quietly off on CPU
 
 
@@ -97,6 +96,17 @@ def test_training_with_the_graphed_step_gives_the_same_run(phantom_root: Path, t
         assert torch.equal(value, weights[1]["state_dict"][name]), name
 
 
+def test_msnet_recaptures_when_its_transfer_term_switches_on(monkeypatch):
+    model = MSNet(backbone=TINY, kt_warmup_epochs=2)
+    step = GraphedTrainingStep(model, torch.optim.Adam(model.parameters()), CLIP)
+    batch = random_batch(4, 64, torch.device("cpu"))
+    keys = []
+    for epoch in (1, 2):
+        monkeypatch.setattr(MSNet, "current_epoch", property(lambda self, epoch=epoch: epoch))
+        keys.append(step.key(batch))
+    assert keys[0] != keys[1] and keys[0][:2] == keys[1][:2]
+
+
 def test_a_captured_optimizer_is_saved_as_a_plain_one():
     """The graph keeps the learning rate in a device tensor; checkpoints keep a float, resumable anywhere."""
     model = Ours(backbone=TINY)
@@ -144,9 +154,10 @@ def deterministic_cudnn():
 
 
 @cuda
-def test_replayed_graph_trains_as_the_eager_step_does(deterministic_cudnn):
+@pytest.mark.parametrize("method", [Ours, Single, MSNet])
+def test_replayed_graph_trains_as_the_eager_step_does(deterministic_cudnn, method):
     """New data every step, a learning-rate change, a skipped non-finite step and an odd batch layout."""
-    eager, graphed, eager_opt, graphed_opt = _pair("cuda")
+    eager, graphed, eager_opt, graphed_opt = _pair("cuda", method)
     step = GraphedTrainingStep(graphed, graphed_opt, CLIP, warmup=2)
     guard = DivergenceGuard()
     device = torch.device("cuda")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from covidct.bench import main, random_batch, reference_losses
-from covidct.methods import Ours, ParallelAdapter, SeriesAdapter
+from covidct.methods import MSNet, Ours, ParallelAdapter, SeriesAdapter, Single
 from covidct.models.routing import SiteRouted, site_blocks
 
 TINY = {"redesign": True, "width": 0.125, "image_size": 64}
@@ -192,7 +192,7 @@ def test_the_method_clips_gradients_to_the_configured_norm():
     assert norm == pytest.approx(2.0, rel=1e-2)  # from about 10 * sqrt(#parameters)
 
 
-@pytest.mark.parametrize("method", [Ours, SeriesAdapter, ParallelAdapter])
+@pytest.mark.parametrize("method", [Ours, SeriesAdapter, ParallelAdapter, Single, MSNet])
 def test_block_routing_of_datamodule_batches_is_the_indexed_computation(method):
     """Slicing declared site blocks: the indexed loss, gradients and running statistics, no host sync."""
     model = _with_live_adapters(method)

@@ -64,7 +64,6 @@ class SiteMethod(pl.LightningModule):
 
     norm_per_site: bool = False
     adapter: str = "none"
-    graph_capturable: bool = True  # the training step never waits for the host (model.speed.cuda_graph)
 
     def __init__(
         self,
@@ -110,6 +109,11 @@ class SiteMethod(pl.LightningModule):
     def logits(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def graph_key(self) -> tuple[Any, ...]:
+        """Python state the training loss reads besides the batch: a captured step is recaptured when
+        it changes (model.speed.cuda_graph)."""
+        return ()
+
     def clip_groups(self) -> list[list[nn.Parameter]]:
         """Parameter sets whose gradient norm is clipped separately: one, the whole model, by default."""
         return [list(self.parameters())]
@@ -143,7 +147,6 @@ class SiteMethod(pl.LightningModule):
         trainer = self._trainer
         needs = {
             "a CUDA device": self.device.type == "cuda",
-            f"a method whose step needs no host sync ({type(self).__name__} has one)": self.graph_capturable,
             "a fused optimizer (model.speed.fused_optimizer)": self.speed["fused_optimizer"] is not False,
             "one process (not DDP)": trainer is None or trainer.world_size == 1,
             "no gradient accumulation": trainer is None or trainer.accumulate_grad_batches == 1,

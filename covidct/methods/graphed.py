@@ -4,8 +4,8 @@ At the paper's batch of 16+16 a GPU runs a step's few thousand kernels faster th
 them, so the step is bound by the host. A captured graph launches all of them with one call. This needs
 a step with static shapes, no host syncs and no Python state that changes from step to step: batches
 declare their site layout, routing is sync-free, the divergence flag stays on the device, the optimizer
-is fused and capturable with its learning rate in a device tensor (so schedulers still change it). A
-method whose step needs the host (`SiteMethod.graph_capturable = False`) trains without it.
+is fused and capturable with its learning rate in a device tensor (so schedulers still change it), and a
+method whose loss reads other Python state names it in `SiteMethod.graph_key`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ GRAPH_INPUTS = ("image", "label", "site")
 
 class GraphedTrainingStep:
     """Runs `method`'s optimizer steps eagerly until `warmup` consecutive batches share a key (site
-    layout and shapes), then captures one and replays it for every batch with that key.
+    layout, shapes and `method.graph_key()`), then captures one and replays it for every batch with
+    that key.
 
     A batch with another key runs eagerly, with the same numerics; the graph is recaptured once a new
-    key has held for `warmup` steps. Gradients are written, not accumulated, by both. Off CUDA every
-    step runs eagerly, which is how the CPU tests run the same code. Returns each step's detached loss
-    terms and its divergence report.
+    key has held for `warmup` steps (e.g. when MS-Net switches on its transfer term). A batch that
+    declares no site layout always runs eagerly: Single and MS-Net would route it with host syncs.
+    Gradients are written, not accumulated, by both. Off CUDA every step runs eagerly, which is how
+    the CPU tests run the same code. Returns each step's detached loss terms and its divergence report.
     """
 
     def __init__(
@@ -53,7 +55,7 @@ class GraphedTrainingStep:
 
     def key(self, batch: Mapping[str, Any]) -> GraphKey:
         shapes = tuple((tuple(batch[k].shape), batch[k].dtype) for k in GRAPH_INPUTS)
-        return (batch.get("site_layout"), shapes)
+        return (batch.get("site_layout"), shapes, self.method.graph_key())
 
     def __call__(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         key = self.key(batch)
@@ -65,7 +67,7 @@ class GraphedTrainingStep:
             return losses, report
         self._streak = self._streak + 1 if key == self._candidate else 1
         self._candidate = key
-        if self.capture and self._streak > self.warmup:
+        if self.capture and self._streak > self.warmup and key[0] is not None:
             self._capture(batch, key)
             return self(batch)
         return self._eager(batch)

@@ -19,11 +19,10 @@ from torch import nn
 from covidct.data.sources import SITES
 from covidct.methods.sepnorm import SepNorm
 from covidct.models import classifier_head
+from covidct.models.routing import site_rows
 
 
 class MSNet(SepNorm):
-    graph_capturable = False  # the auxiliary heads' `nonzero` and the epoch-dependent weight need the host
-
     def __init__(self, kt_weight: float = 0.5, kt_warmup_epochs: int = 10, **kwargs: Any):
         super().__init__(**kwargs)
         self.aux_heads = nn.ModuleList(classifier_head(self.net.embedding_dim, num_sites=1) for _ in SITES)
@@ -33,16 +32,19 @@ class MSNet(SepNorm):
         embedding = self.net.features(batch["image"], site)
         losses: dict[str, torch.Tensor] = {}
         aux_prediction = torch.empty_like(label)
-        for s, head in enumerate(self.aux_heads):
-            index = (site == s).nonzero(as_tuple=True)[0]
-            if index.numel() == 0:
-                continue
-            aux_logits = head(embedding.index_select(0, index), site.index_select(0, index))
-            losses[f"aux_{SITES[s]}"] = F.cross_entropy(aux_logits, label.index_select(0, index))
-            aux_prediction[index] = aux_logits.detach().argmax(dim=1)
+        for s, rows in site_rows(embedding, site):
+            aux_logits = self.aux_heads[s](embedding[rows], site[rows])
+            losses[f"aux_{SITES[s]}"] = F.cross_entropy(aux_logits, label[rows])
+            aux_prediction[rows] = aux_logits.detach().argmax(dim=1)
         universal_logits = self.net.classify(embedding, site)
         supervised = F.cross_entropy(universal_logits, label)
         transfer = F.cross_entropy(universal_logits, aux_prediction)
-        weight = self.hparams.kt_weight if self.current_epoch >= self.hparams.kt_warmup_epochs else 0.0
+        weight = self.hparams.kt_weight if self.transfer_on() else 0.0
         universal = (1 - weight) * supervised + weight * transfer
         return {"loss": universal + sum(losses.values()), "ce": supervised, "transfer": transfer, **losses}
+
+    def transfer_on(self) -> bool:
+        return self.current_epoch >= self.hparams.kt_warmup_epochs
+
+    def graph_key(self) -> tuple[Any, ...]:
+        return (self.transfer_on(),)

@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidct.data.sources import SITES, site_index
+from covidct.data.sources import SITES
 from covidct.methods.base import SiteMethod
+from covidct.models.routing import site_rows
 
 
 class Single(SiteMethod):
     """Nothing is shared; gradients are clipped per network, so the two runs stay independent."""
-
-    graph_capturable = False  # routing by `mask.any()` waits for the device
 
     def __init__(self, sites: Sequence[str] = SITES, **kwargs: Any):
         super().__init__(**kwargs)
@@ -24,22 +23,21 @@ class Single(SiteMethod):
         self.nets = nn.ModuleDict({site: self.make_backbone() for site in self.sites})
 
     def _routed(self, image: torch.Tensor, site: torch.Tensor):
-        for name, net in self.nets.items():
-            mask = site == site_index(name)
-            if mask.any():
-                yield name, mask, net(image[mask], site[mask])
+        for s, rows in site_rows(image, site):
+            if SITES[s] in self.nets:
+                yield SITES[s], rows, self.nets[SITES[s]](image[rows], site[rows])
 
     def training_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         losses = {
-            f"ce_{name}": F.cross_entropy(logits, batch["label"][mask])
-            for name, mask, logits in self._routed(batch["image"], batch["site"])
+            f"ce_{name}": F.cross_entropy(logits, batch["label"][rows])
+            for name, rows, logits in self._routed(batch["image"], batch["site"])
         }
         return {"loss": sum(losses.values()), **losses}
 
     def logits(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         out = image.new_zeros(len(image), 2)
-        for _, mask, logits in self._routed(image, site):
-            out[mask] = logits.to(out.dtype)
+        for _, rows, logits in self._routed(image, site):
+            out[rows] = logits.to(out.dtype)
         return out
 
     def cam_layer(self, site: str) -> nn.Module:

@@ -48,6 +48,20 @@ def declared_layout(x: torch.Tensor) -> SiteLayout | None:
     return _layout if x.shape[0] == sum(sizes) else None
 
 
+def site_rows(x: torch.Tensor, site: torch.Tensor) -> Iterator[tuple[int, slice | torch.Tensor]]:
+    """(site, its rows of x) for each site in the batch: the declared blocks' slices (no host sync),
+    else indices found with `nonzero` (one host sync per site)."""
+    layout = declared_layout(x)
+    if layout is not None:
+        start = 0
+        for s, size in zip(*layout):
+            yield s, slice(start, start + size)
+            start += size
+        return
+    for s in site.unique(sorted=True).tolist():
+        yield s, (site == s).nonzero(as_tuple=True)[0]
+
+
 def route_by_blocks(x: torch.Tensor, modules: Sequence[nn.Module], layout: SiteLayout) -> torch.Tensor:
     """modules[s] on each site block of x (a layout from `declared_layout(x)`)."""
     sites, sizes = layout
