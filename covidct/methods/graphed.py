@@ -11,11 +11,14 @@ method whose loss reads other Python state names it in `SiteMethod.graph_key`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from covidct.models.routing import site_blocks
+
+if TYPE_CHECKING:
+    from covidct.methods.base import SiteMethod
 
 GraphKey = tuple[Any, ...]
 GRAPH_INPUTS = ("image", "label", "site")
@@ -35,7 +38,7 @@ class GraphedTrainingStep:
 
     def __init__(
         self,
-        method: Any,
+        method: SiteMethod,
         optimizer: torch.optim.Optimizer,
         clip_value: float | None,
         clip_algorithm: str | None = "norm",
