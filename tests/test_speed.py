@@ -162,6 +162,38 @@ def test_compile_switch_compiles_the_trunk_that_methods_call():
     assert all(m.sync_free for m in model.modules() if isinstance(m, SiteRouted))
 
 
+@pytest.mark.parametrize("method", [Ours, Single, MSNet])
+def test_the_compiled_step_traces_whole_once_and_computes_the_eager_loss(method, monkeypatch):
+    """A graph break (a host sync, say) or a recompile per batch in a compiled module would also break the
+    captured step that compiling runs inside on a GPU (model.speed.cuda_graph). Traced here with the
+    aot_eager backend: Dynamo and AOTAutograd as on a GPU, without Inductor's minutes of C++ codegen."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real_compile(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    extra = {"kt_warmup_epochs": 0} if method is MSNet else {}  # MS-Net's transfer term in the graph too
+    models = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        models.append(method(backbone=TINY, speed={"compile": compile_, "sync_free_routing": True}, **extra).train())
+    eager, compiled = models
+    compiled.enable_fast_path()
+    for seed in range(3):
+        batch = random_batch(4, 64, torch.device("cpu"), seed=seed)
+        with site_blocks(batch["site_layout"]):
+            want, got = eager.training_losses(batch)["loss"], compiled.training_losses(batch)["loss"]
+        want.backward(), got.backward()  # the backward graphs are compiled on first use too
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        if seed == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs > 0 and not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after the first step
+    assert (_grads(compiled) - _grads(eager)).norm() <= 1e-4 * _grads(eager).norm()
+
+
 def test_unknown_compile_mode_is_a_config_error():
     from covidct.errors import ConfigError
 
