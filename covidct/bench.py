@@ -250,15 +250,18 @@ def measure_data(root: Path, image_size: int, batch_per_site: int, workers: int,
     setup_seconds = time.perf_counter() - start
     iterator = iter(datamodule.train_dataloader())
     next(iterator)
-    start = time.perf_counter()
-    n = 0
+    start, start_cpu = time.perf_counter(), time.process_time()
+    n = m = 0
     for _ in range(batches):
         try:
             n += len(next(iterator)["label"])
+            m += 1
         except StopIteration:
             break
     return {
         "img_per_s": n / (time.perf_counter() - start),
+        # what receiving (and pinning) a batch costs the training process: its ceiling whatever the workers
+        "main_process_cpu_ms_per_batch": 1e3 * (time.process_time() - start_cpu) / max(m, 1),
         "batches": batches,
         "workers": workers,
         "setup_seconds": setup_seconds,
@@ -327,7 +330,8 @@ def markdown(result: dict[str, Any]) -> str:
     if "data" in result:
         d = result["data"]
         lines.append(
-            f"| data pipeline ({d['workers']} workers; {d['ratio_over_fast_demand']:.2f}x the fastest path's demand) "
+            f"| data pipeline ({d['workers']} workers; {d['ratio_over_fast_demand']:.2f}x the fastest path's demand; "
+            f"{d['main_process_cpu_ms_per_batch']:.1f} ms of the main process's CPU per batch) "
             f"| {d['img_per_s']:.1f} | | | | {d['setup_seconds']:.1f} | |"
         )
     return "\n".join(lines) + "\n"

@@ -150,3 +150,61 @@ def test_normalising_on_the_device_is_albumentations_normalize(phantom_root: Pat
     normalised = dm.on_after_batch_transfer(batch, 0)["image"]
     assert normalised.dtype == torch.float32
     assert np.abs(normalised.numpy() - expected).max() < 1e-5
+
+
+def test_crop_flip_draws_every_crop_and_flip_of_the_paper_augmentation():
+    """RandomCrop + HorizontalFlip + VerticalFlip: each output is one in-bounds crop, flipped or not, and
+    over seeds every position and flip combination occurs; the same seed gives the same output."""
+    import numpy as np
+    import pytest
+
+    from covidct.data.transforms import CropFlip
+
+    image = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
+    candidates = {}
+    for top in range(3):
+        for left in range(5):
+            crop = image[top : top + 8, left : left + 8]
+            for flip_v in (False, True):
+                for flip_h in (False, True):
+                    flipped = crop[:: -1 if flip_v else 1, :: -1 if flip_h else 1]
+                    candidates[(top, left, flip_v, flip_h)] = flipped.transpose(2, 0, 1).tobytes()
+    by_output = {v: k for k, v in candidates.items()}
+    assert len(by_output) == 60  # the test image tells every arrangement apart
+    augment = CropFlip("train", 8)
+    seen = Counter()
+    for seed in range(1000):
+        augment.set_random_seed(seed)
+        out = augment(image)
+        assert out.shape == (3, 8, 8) and out.flags.c_contiguous
+        seen[by_output[out.tobytes()]] += 1
+    assert set(seen) == set(candidates)
+    assert 0.4 < sum(n for (_, _, _, flip_h), n in seen.items() if flip_h) / 1000 < 0.6
+    augment.set_random_seed(5)
+    first = augment(image)
+    augment.set_random_seed(5)
+    assert np.array_equal(first, augment(image))
+    assert np.array_equal(CropFlip("eval", 8)(image[:8, :8]), image[:8, :8].transpose(2, 0, 1))
+    with pytest.raises(ValueError, match="cannot crop 16x16 from an image of 10x12"):
+        CropFlip("train", 16)(image)
+
+
+def test_cache_reader_is_np_load_and_a_truncated_entry_is_an_error(tmp_path: Path):
+    import numpy as np
+    import pytest
+
+    from covidct.data.cache import read_npy
+
+    arrays = {
+        "cached": np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8),
+        "float": np.ones((2, 3), np.float32),
+        "fortran": np.asfortranarray(np.zeros((4, 5, 3), np.uint8)),
+    }
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        read = read_npy(tmp_path / f"{name}.npy")
+        assert read.dtype == array.dtype and np.array_equal(read, array)
+    truncated = tmp_path / "cached.npy"
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    with pytest.raises(ValueError):
+        read_npy(truncated)  # DecodedImageCache.get decodes the image again

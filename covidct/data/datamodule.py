@@ -15,8 +15,16 @@ from covidct.data.cache import DecodedImageCache, default_cache_dir
 from covidct.data.folds import DEFAULT_VAL_FRACTION, N_FOLDS, SITE_A_FOLD_NOTE, split_fold
 from covidct.data.sampler import SiteBalancedBatchSampler, collate_with_site_layout
 from covidct.data.sources import SITES, Sample, scan_site, site_index
-from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augmentation, normalize_images, to_chw_uint8
+from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, normalize_images
 from covidct.errors import ConfigError
+
+
+def share_tensors_by_file_name(worker_id: int) -> None:
+    """Loader workers hand batches over by shared-memory file name, not file descriptor: each descriptor
+    costs the main process a socket connection, which made up about 40% of its work per batch (make bench).
+    torch's shm manager still removes the files if a process dies."""
+    if "file_system" in torch.multiprocessing.get_all_sharing_strategies():
+        torch.multiprocessing.set_sharing_strategy("file_system")
 
 
 class SiteImageDataset(Dataset):
@@ -26,11 +34,12 @@ class SiteImageDataset(Dataset):
     drawn sample's augmentation is reproducible whatever the worker; evaluation items are plain indices.
     """
 
-    def __init__(self, samples: Sequence[Sample], kind: str, cache: DecodedImageCache, augment: Any):
+    def __init__(self, samples: Sequence[Sample], kind: str, cache: DecodedImageCache, augment: CropFlip):
         self.samples = list(samples)
         self.kind = kind
         self.cache = cache
         self.augment = augment
+        self.entries = [cache.entry(s.path, kind) for s in self.samples]  # once, not per read
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -40,9 +49,9 @@ class SiteImageDataset(Dataset):
             item, augmentation_seed = item
             self.augment.set_random_seed(augmentation_seed)
         sample = self.samples[item]
-        image = self.augment(image=self.cache.get(sample.path, self.kind))["image"]
+        image = self.augment(self.cache.get(sample.path, self.kind, self.entries[item]))
         return {
-            "image": torch.from_numpy(to_chw_uint8(image)),  # normalised on the device (on_after_batch_transfer)
+            "image": torch.from_numpy(image),  # uint8 CHW, normalised on the device (on_after_batch_transfer)
             "label": sample.label,
             "site": site_index(sample.site),
             "file": sample.name,
@@ -135,6 +144,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=workers > 0,
+            worker_init_fn=share_tensors_by_file_name,
             collate_fn=collate_with_site_layout,
             **kwargs,
         )
@@ -156,7 +166,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             samples,
             "train",
             self.cache,
-            augmentation("train", self.image_size),
+            CropFlip("train", self.image_size),
         )
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -170,8 +180,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         for site in self.sites:
             if not self.splits[site][part]:
                 continue
-            augment = augmentation("eval", self.image_size)
-            dataset = SiteImageDataset(self.splits[site][part], "eval", self.cache, augment)
+            dataset = SiteImageDataset(self.splits[site][part], "eval", self.cache, CropFlip("eval", self.image_size))
             loaders.append(self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False))
         return loaders
 
