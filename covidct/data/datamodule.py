@@ -21,7 +21,7 @@ from covidct.errors import ConfigError
 
 def share_tensors_by_file_name(worker_id: int) -> None:
     """Loader workers hand batches over by shared-memory file name, not file descriptor: each descriptor
-    costs the main process a socket connection, which made up about 40% of its work per batch (make bench).
+    costs the main process a socket connection, about 40% of its CPU time per batch on the development CPU.
     torch's shm manager still removes the files if a process dies."""
     if "file_system" in torch.multiprocessing.get_all_sharing_strategies():
         torch.multiprocessing.set_sharing_strategy("file_system")
