@@ -251,17 +251,17 @@ def measure_data(root: Path, image_size: int, batch_per_site: int, workers: int,
     iterator = iter(datamodule.train_dataloader())
     next(iterator)
     start, start_cpu = time.perf_counter(), time.process_time()
-    n = m = 0
+    n = batches_read = 0
     for _ in range(batches):
         try:
             n += len(next(iterator)["label"])
-            m += 1
+            batches_read += 1
         except StopIteration:
             break
     return {
         "img_per_s": n / (time.perf_counter() - start),
         # what receiving (and pinning) a batch costs the training process: its ceiling whatever the workers
-        "main_process_cpu_ms_per_batch": 1e3 * (time.process_time() - start_cpu) / max(m, 1),
+        "main_process_cpu_ms_per_batch": 1e3 * (time.process_time() - start_cpu) / max(batches_read, 1),
         "batches": batches,
         "workers": workers,
         "setup_seconds": setup_seconds,

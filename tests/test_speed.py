@@ -184,7 +184,8 @@ def test_the_compiled_step_traces_whole_once_and_computes_the_eager_loss(method,
         batch = random_batch(4, 64, torch.device("cpu"), seed=seed)
         with site_blocks(batch["site_layout"]):
             want, got = eager.training_losses(batch)["loss"], compiled.training_losses(batch)["loss"]
-        want.backward(), got.backward()  # the backward graphs are compiled on first use too
+        want.backward()
+        got.backward()  # the backward graphs are compiled on first use too
         assert got.item() == pytest.approx(want.item(), rel=1e-5)
         if seed == 0:
             graphs = counters["stats"]["unique_graphs"]
