@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -41,11 +43,13 @@ def cli_env(outputs: Path) -> dict[str, str]:
     return {**os.environ, "COVIDCT_OUTPUTS": str(outputs), "PYTHONUNBUFFERED": "1"}
 
 
-def run_cli(args: list[str], outputs: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], outputs: Path, timeout: int = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "covidct.run", *args],
         cwd=REPO,
-        env=cli_env(outputs),
+        env=env or cli_env(outputs),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -64,6 +68,34 @@ class DivergingJoint(Joint):
         if self.global_step >= self.diverge_at_step:
             losses["loss"] = losses["loss"] * float("nan")
         return losses
+
+
+class RecordingJoint(Joint):
+    """Joint that writes down what every training batch held, as the loop delivered it, and can die mid-epoch.
+
+    $COVIDCT_TEST_SEEN=DIR: one JSON line per batch in DIR/rank<R>.jsonl (epoch, batch, files, a digest of
+    each image's pixels). $COVIDCT_TEST_DIE_AT=EPOCH:BATCH: the process exits there at once, as if killed.
+    Environment variables, not config, so the killed and the resumed run share one config and one folder.
+    """
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        folder = os.environ.get("COVIDCT_TEST_SEEN")
+        if folder:
+            pixels = [hashlib.sha1(image.cpu().numpy().tobytes()).hexdigest()[:16] for image in batch["image"]]
+            line = {"epoch": self.current_epoch, "batch": batch_idx, "files": list(batch["file"]), "pixels": pixels}
+            with (Path(folder) / f"rank{self.global_rank}.jsonl").open("a") as fh:
+                fh.write(json.dumps(line) + "\n")
+        if os.environ.get("COVIDCT_TEST_DIE_AT") == f"{self.current_epoch}:{batch_idx}":
+            os._exit(137)
+
+
+def read_seen(folder: Path, rank: int = 0) -> dict[int, list[dict]]:
+    """RecordingJoint's batches of one rank, by epoch, in the order seen."""
+    epochs: dict[int, list[dict]] = {}
+    for line in (Path(folder) / f"rank{rank}.jsonl").read_text().splitlines():
+        batch = json.loads(line)
+        epochs.setdefault(batch["epoch"], []).append(batch)
+    return epochs
 
 
 class RequeueableRun:

@@ -62,8 +62,9 @@ class TwoSiteDataModule(pl.LightningDataModule):
     """Both sites' folds; training batches of `batch_per_site` images per site; per-site eval loaders.
 
     An epoch is ceil(max(n_A, site_b_repeat * n_B) / batch_per_site) steps over the training parts
-    (see SiteBalancedBatchSampler). With one site in `sites` (Single's single-site mode) an epoch is
-    one pass over that site in batches of `batch_per_site`.
+    (see SiteEpochDraws). Site B is repeated whatever the other sites, so with one site in `sites`
+    (Single's single-site mode) each site trains for exactly as many steps and passes per epoch as in
+    the two-site run.
     """
 
     def __init__(
@@ -161,7 +162,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             part = self.splits[site]["train"]
             site_indices.append(range(len(samples), len(samples) + len(part)))
             samples.extend(part)
-        repeats = [self.site_b_repeat if site == "B" and len(self.sites) > 1 else 1 for site in self.sites]
+        repeats = [self.site_b_repeat if site == "B" else 1 for site in self.sites]
         dataset = SiteImageDataset(
             samples,
             "train",

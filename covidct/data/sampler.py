@@ -1,4 +1,4 @@
-"""The two-site batch sampler: every batch holds exactly `batch_per_site` images of each site."""
+"""The multi-site batch sampler: every batch holds exactly `batch_per_site` images of each site."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import torch
 from torch.utils.data import Sampler, default_collate
 
 
-class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of `batch_per_site` (index, augmentation seed) pairs from each site in turn (site order as given).
+class SiteEpochDraws(Sampler[tuple[int, int]]):
+    """One epoch of this rank's draws, (index, augmentation seed) pairs in batch order, from (seed, epoch).
 
     Epoch length: ceil(max_s(repeat_s * n_s) / batch_per_site) steps. Each site draws from a stream of
     fresh random permutations of its images, cut to that length, so within one epoch a site with
     repeat r shows every image at least r times (exactly r, except for the < batch_per_site images
     that top up the last batch), and the other site is cycled to fill the same number of steps.
-    Orders and augmentation seeds depend only on (seed, epoch): a resumed or re-run epoch, with any
-    number of loader workers, sees exactly the same images with exactly the same augmentations.
+    The epoch's steps are dealt round-robin over the ranks.
+
+    This is the batch sampler's `sampler`, as a DistributedSampler sits inside a BatchSampler, because
+    that is where loops look for `set_epoch`: Lightning calls `dataloader.batch_sampler.sampler.set_epoch`
+    at the start of every epoch (resumed epochs included), on every rank, never the batch sampler's own.
     """
 
     def __init__(
@@ -43,19 +46,25 @@ class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
-    def __len__(self) -> int:
-        """Steps per epoch on this rank: the epoch's batches dealt round-robin over the ranks."""
+    @property
+    def batch_size(self) -> int:
+        return self.batch_per_site * len(self.site_indices)
+
+    def steps(self) -> int:
+        """Steps per epoch on this rank."""
         return math.ceil(self._global_steps() / self.world_size)
+
+    def __len__(self) -> int:
+        return self.steps() * self.batch_size
 
     def _global_steps(self) -> int:
         longest = max(r * len(ix) for r, ix in zip(self.repeats, self.site_indices))
         return math.ceil(longest / self.batch_per_site)
 
     def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this at the start of every epoch, so each epoch gets a new order."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         steps = self._global_steps()
         need = steps * self.batch_per_site
@@ -66,10 +75,42 @@ class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
             streams.append(order[:need].tolist())
         b = self.batch_per_site
         seeds = torch.randint(0, 2**31 - 1, (steps, b * len(streams)), generator=generator).tolist()
-        for k in range(len(self)):
+        for k in range(self.steps()):
             step = (self.rank + k * self.world_size) % steps  # ranks short of a batch wrap to the start
             indices = [i for stream in streams for i in stream[step * b : (step + 1) * b]]
-            yield list(zip(indices, seeds[step]))
+            yield from zip(indices, seeds[step])
+
+
+class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of `batch_per_site` (index, augmentation seed) pairs from each site in turn (site order as given).
+
+    Orders and augmentation seeds depend only on (seed, epoch) (see SiteEpochDraws): a resumed or re-run
+    epoch, with any number of loader workers, sees exactly the same images with exactly the same
+    augmentations, and every epoch differs from the last.
+    """
+
+    def __init__(
+        self,
+        site_indices: Sequence[Sequence[int]],
+        repeats: Sequence[int],
+        batch_per_site: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.sampler = SiteEpochDraws(site_indices, repeats, batch_per_site, seed, rank, world_size)
+
+    def __len__(self) -> int:
+        return self.sampler.steps()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        size = self.sampler.batch_size
+        batch: list[tuple[int, int]] = []
+        for draw in self.sampler:
+            batch.append(draw)
+            if len(batch) == size:
+                yield batch
+                batch = []
 
 
 def site_layout_of(site: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
