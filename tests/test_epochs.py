@@ -75,9 +75,9 @@ def test_ddp_ranks_draw_new_disjoint_shares_of_each_epoch(
     for epoch in (0, 1):
         # the epoch's batches are dealt round-robin: rank r gets batches r, r + 2, ... of the one-process epoch
         for rank in (0, 1):
-            assert ranks[rank][epoch] == [
-                {**b, "batch": k} for k, b in enumerate(straight[epoch][rank::2])
-            ], f"rank {rank}, epoch {epoch}"
+            assert ranks[rank][epoch] == [{**b, "batch": k} for k, b in enumerate(straight[epoch][rank::2])], (
+                f"rank {rank}, epoch {epoch}"
+            )
         assert not _draws(ranks[0][epoch]) & _draws(ranks[1][epoch]), "the ranks overlap"
     for rank in (0, 1):
         assert [b["files"] for b in ranks[rank][1]] != [b["files"] for b in ranks[rank][0]]
