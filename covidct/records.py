@@ -15,10 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-METRIC_NAMES = ("acc", "f1", "recall", "precision", "auc")
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
-PREDICTION_COLUMNS = ("site", "file", "label", "prob_covid")
+PREDICTION_COLUMNS = ("selection", "site", "file", "patient", "label", "prob_covid")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -56,14 +55,16 @@ def git_commit() -> str:
 
 def write_run_record(
     output_dir: Path,
-    results: Mapping[str, Mapping[str, float]],
+    test: Mapping[str, Mapping[str, Any]],
     predictions: Sequence[Mapping[str, Any]],
     run: Mapping[str, Any],
     config: Mapping[str, Any],
 ) -> Path:
     """predictions.csv, then metrics.json.
 
-    metrics.json: {"A": {acc, f1, recall, precision, auc}, "B": {...}, "run": {identity}, "config": {...}}.
+    metrics.json: {"test": {selection: {"checkpoint", "epoch", "images": {site: metrics},
+    "patients": {site: metrics}}}, "run": {identity}, "config": {...}}, one entry per checkpoint selection
+    the run can offer ('last'; with a validation part also 'best_val_auc'), chosen between at report time.
     """
     output_dir = Path(output_dir)
     buffer = io.StringIO()
@@ -72,12 +73,18 @@ def write_run_record(
     for row in predictions:
         writer.writerow({k: row[k] for k in PREDICTION_COLUMNS})
     atomic_write_text(output_dir / PREDICTIONS_FILE, buffer.getvalue())
-    record: dict[str, Any] = {site: {m: float(values[m]) for m in METRIC_NAMES} for site, values in results.items()}
-    record["run"] = dict(run)
-    record["config"] = dict(config)
+    record = {"test": dict(test), "run": dict(run), "config": dict(config)}
     path = output_dir / METRICS_FILE
     atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def read_predictions(run_dir: Path) -> list[dict[str, Any]]:
+    """predictions.csv of a run folder, typed (label int, probability float)."""
+    with (Path(run_dir) / PREDICTIONS_FILE).open(newline="") as fh:
+        return [
+            {**row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])} for row in csv.DictReader(fh)
+        ]
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:

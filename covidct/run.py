@@ -18,20 +18,18 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
 from covidct.errors import ConfigError, CovidCTError
+from covidct.metrics import PATIENT_POOLINGS, evaluate
 from covidct.records import git_commit, write_run_record
-from covidct.report.roc import roc_curve
-from covidct.resume import AtomicCheckpoint, check_checkpoint, prepare_run_dir
+from covidct.report.curves import roc_curve
+from covidct.resume import LAST_CHECKPOINT, AtomicCheckpoint, check_checkpoint, prepare_run_dir
 from covidct.timing import TrainThroughput
 
 log = logging.getLogger("covidct.run")
-SELECTIONS = ("last", "best_val_auc")
 
 
 def _check(cfg: DictConfig) -> None:
-    if cfg.select not in SELECTIONS:
-        raise ConfigError(f"select must be one of {SELECTIONS}, got {cfg.select!r}.")
-    if cfg.select == "best_val_auc" and not cfg.data.val_fraction:
-        raise ConfigError("select=best_val_auc needs a validation part: set data.val_fraction > 0.")
+    if cfg.patient_pooling not in PATIENT_POOLINGS:
+        raise ConfigError(f"patient_pooling must be one of {PATIENT_POOLINGS}, got {cfg.patient_pooling!r}.")
 
 
 def _build(node: DictConfig, **kwargs: Any) -> Any:
@@ -57,18 +55,21 @@ def _device_name(trainer: pl.Trainer) -> str:
     return torch.cuda.get_device_name(root) if root.type == "cuda" else root.type
 
 
-def _finish_logger(logger: Any, results: dict[str, dict[str, float]], predictions: list[dict[str, Any]]) -> None:
-    """W&B: final test metrics into the run summary, a ROC curve per site, and close the run so the next
-    job of a sweep gets its own."""
+def _finish_logger(logger: Any, test: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+    """W&B: final test metrics of every selection into the run summary, a ROC curve per site (last epoch),
+    and close the run so the next job of a sweep gets its own."""
     if type(logger).__name__ != "WandbLogger":
         return
     import wandb
 
     experiment = logger.experiment
-    for site, values in results.items():
-        for name, value in values.items():
-            experiment.summary[f"final/{site}/{name}"] = value
-        rows = [p for p in predictions if p["site"] == site]
+    for selection, result in test.items():
+        for level in ("images", "patients"):
+            for site, values in result[level].items():
+                for name, value in values.items():
+                    experiment.summary[f"final/{selection}/{level}/{site}/{name}"] = value
+    for site in test["last"]["images"]:
+        rows = [p for p in predictions if p["site"] == site and p["selection"] == "last"]
         fpr, tpr, auc = roc_curve([p["label"] for p in rows], [p["prob_covid"] for p in rows])
         table = wandb.Table(columns=["fpr", "tpr"], data=[[f, t] for f, t in zip(fpr, tpr)])
         roc = wandb.plot.line(table, "fpr", "tpr", title=f"ROC, site {site} (AUC {100 * auc:.1f})")
@@ -95,17 +96,15 @@ def make_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     return instantiate(cfg.trainer, precision=precision, **kwargs)
 
 
-def _checkpoint_callbacks(output_dir: Path, best: bool) -> tuple[list[AtomicCheckpoint], AtomicCheckpoint]:
-    """All checkpoint callbacks, and the one whose file is tested: 'last' (saved every epoch, what a rerun
-    resumes from) or, with best_val_auc, the best validation AUC.
-
-    Each is one file that replaces itself: checkpoints hold the Adam state, ~0.6 GB at full width.
-    """
+def _checkpoint_callbacks(output_dir: Path, validation: bool) -> tuple[AtomicCheckpoint, AtomicCheckpoint | None]:
+    """'last' (saved every epoch, what a rerun resumes from) and, for a run with a validation part, the
+    best validation AUC (mean over sites). Each is one file that replaces itself: checkpoints hold the Adam
+    state, ~0.6 GB at full width."""
     last = AtomicCheckpoint(
         dirpath=output_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
     )
-    if not best:
-        return [last], last
+    if not validation:
+        return last, None
     best_auc = AtomicCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="best-epoch{epoch:03d}",
@@ -115,20 +114,51 @@ def _checkpoint_callbacks(output_dir: Path, best: bool) -> tuple[list[AtomicChec
         save_top_k=1,
         enable_version_counter=False,
     )
-    return [last, best_auc], best_auc
+    return last, best_auc
+
+
+def _test_selections(
+    trainer: pl.Trainer, model: Any, datamodule: Any, best: AtomicCheckpoint | None, output_dir: Path, pooling: str
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Test every checkpoint a report may select: the last epoch and, with a validation part, the best
+    validation AUC. Which one a table shows is chosen at report time (`--select`), not here."""
+    choices: dict[str, dict[str, Any]] = {"last": {"checkpoint": None, "epoch": trainer.current_epoch - 1}}
+    if best is not None and best.best_model_path:
+        path = best.best_model_path
+        epoch = int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["epoch"])
+        choices["best_val_auc"] = {"checkpoint": path, "epoch": epoch, "val_auc": float(best.best_model_score)}
+    patients = datamodule.test_patients()
+    test: dict[str, dict[str, Any]] = {}
+    predictions: list[dict[str, Any]] = []
+    for selection, choice in choices.items():  # 'last' first: the weights in memory are the last epoch's
+        model.test_log_prefix = "test" if selection == "last" else f"test_{selection}"
+        trainer.test(model, datamodule=datamodule, ckpt_path=choice["checkpoint"], verbose=False)
+        rows = [
+            {"selection": selection, **p, "patient": patients.get((p["site"], p["file"]), "")}
+            for p in model.test_predictions
+        ]
+        checkpoint = Path(choice["checkpoint"] or output_dir / LAST_CHECKPOINT)
+        test[selection] = {
+            **choice,
+            "checkpoint": str(checkpoint.relative_to(output_dir)),
+            **evaluate(rows, datamodule.sites_with_patients(), pooling),
+        }
+        predictions += rows
+    return test, predictions
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Fit on the training part, select a checkpoint without the test fold, test, write the run record.
+    """Fit on the training part, test the last (and best-validation) checkpoint, write the run record.
 
-    A folder with a complete record is skipped; an interrupted run resumes from its last checkpoint.
+    Returns the record's "test" part. A folder with a complete record is skipped; an interrupted run
+    resumes from its last checkpoint.
     """
     _check(cfg)
     output_dir = Path(output_dir)
     state = prepare_run_dir(cfg, output_dir)
     if state.record is not None:
         log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
-        return {site: state.record[site] for site in state.record if site not in ("run", "config")}
+        return state.record["test"]
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = _build(cfg.data, _convert_="all")
     datamodule.setup("fit")
@@ -137,23 +167,23 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if resume_from is not None:
         check_checkpoint(resume_from, model)
         log.info("resuming from %s", resume_from)
-    best = cfg.select == "best_val_auc"
-    checkpoints, selected = _checkpoint_callbacks(output_dir, best)
+    validation = datamodule.has_validation()
+    last, best = _checkpoint_callbacks(output_dir, validation)
     logger = _logger(cfg, output_dir)
     throughput = TrainThroughput()
-    callbacks = [*checkpoints, throughput] + ([LearningRateMonitor("epoch")] if logger else [])
-    trainer = make_trainer(cfg, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
+    callbacks = [last, *([best] if best else []), throughput] + ([LearningRateMonitor("epoch")] if logger else [])
+    no_validation = {} if validation else {"limit_val_batches": 0}
+    trainer = make_trainer(cfg, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir), **no_validation)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
-    ckpt_path = selected.best_model_path
-    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path or None, verbose=False)
+    test, predictions = _test_selections(trainer, model, datamodule, best, output_dir, cfg.patient_pooling)
     run = {
         "experiment": cfg.name,
         "fold": cfg.fold,
         "seed": cfg.seed,
         "split_seed": cfg.split_seed,
         "group_by": cfg.data.group_by,
-        "model_selection": cfg.select,
-        "checkpoint": str(Path(ckpt_path).relative_to(output_dir)) if ckpt_path else None,
+        "selections": list(test),
+        "patient_pooling": cfg.patient_pooling,
         "epochs_trained": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "git_commit": git_commit(),
@@ -161,20 +191,21 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "splits": datamodule.split_summary(),
     }
     if not trainer.is_global_zero:
-        return model.test_results
-    path = write_run_record(
-        output_dir, model.test_results, model.test_predictions, run, OmegaConf.to_container(cfg, resolve=True)
-    )
+        return test
+    path = write_run_record(output_dir, test, predictions, run, OmegaConf.to_container(cfg, resolve=True))
     throughput.write(output_dir)
     for epoch in throughput.epochs:
         log.info("epoch %d: %.1f s training, %.1f img/s", epoch["epoch"], epoch["seconds"], epoch["img_per_s"])
     if not cfg.keep_optimizer_state:
         _drop_optimizer_state(output_dir / "checkpoints")
-    _finish_logger(logger, model.test_results, model.test_predictions)
+    _finish_logger(logger, test, predictions)
     log.info("run record: %s", path)
-    for site, values in model.test_results.items():
-        log.info("test %s: %s", site, "  ".join(f"{k}={v:.4f}" for k, v in values.items()))
-    return model.test_results
+    for selection, result in test.items():
+        for level, sites in (("image", result["images"]), ("patient", result["patients"])):
+            for site, values in sites.items():
+                text = "  ".join(f"{k}={v:.4f}" for k, v in values.items())
+                log.info("test %s, %s-level, site %s: %s", selection, level, site, text)
+    return test
 
 
 def _user_message(err: CovidCTError) -> str:

@@ -1,8 +1,9 @@
-"""Training throughput of a real run, written beside its record (`timing.json`; not in metrics.json,
-which stays byte-identical across reruns of the same seed)."""
+"""Training throughput and finishing time of a real run, written beside its record (`timing.json`; not in
+metrics.json, which stays byte-identical across reruns of the same seed)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -47,5 +48,6 @@ class TrainThroughput(pl.Callback):
 
     def write(self, output_dir: Path) -> Path:
         path = Path(output_dir) / "timing.json"
-        atomic_write_text(path, json.dumps({"train_epochs": self.epochs}, indent=2) + "\n")
+        finished = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        atomic_write_text(path, json.dumps({"finished_at": finished, "train_epochs": self.epochs}, indent=2) + "\n")
         return path

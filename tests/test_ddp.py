@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from covidct.records import METRIC_NAMES
+from covidct.metrics import RECORD_METRICS
 from tests.helpers import FAST, run_cli
 
 
@@ -14,7 +14,8 @@ def test_ddp_two_cpu_processes_write_a_run_record(phantom_root: Path, tmp_path: 
     record = json.loads(record_path.read_text())
     assert record["config"]["trainer"]["strategy"] == "ddp" and record["config"]["trainer"]["devices"] == 2
     for site in ("A", "B"):
-        assert set(record[site]) == set(METRIC_NAMES) and all(0 <= v <= 1 for v in record[site].values())
+        metrics = record["test"]["last"]["images"][site]
+        assert set(metrics) == set(RECORD_METRICS) and all(0 <= v <= 1 for v in metrics.values())
     sites = record["run"]["splits"]["sites"]
     rows = record_path.with_name("predictions.csv").read_text().splitlines()[1:]
     assert len(rows) == sites["A"]["test"]["images"] + sites["B"]["test"]["images"]

@@ -3,7 +3,8 @@
 import json
 from pathlib import Path
 
-from covidct.records import METRIC_NAMES
+from covidct.metrics import RECORD_METRICS
+from covidct.records import read_predictions
 from tests.helpers import run_cli
 
 
@@ -36,12 +37,14 @@ def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path
         assert [(e["epoch"], e["images"]) for e in timing] == [(0, 3 * 32)] and timing[0]["img_per_s"] > 0
         assert any("image-level" in note for note in record["run"]["splits"]["notes"])
         for site in ("A", "B"):
-            assert set(record[site]) == set(METRIC_NAMES)
-            assert all(0.0 <= record[site][m] <= 1.0 for m in METRIC_NAMES)
-        predictions = path.with_name("predictions.csv").read_text().splitlines()[1:]
+            metrics = record["test"]["last"]["images"][site]
+            assert set(metrics) == set(RECORD_METRICS) and all(0.0 <= v <= 1.0 for v in metrics.values())
+        predictions = read_predictions(path.parent)
         sites = record["run"]["splits"]["sites"]
         assert len(predictions) == sites["A"]["test"]["images"] + sites["B"]["test"]["images"]
-        test_files.append({line.rsplit(",", 2)[0] for line in predictions})
+        assert all(p["patient"] for p in predictions if p["site"] == "B" and p["label"] == 0)  # all mapped
+        assert not any(p["patient"] for p in predictions if p["site"] == "A")  # site A has no patient ids
+        test_files.append({(p["site"], p["file"]) for p in predictions})
     assert not test_files[0] & test_files[1], "folds 0 and 1 share test images"
     assert 600 < sites["A"]["test"]["images"] < 640 and 170 < sites["B"]["test"]["images"] < 205
 

@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from covidct.methods import Joint, MSNet, Ours, ParallelAdapter, SepNorm, SeriesAdapter, Single
-from covidct.records import METRIC_NAMES
+from covidct.metrics import RECORD_METRICS
 from covidct.run import make_trainer, train
 from tests.helpers import FAST, compose_experiment
 
@@ -41,14 +41,16 @@ def test_experiment_composes_and_fast_runs(name: str, phantom_root: Path, tmp_pa
         assert type(instantiate(cfg.model, _convert_="all")) is method
     results = train(cfg, tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["test"] == results and list(results) == ["last"]  # no validation part: nothing else to select
+    last = results["last"]
     for site in ("A", "B"):
-        assert set(record[site]) == set(METRIC_NAMES)
-        assert all(0.0 <= v <= 1.0 for v in record[site].values())
-        assert record[site] == pytest.approx(results[site])
+        assert set(last["images"][site]) == set(RECORD_METRICS)
+        assert all(0.0 <= v <= 1.0 for v in last["images"][site].values())
+    assert set(last["patients"]) == {"B"} and set(last["patients"]["B"]) == set(RECORD_METRICS)
     assert record["run"]["experiment"] == name and record["run"]["global_steps"] == 2
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     n_test = sum(record["run"]["splits"]["sites"][s]["test"]["images"] for s in ("A", "B"))
-    assert lines[0] == "site,file,label,prob_covid" and len(lines) == 1 + n_test
+    assert lines[0] == "selection,site,file,patient,label,prob_covid" and len(lines) == 1 + n_test
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert "optimizer_states" not in checkpoint and checkpoint["state_dict"]  # finished: weights only
 
@@ -83,17 +85,41 @@ def test_single_site_mode_records_one_site(phantom_root: Path, tmp_path: Path):
     cfg = compose_experiment("single", [f"data.root={phantom_root}", "data.sites=[B]", *FAST])
     train(cfg, tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())
-    assert "B" in record and "A" not in record
+    assert set(record["test"]["last"]["images"]) == {"B"}
 
 
-def test_best_val_auc_selection(phantom_root: Path, tmp_path: Path):
-    cfg = compose_experiment(
-        "sepnorm", [f"data.root={phantom_root}", "select=best_val_auc", *FAST, "trainer.max_epochs=2"]
-    )
+def test_the_paper_protocol_trains_on_every_non_test_image(phantom_root: Path, tmp_path: Path):
+    cfg = compose_experiment("joint", [f"data.root={phantom_root}", *FAST])
     train(cfg, tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())
-    assert record["run"]["model_selection"] == "best_val_auc"
-    assert record["run"]["checkpoint"].startswith("checkpoints/best-epoch")
+    for site in ("A", "B"):
+        parts = record["run"]["splits"]["sites"][site]
+        assert parts["val"]["images"] == 0 and parts["train"]["images"] + parts["test"]["images"] == 48
+    assert any("all non-test images" in note for note in record["run"]["splits"]["notes"])
+    assert not (tmp_path / "csv").glob("*/metrics.csv").__next__().read_text().count("val/")
+
+
+def test_a_validation_part_records_the_last_and_the_best_validation_checkpoint(phantom_root: Path, tmp_path: Path):
+    cfg = compose_experiment(
+        "sepnorm", [f"data.root={phantom_root}", "data.val_fraction=0.1", *FAST, "trainer.max_epochs=3"]
+    )
+    test = train(cfg, tmp_path)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(record["test"]) == ["last", "best_val_auc"] == record["run"]["selections"]
+    best = record["test"]["best_val_auc"]
+    assert best["checkpoint"] == f"checkpoints/best-epoch{best['epoch']:03d}.ckpt" and 0 <= best["epoch"] <= 2
+    assert record["test"]["last"]["epoch"] == 2 and record["test"]["last"]["checkpoint"] == "checkpoints/last.ckpt"
+    logged = (tmp_path / "csv").glob("*/metrics.csv").__next__().read_text().splitlines()
+    header = logged[0].split(",")
+    val_rows = [line for line in logged[1:] if line.split(",")[header.index("val/auc")]]
+    assert len(val_rows) == 3  # validated every epoch
+    assert max(float(r.split(",")[header.index("val/auc")]) for r in val_rows) == pytest.approx(best["val_auc"])
+    predictions = (tmp_path / "predictions.csv").read_text().splitlines()[1:]
+    assert {line.split(",")[0] for line in predictions} == {"last", "best_val_auc"}
+    assert test == record["test"]
+    notes = " ".join(record["run"]["splits"]["notes"])
+    n_val = {site: record["run"]["splits"]["sites"][site]["val"]["images"] for site in ("A", "B")}
+    assert f"site A {n_val['A']}, site B {n_val['B']} training images fewer" in notes and min(n_val.values()) > 0
 
 
 def test_wandb_logger_offline(phantom_root: Path, tmp_path: Path, monkeypatch):
@@ -111,5 +137,5 @@ def test_ours_learns_the_phantom_signal(phantom_root: Path, tmp_path: Path):
     """Labels, sites and the eval path are wired right: a clear signal is learned on both sites."""
     overrides = [f"data.root={phantom_root}", *FAST, "data.batch_per_site=8", "trainer.max_epochs=4", "model.lr=1e-3"]
     cfg = compose_experiment("ours", [o for o in overrides if not o.startswith("trainer.limit_train_batches")])
-    results = train(cfg, tmp_path)
+    results = train(cfg, tmp_path)["last"]["images"]
     assert results["A"]["auc"] >= 0.95 and results["B"]["auc"] >= 0.95, results

@@ -1,4 +1,4 @@
-"""Table I aggregation: golden files on synthetic run records, statistics by hand, and the CLI."""
+"""The report: golden files on synthetic run records, every statistic against its definition, and the CLI."""
 
 import csv
 import json
@@ -7,32 +7,34 @@ import os
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from scipy import stats
+from torchmetrics.functional.classification import binary_auroc
 
-from covidct.records import METRIC_NAMES
+from covidct.metrics import RECORD_METRICS, binary_metrics, pool_by_patient
 from covidct.report.__main__ import main as report_main
-from covidct.report.table1 import (
-    TABLE1_ROWS,
-    TABLE_COLUMNS,
-    TTEST_COLUMNS,
-    DuplicateRunError,
-    collect_results,
-    paired_ttests,
-    to_csv,
-    to_latex,
-    to_markdown,
-)
+from covidct.report.render import build_report, render_files
+from covidct.report.table1 import TABLE1_ROWS, DuplicateRunError, collect_results, paired_ttests
+from covidct.report.uncertainty import bootstrap_interval, delong_test, reliability_bins, weighted_metric
 
 GOLDEN = Path(__file__).parent / "golden"
 PAPER = list(csv.DictReader((Path(__file__).parents[1] / "experiments" / "paper_table1.csv").open()))
 FOLDS, SEEDS = [0, 1], [643, 644]
-PROVENANCE = {"protocol": "fixture", "git_commit": "0000000", "device": "cpu", "date": "2026-01-01 00:00 UTC"}
+PROVENANCE = {"protocol": "fixture", "selection": "last", "device": "cpu", "date": "2026-01-01 00:00 UTC"}
+
+
+def level(i: int, f: int, k: int, j: int, site: str) -> float:
+    """A deterministic metric value: each method a level, with fold, seed and metric offsets."""
+    base = 0.55 + 0.04 * i + 0.013 * f + 0.007 * k * (1 + j) - 0.05 * (site == "B") - 0.01 * j
+    return base + 0.003 * ((3 * i + 5 * f + 7 * k) % 4)
 
 
 def fake_records() -> list[dict]:
-    """Deterministic records: each method a level, with fold/seed/metric offsets; parallel_adapter has no
-    runs at all and msnet misses one, so the table must mark both."""
+    """Records of the new layout: parallel_adapter has no runs and msnet misses one, so the table must mark
+    both; fold 0 of every method also has a best-validation result (a little lower)."""
     records = []
     for i, experiment in enumerate(TABLE1_ROWS):
         if experiment == "parallel_adapter":
@@ -41,72 +43,112 @@ def fake_records() -> list[dict]:
             for k, s in enumerate(SEEDS):
                 if experiment == "msnet" and (f, s) == (1, 644):
                     continue
-                record = {
-                    site: {
-                        m: 0.55
-                        + 0.04 * i
-                        + 0.013 * f
-                        + 0.007 * k * (1 + j)
-                        - 0.05 * (site == "B")
-                        - 0.01 * j
-                        + 0.003 * ((3 * i + 5 * f + 7 * k) % 4)
-                        for j, m in enumerate(METRIC_NAMES)
-                    }
-                    for site in ("A", "B")
-                }
-                record["run"] = {"experiment": experiment, "fold": f, "seed": s, "group_by": "patient"}
-                records.append(record)
+                images = {site: {m: level(i, f, k, j, site) for j, m in enumerate(RECORD_METRICS)} for site in "AB"}
+                patients = {"B": {m: v + 0.02 for m, v in images["B"].items()}}
+                test = {"last": {"checkpoint": "checkpoints/last.ckpt", "images": images, "patients": patients}}
+                if f == 0:
+                    lower = {site: {m: v - 0.01 for m, v in values.items()} for site, values in images.items()}
+                    test["best_val_auc"] = {"checkpoint": "checkpoints/best.ckpt", "images": lower, "patients": {}}
+                run = {"experiment": experiment, "fold": f, "seed": s, "group_by": "patient", "split_seed": 0}
+                records.append({"test": test, "run": run})
     records.append({**records[0], "run": {**records[0]["run"], "seed": 999}})  # outside the sweep: ignored
     return records
 
 
-def rendered() -> dict[str, str]:
+def fake_predictions(record: dict) -> list[dict]:
+    """20 test images per site, each fold its own; site B's in patients of two slices."""
+    run = record["run"]
+    rows = []
+    for site in "AB":
+        auc = record["test"]["last"]["images"][site]["auc"]
+        for n in range(20):
+            label = n % 2
+            prob = min(1.0, max(0.0, 0.5 + (label - 0.5) * auc + 0.03 * ((n * 7 + run["fold"]) % 5 - 2)))
+            patient = f"p{run['fold']}-{n // 2}" if site == "B" else ""
+            for selection in record["test"]:
+                rows.append(
+                    {
+                        "selection": selection,
+                        "site": site,
+                        "file": f"f{run['fold']}/{n}.png",
+                        "patient": patient,
+                        "label": label,
+                        "prob_covid": round(prob, 4),
+                        "experiment": run["experiment"],
+                        "fold": run["fold"],
+                        "seed": run["seed"],
+                    }
+                )
+    return rows
+
+
+def report(selection: str = "last") -> dict:
     records = fake_records()
-    rows = collect_results(records, PAPER, FOLDS, SEEDS)
-    ttests = paired_ttests(records, FOLDS, SEEDS)
-    return {
-        "table1.md": to_markdown(rows, ttests, PROVENANCE),
-        "table1.csv": to_csv(rows, TABLE_COLUMNS),
-        "table1.tex": to_latex(rows, PROVENANCE),
-        "ttests.csv": to_csv(ttests, TTEST_COLUMNS),
-    }
+    predictions = [row for r in records[:-1] for row in fake_predictions(r)]
+    return build_report(records, predictions, PAPER, FOLDS, SEEDS, selection)
 
 
-@pytest.mark.parametrize("name", ["table1.md", "table1.csv", "table1.tex", "ttests.csv"])
+@pytest.mark.parametrize("name", ["table1.md", "table1.csv", "table1.tex", "ttests.csv", "intervals.csv", "delong.csv"])
 def test_golden_files(name: str):
-    text = rendered()[name]
+    text = render_files(report(), PROVENANCE)[name]
     if os.environ.get("UPDATE_GOLDEN"):
         (GOLDEN / name).write_text(text)
     assert text == (GOLDEN / name).read_text()
 
 
-def test_cells_are_mean_and_sample_std_over_folds_and_seeds():
-    rows = collect_results(fake_records(), PAPER, FOLDS, SEEDS)
-    cell = next(r for r in rows if (r["experiment"], r["site"], r["metric"]) == ("sepnorm", "B", "f1"))
-    values = [
-        100 * (0.55 + 0.04 * 7 + 0.013 * f + 0.007 * k * 2 - 0.05 - 0.01 + 0.003 * ((21 + 5 * f + 7 * k) % 4))
-        for f in FOLDS
-        for k in range(len(SEEDS))
-    ]
-    assert cell["n"] == 4 and cell["mean"] == pytest.approx(statistics.fmean(values))
+def _cell(rows: list[dict], experiment: str, site: str, metric: str) -> dict:
+    return next(r for r in rows if (r["experiment"], r["site"], r["metric"]) == (experiment, site, metric))
+
+
+def test_runs_aggregation_is_mean_and_sample_std_over_folds_and_seeds():
+    rows = collect_results(fake_records(), PAPER, FOLDS, SEEDS, aggregation="runs")
+    cell = _cell(rows, "sepnorm", "B", "f1")
+    values = [100 * level(7, f, k, 1, "B") for f in FOLDS for k in range(len(SEEDS))]
+    assert cell["n"] == cell["expected"] == 4 and cell["mean"] == pytest.approx(statistics.fmean(values))
     assert cell["std"] == pytest.approx(statistics.stdev(values))
     assert (cell["paper_mean"], cell["paper_std"]) == (75.02, 1.14)
-    assert len(rows) == 9 * 2 * 5
+    assert len(rows) == 9 * 2 * len(RECORD_METRICS)
     assert all(r["n"] == 0 and r["mean"] is None for r in rows if r["experiment"] == "parallel_adapter")
     assert all(r["n"] == 3 for r in rows if r["experiment"] == "msnet")
 
 
-def test_paired_ttest_matches_the_textbook_formula():
-    tests = paired_ttests(fake_records(), FOLDS, SEEDS)
-    row = next(t for t in tests if (t["site"], t["metric"], t["baseline"]) == ("A", "auc", "msnet"))
-    records = {(r["run"]["experiment"], r["run"]["fold"], r["run"]["seed"]): r for r in fake_records()}
-    diffs = [
-        100 * (records[("ours", f, s)]["A"]["auc"] - records[("msnet", f, s)]["A"]["auc"])
-        for f in FOLDS
-        for s in SEEDS
-        if ("msnet", f, s) in records
-    ]
-    assert row["n_pairs"] == 3 == len(diffs)
+def test_paper_aggregation_is_the_4_fold_estimate_per_seed_then_mean_and_std_over_seeds():
+    rows = collect_results(fake_records(), PAPER, FOLDS, SEEDS, aggregation="paper")
+    cell = _cell(rows, "sepnorm", "A", "auc")
+    per_seed = [statistics.fmean(100 * level(7, f, k, 4, "A") for f in FOLDS) for k in range(len(SEEDS))]
+    assert cell["n"] == cell["expected"] == 2
+    assert cell["mean"] == pytest.approx(statistics.fmean(per_seed))
+    assert cell["std"] == pytest.approx(statistics.stdev(per_seed))
+    # msnet misses fold 1 of seed 644: that seed has no 4-fold estimate
+    assert _cell(rows, "msnet", "A", "auc")["n"] == 1
+
+
+def test_patient_level_rows_and_selection_at_report_time():
+    patients = collect_results(fake_records(), PAPER, FOLDS, SEEDS, aggregation="runs", level="patients")
+    assert {r["site"] for r in patients} == {"B"} and all(r["paper_mean"] is None for r in patients)
+    cell = _cell(patients, "ours", "B", "acc")
+    assert cell["mean"] == pytest.approx(
+        statistics.fmean(100 * (level(8, f, k, 0, "B") + 0.02) for f in FOLDS for k in (0, 1))
+    )
+    best = collect_results(fake_records(), PAPER, FOLDS, SEEDS, selection="best_val_auc", aggregation="runs")
+    cell = _cell(best, "ours", "A", "acc")
+    assert cell["n"] == 2 and cell["mean"] == pytest.approx(
+        statistics.fmean(100 * (level(8, 0, k, 0, "A") - 0.01) for k in (0, 1))
+    )
+    text = render_files(report("best_val_auc"), {**PROVENANCE, "selection": "best_val_auc"})["table1.md"]
+    assert "Checkpoint selection `best_val_auc`" in text and "have no `best_val_auc` result" in text
+
+
+@pytest.mark.parametrize("aggregation", ["paper", "runs"])
+def test_paired_ttest_matches_the_textbook_formula(aggregation: str):
+    tests = paired_ttests(fake_records(), FOLDS, SEEDS, aggregation=aggregation)
+    row = next(t for t in tests if (t["site"], t["metric"], t["baseline"]) == ("A", "auc", "sepnorm"))
+    per_run = {(f, k): 100 * (level(8, f, k, 4, "A") - level(7, f, k, 4, "A")) for f in FOLDS for k in (0, 1)}
+    if aggregation == "runs":
+        diffs = list(per_run.values())
+    else:
+        diffs = [statistics.fmean(per_run[(f, k)] for f in FOLDS) for k in (0, 1)]
+    assert row["n_pairs"] == len(diffs) == (4 if aggregation == "runs" else 2)
     assert row["mean_diff"] == pytest.approx(statistics.fmean(diffs))
     t = statistics.fmean(diffs) / (statistics.stdev(diffs) / math.sqrt(len(diffs)))
     assert row["t"] == pytest.approx(t)
@@ -119,26 +161,140 @@ def test_duplicate_runs_are_refused():
         collect_results([*records, records[0]], PAPER, FOLDS, SEEDS)
 
 
-def test_cli_writes_every_output_from_run_folders(tmp_path: Path):
-    runs = tmp_path / "runs"
+def test_patient_pooling_by_mean_and_max_and_unmapped_images_count_alone():
+    rows = [
+        {"file": "a", "patient": "p1", "label": 1, "prob_covid": 0.2},
+        {"file": "b", "patient": "p1", "label": 1, "prob_covid": 0.8},
+        {"file": "c", "patient": "", "label": 0, "prob_covid": 0.3},
+        {"file": "d", "patient": "", "label": 0, "prob_covid": 0.6},
+    ]
+    mean = {p["patient"]: p["prob_covid"] for p in pool_by_patient(rows, "mean")}
+    assert mean == {"p1": pytest.approx(0.5), "image:c": 0.3, "image:d": 0.6}
+    assert {p["patient"]: p["prob_covid"] for p in pool_by_patient(rows, "max")}["p1"] == 0.8
+    metrics = binary_metrics([1, 0, 0], [0.5, 0.3, 0.6])
+    assert metrics["acc"] == pytest.approx(1 / 3) and metrics["auc"] == pytest.approx(0.5)
+    # ECE by hand, 15 bins: |0.5 - 1|, |0.3 - 0|, |0.6 - 0|, each in its own bin, weighted 1/3
+    assert metrics["ece"] == pytest.approx((0.5 + 0.3 + 0.6) / 3)
+
+
+def test_weighted_auc_and_accuracy_are_the_metrics_of_the_repeated_predictions():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 300)
+    probs = np.round(np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.3, 300), 0, 1), 1)  # many ties
+    weights = rng.integers(0, 4, (5, 300))
+    for w in weights:
+        repeated = np.repeat(np.arange(300), w)
+        auc = float(binary_auroc(torch.tensor(probs[repeated]), torch.tensor(labels[repeated])))
+        assert weighted_metric("auc", w, labels, probs)[0] == pytest.approx(auc, abs=1e-6)
+        acc = np.mean((probs[repeated] >= 0.5) == labels[repeated])
+        assert weighted_metric("acc", w, labels, probs)[0] == pytest.approx(acc)
+
+
+def test_bootstrap_interval_is_scipys_over_whole_units():
+    """The same resamples as scipy.stats.bootstrap with the plain statistic: the AUC of the drawn units'
+    predictions, all slices of a unit together."""
+    rng = np.random.default_rng(4)
+    units = [f"p{i // 3}" for i in range(90)]
+    labels = np.repeat(rng.integers(0, 2, 30), 3)
+    probs = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.25, 90), 0, 1)
+    estimate, low, high = bootstrap_interval("auc", units, labels, probs, n_resamples=300, seed=7)
+    members = [np.arange(3 * u, 3 * u + 3) for u in range(30)]
+
+    def plain(sample):
+        rows = np.concatenate([members[u] for u in sample])
+        return float(binary_auroc(torch.tensor(probs[rows]), torch.tensor(labels[rows])))
+
+    expected = stats.bootstrap(
+        (np.arange(30),),
+        plain,
+        n_resamples=300,
+        method="percentile",
+        vectorized=False,
+        batch=max(1, 2_000_000 // 90),
+        rng=np.random.default_rng(7),
+    ).confidence_interval
+    assert (low, high) == pytest.approx((expected.low, expected.high), abs=1e-6)
+    assert low < estimate < high
+    assert estimate == pytest.approx(float(binary_auroc(torch.tensor(probs), torch.tensor(labels))), abs=1e-6)
+
+
+def test_delong_matches_the_definition():
+    """DeLong et al. (1988): structural components V10, V01 from all pairs, their covariances, and z."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 40)
+    a = np.round(np.clip(0.5 + 0.4 * (labels - 0.5) + rng.normal(0, 0.25, 40), 0, 1), 1)
+    b = np.round(np.clip(0.5 + 0.2 * (labels - 0.5) + rng.normal(0, 0.25, 40), 0, 1), 1)
+
+    def psi(x, y):
+        return 1.0 if x > y else 0.5 if x == y else 0.0
+
+    components = []
+    for s in (a, b):
+        pos, neg = s[labels == 1], s[labels == 0]
+        v10 = np.array([np.mean([psi(x, y) for y in neg]) for x in pos])
+        v01 = np.array([np.mean([psi(x, y) for x in pos]) for y in neg])
+        components.append((v10.mean(), v10, v01))
+    m, n = (labels == 1).sum(), (labels == 0).sum()
+    s10 = np.cov(np.vstack([components[0][1], components[1][1]]))
+    s01 = np.cov(np.vstack([components[0][2], components[1][2]]))
+    cov = s10 / m + s01 / n
+    z = (components[0][0] - components[1][0]) / math.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    result = delong_test(labels, a, b)
+    assert result["auc_a"] == pytest.approx(components[0][0]) and result["auc_b"] == pytest.approx(components[1][0])
+    assert result["z"] == pytest.approx(z) and result["p"] == pytest.approx(2 * stats.norm.sf(abs(z)))
+
+
+def test_reliability_bins_by_hand():
+    bins = reliability_bins([0, 1, 1, 0, 1], [0.05, 0.15, 0.12, 0.95, 0.91])
+    assert bins == [
+        {"mean_prob": 0.05, "observed": 0.0, "n": 1},
+        {"mean_prob": pytest.approx(0.135), "observed": 1.0, "n": 2},
+        {"mean_prob": pytest.approx(0.93), "observed": 0.5, "n": 2},
+    ]
+
+
+def _write_runs(runs: Path) -> None:
     for i, record in enumerate(fake_records()):
         folder = runs / record["run"]["experiment"] / f"run{i}"
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps(record))
-        lines = ["site,file,label,prob_covid"]
-        for site in ("A", "B"):
-            for n in range(20):
-                label = n % 2
-                prob = min(1.0, max(0.0, 0.5 + (label - 0.5) * record[site]["auc"] + 0.03 * ((n * 7) % 5 - 2)))
-                lines.append(f"{site},c/{n}.png,{label},{prob}")
+        (folder / "timing.json").write_text(json.dumps({"finished_at": f"2026-01-{1 + i % 20:02d} 10:00 UTC"}))
+        columns = ["selection", "site", "file", "patient", "label", "prob_covid"]
+        lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in fake_predictions(record)]
         (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
+
+
+OUTPUTS = (
+    "table1.md",
+    "table1.csv",
+    "table1.tex",
+    "ttests.csv",
+    "intervals.csv",
+    "delong.csv",
+    "provenance.json",
+    "roc_A.png",
+    "roc_B.png",
+    "reliability_A.png",
+    "reliability_B.png",
+)
+
+
+def test_cli_writes_every_output_and_a_rerun_gives_the_same_bytes(tmp_path: Path):
+    runs = tmp_path / "runs"
+    _write_runs(runs)
     out = tmp_path / "out"
-    assert report_main(["--runs", str(runs), "--out", str(out), "--folds", "0,1", "--seeds", "643,644"]) == 0
-    for name in ("table1.md", "table1.csv", "table1.tex", "ttests.csv", "roc_A.png", "roc_B.png", "provenance.json"):
-        assert (out / name).is_file(), name
-    assert Image.open(out / "roc_A.png").size[0] > 300
+    args = ["--runs", str(runs), "--out", str(out), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main(args) == 0
+    first = {name: (out / name).read_bytes() for name in OUTPUTS}
+    assert Image.open(out / "reliability_B.png").size[0] > 300
     table = (out / "table1.md").read_text()
-    assert "missing (0/4)" in table and "(3/4)*" in table and "image-level" in table
+    assert "missing (0/2)" in table and "(1/2)*" in table and "(3/4)*" in table and "image-level" in table
+    assert "Patient level" in table and "DeLong" in table and "95% confidence intervals" in table
+    assert json.loads(first["provenance.json"])["date"] == "2026-01-20 10:00 UTC"  # the newest record's
+    assert report_main(args) == 0
+    assert {name: (out / name).read_bytes() for name in OUTPUTS} == first
+    assert report_main([*args, "--select", "best_val_auc"]) == 0
+    assert "Checkpoint selection `best_val_auc`" in (out / "table1.md").read_text()
     assert report_main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2
 
 
@@ -147,13 +303,7 @@ def test_cli_logs_the_table_to_wandb_offline(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    runs = tmp_path / "runs" / "ours" / "r"
-    runs.mkdir(parents=True)
-    record = fake_records()[-2]
-    (runs / "metrics.json").write_text(json.dumps(record))
-    (runs / "predictions.csv").write_text(
-        "site,file,label,prob_covid\nA,a.png,1,0.9\nA,b.png,0,0.2\nB,c.png,1,0.4\nB,d.png,0,0.6\n"
-    )
+    _write_runs(tmp_path / "runs")
     out = tmp_path / "out"
     args = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--folds", "0,1", "--seeds", "643,644", "--wandb"]
     assert report_main(args) == 0

@@ -107,7 +107,7 @@ def test_same_seed_same_record_and_another_seed_other_numbers(phantom_root: Path
     first, second, other = run(5, "a"), run(5, "b"), run(6, "c")
     assert first == second
     assert (tmp_path / "a" / "predictions.csv").read_bytes() == (tmp_path / "b" / "predictions.csv").read_bytes()
-    assert (first["A"], first["B"]) != (other["A"], other["B"])
+    assert first["test"] != other["test"]
     assert first["run"]["splits"] == other["run"]["splits"]  # folds depend on split_seed only
 
 
@@ -119,7 +119,7 @@ def test_a_folder_of_another_config_is_refused_and_left_untouched(phantom_root: 
     assert (tmp_path / "metrics.json").read_bytes() == before
     # the same config (even with another data root or worker count) skips and returns the record
     again = train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "data.num_workers=1"]), tmp_path)
-    assert again == {site: json.loads(before)[site] for site in ("A", "B")}
+    assert again == json.loads(before)["test"]
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["checked-each-step", "fused-skips-on-device"])
@@ -233,7 +233,7 @@ def test_submitit_preemption_requeues_and_resumes(phantom_root: Path, tmp_path: 
     os.kill(task, signal.SIGUSR2)
     results = job.result()
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert results == {site: record[site] for site in ("A", "B")} and record["run"]["epochs_trained"] == 3
+    assert results == record["test"] and record["run"]["epochs_trained"] == 3
     log = "".join(p.read_text() for p in (tmp_path / "submitit").glob("*_log.*"))
     assert "Restored all states from the checkpoint" in log  # the requeued attempt resumed the fit
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from covidct.data.folds import DEFAULT_VAL_FRACTION, N_FOLDS, SITE_A_FOLD_NOTE, assign_groups
+from covidct.data.folds import N_FOLDS, SITE_A_FOLD_NOTE, assign_groups
 from covidct.data.sources import (
     _PAPER_PREFIX,
     PATIENTS_CSV,
@@ -29,7 +29,7 @@ from covidct.data.sources import (
 )
 from covidct.errors import ConfigError, DataError
 
-# The training part of a site is (N_FOLDS - 1) / N_FOLDS of it, less data.val_fraction (default below).
+# The training part of a site is (N_FOLDS - 1) / N_FOLDS of it under the paper's protocol (no validation part).
 
 
 @dataclass
@@ -242,7 +242,7 @@ def check_data(
         for p, _ in items:
             if infos[p].error is not None:
                 report.problems.append(Problem(site, infos[p].error, _relative(root, p)))
-        training = len(items) * (N_FOLDS - 1) / N_FOLDS * (1 - DEFAULT_VAL_FRACTION)
+        training = len(items) * (N_FOLDS - 1) / N_FOLDS
         if training < batch_per_site:
             report.problems.append(
                 Problem(

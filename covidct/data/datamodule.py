@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.cache import DecodedImageCache, default_cache_dir
-from covidct.data.folds import DEFAULT_VAL_FRACTION, N_FOLDS, SITE_A_FOLD_NOTE, split_fold
+from covidct.data.folds import N_FOLDS, SITE_A_FOLD_NOTE, split_fold
 from covidct.data.sampler import SiteBalancedBatchSampler, collate_with_site_layout
 from covidct.data.sources import SITES, Sample, scan_site, site_index
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, normalize_images
@@ -74,7 +74,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         fold: int = 0,
         split_seed: int = 0,
         group_by: str = "patient",
-        val_fraction: float = DEFAULT_VAL_FRACTION,
+        val_fraction: float = 0.0,
         image_size: int = 224,
         batch_per_site: int = 16,
         site_b_repeat: int = 4,
@@ -191,6 +191,17 @@ class TwoSiteDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("test")
 
+    def has_validation(self) -> bool:
+        return any(parts["val"] for parts in self.splits.values())
+
+    def sites_with_patients(self) -> list[str]:
+        """Sites whose images carry patient ids: they get patient-level results too."""
+        return [site for site, parts in self.splits.items() if any(s.patient for s in parts["test"])]
+
+    def test_patients(self) -> dict[tuple[str, str], str]:
+        """(site, file) -> patient id ('' where unknown) of every test image."""
+        return {(site, s.name): s.patient for site, parts in self.splits.items() for s in parts["test"]}
+
     def split_summary(self) -> dict[str, Any]:
         """Counts per site and part, and how folds were grouped: part of every run record."""
         summary: dict[str, Any] = {
@@ -211,6 +222,15 @@ class TwoSiteDataModule(pl.LightningDataModule):
                 for part, items in parts.items()
             }
         notes = []
+        held_out = {site: len(parts["val"]) for site, parts in self.splits.items() if parts["val"]}
+        if held_out:
+            cost = ", ".join(f"site {site} {n}" for site, n in held_out.items())
+            notes.append(
+                f"validation part (data.val_fraction={self.val_fraction}) held out of training for checkpoint "
+                f"selection: {cost} training images fewer than the paper's protocol"
+            )
+        else:
+            notes.append("the paper's protocol: trained on all non-test images (no validation part)")
         if "A" in self.sites:
             notes.append(SITE_A_FOLD_NOTE if self.group_by == "patient" else "folds are image-level on every site")
         if "B" in self.sites and self.group_by == "patient":

@@ -10,7 +10,6 @@ from covidct.data.sources import Sample
 from covidct.errors import ConfigError
 
 N_FOLDS = 4
-DEFAULT_VAL_FRACTION = 0.1
 SITE_A_FOLD_NOTE = (
     "site A has no patient ids: its folds are image-level (byte-identical duplicates kept together), "
     "so slices of one patient can fall on both sides of a split"

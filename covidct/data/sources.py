@@ -50,12 +50,14 @@ _PAPER_PREFIX = re.compile(r"^(.*?-p\d+)")
 
 @dataclass(frozen=True)
 class Sample:
-    """One image: its site, file, label (1 = COVID) and the group that must stay on one side of a split."""
+    """One image: its site, file, label (1 = COVID), the group that must stay on one side of a split, and
+    its patient id where the publisher gives one ('' where not: site A, site B's 30 unmapped images)."""
 
     site: str
     path: Path
     label: int
     group: str
+    patient: str = ""
 
     @property
     def name(self) -> str:
@@ -144,14 +146,19 @@ def scan_site(root: Path, site: str, group_by: str = "patient") -> list[Sample]:
     """All samples of a site with the groups folds must respect.
 
     Site A has no patient ids: byte-identical files form a group, otherwise each image is its own group.
-    Site B uses patients.csv, falling back to the source-paper prefix for unmapped images.
+    Site B uses patients.csv, falling back to the source-paper prefix for unmapped images. Patient ids are
+    read for patient-level results with either grouping (image-level folds do without a patients.csv).
     """
     if group_by not in ("patient", "image"):
         raise DataError(f"data.group_by must be 'patient' or 'image', got {group_by!r}.")
     root = Path(root)
     items = list_images(root, site)
     if group_by == "image":
-        return [Sample(site, p, y, f"{site}:{p.parent.name}/{p.name}") for p, y in items]
+        patients = _read_patient_ids(root) if site == "B" and (root / PATIENTS_CSV).is_file() else {}
+        return [
+            Sample(site, p, y, f"{site}:{p.parent.name}/{p.name}", patients.get(f"{p.parent.name}/{p.name}", ""))
+            for p, y in items
+        ]
     if site == "A":
         first_of_digest: dict[str, str] = {}
         samples = []
@@ -164,11 +171,12 @@ def scan_site(root: Path, site: str, group_by: str = "patient") -> list[Sample]:
     samples = []
     for p, y in items:
         name = f"{p.parent.name}/{p.name}"
-        group = patients.get(name)
-        if group is None:
+        patient = patients.get(name, "")
+        group = patient
+        if not patient:
             match = _PAPER_PREFIX.match(p.name)
             group = f"{p.parent.name}:paper:{match.group(1) if match else p.stem}"
-        samples.append(Sample(site, p, y, f"B:{group}"))
+        samples.append(Sample(site, p, y, f"B:{group}", patient))
     return samples
 
 

@@ -93,6 +93,7 @@ class SiteMethod(pl.LightningModule):
         self._sites_seen: dict[str, set[str]] = {stage: set() for stage in EVAL_STAGES}
         self.test_results: dict[str, dict[str, float]] = {}
         self.test_predictions: list[dict[str, Any]] = []
+        self.test_log_prefix = "test"  # the run tests several checkpoints and logs each under its own prefix
         self.divergence_guard = DivergenceGuard()
         self._graphed_step: GraphedTrainingStep | None = None
 
@@ -300,10 +301,12 @@ class SiteMethod(pl.LightningModule):
             collection = self.eval_metrics[f"{stage}_{site}"]
             results[site] = {name: float(value) for name, value in collection.compute().items()}
             collection.reset()
+            prefix = self.test_log_prefix if stage == "test" else stage
             for name, value in results[site].items():
-                self.log(f"{stage}/{site}/{name}", value, add_dataloader_idx=False, sync_dist=True)
+                self.log(f"{prefix}/{site}/{name}", value, add_dataloader_idx=False, sync_dist=True)
         self._sites_seen[stage].clear()
         if results:
             mean_auc = sum(r["auc"] for r in results.values()) / len(results)
-            self.log(f"{stage}/auc", mean_auc, add_dataloader_idx=False, prog_bar=stage == "val", sync_dist=True)
+            prefix = self.test_log_prefix if stage == "test" else stage
+            self.log(f"{prefix}/auc", mean_auc, add_dataloader_idx=False, prog_bar=stage == "val", sync_dist=True)
         return results

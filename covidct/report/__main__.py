@@ -1,45 +1,42 @@
-"""`python -m covidct.report --runs DIR --out DIR`: Table I, t-tests, ROC curves and provenance from run records."""
+"""`python -m covidct.report --runs DIR --out DIR [--select last|best_val_auc]`: Table I and its statistics."""
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import json
 import sys
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from covidct.data.sources import SITES
 from covidct.errors import ConfigError, CovidCTError
-from covidct.records import METRICS_FILE, PREDICTIONS_FILE, atomic_write_text, git_commit
-from covidct.report.roc import plot_rocs, roc_curve
-from covidct.report.table1 import (
-    TABLE1_ROWS,
-    TABLE_COLUMNS,
-    TTEST_COLUMNS,
-    DuplicateRunError,
-    collect_results,
-    paired_ttests,
-    select_records,
-    to_csv,
-    to_latex,
-    to_markdown,
-)
+from covidct.records import METRICS_FILE, atomic_write_text, read_predictions
+from covidct.report.curves import plot_reliability, plot_rocs
+from covidct.report.render import build_report, render_files
+from covidct.report.table1 import SELECTIONS, TABLE1_ROWS, TABLE_COLUMNS, DuplicateRunError, select_records
 
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table1.csv"
+TIMING_FILE = "timing.json"
 
 
 def load_run_records(runs: Path) -> list[dict[str, Any]]:
-    """Every complete run record under `runs`, with its folder under the key '_dir'."""
+    """Every complete run record under `runs`, with its folder under '_dir' and its finishing time (from
+    timing.json, where present) under '_finished_at'."""
     records = []
     for path in sorted(Path(runs).rglob(METRICS_FILE)):
         record = json.loads(path.read_text())
-        if "run" in record:
-            record["_dir"] = str(path.parent)
-            records.append(record)
+        if "run" not in record:
+            continue
+        if "test" not in record:
+            raise ConfigError(
+                f"{path} was written by an older covidct (no 'test' section); delete its folder and rerun it."
+            )
+        record["_dir"] = str(path.parent)
+        timing = path.parent / TIMING_FILE
+        record["_finished_at"] = json.loads(timing.read_text()).get("finished_at") if timing.is_file() else None
+        records.append(record)
     return records
 
 
@@ -50,54 +47,57 @@ def _int_list(text: str) -> list[int]:
         raise ConfigError(f"expected comma-separated integers, got {text!r}") from err
 
 
-def pooled_predictions(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """site -> experiment -> (labels, probabilities) of every selected run's test images."""
-    pooled: dict[str, dict[str, tuple[list[int], list[float]]]] = defaultdict(dict)
+def run_predictions(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every selected run's test predictions, each row tagged with its run's experiment, fold and seed."""
+    rows = []
     for record in records:
-        with (Path(record["_dir"]) / PREDICTIONS_FILE).open(newline="") as fh:
-            for row in csv.DictReader(fh):
-                labels, probs = pooled[row["site"]].setdefault(record["run"]["experiment"], ([], []))
-                labels.append(int(row["label"]))
-                probs.append(float(row["prob_covid"]))
-    return pooled
+        run = record["run"]
+        tag = {"experiment": run["experiment"], "fold": int(run["fold"]), "seed": int(run["seed"])}
+        rows += [{**row, **tag} for row in read_predictions(Path(record["_dir"]))]
+    return rows
 
 
-def write_report(runs: Path, out: Path, protocol: str, folds: list[int], seeds: list[int], wandb: bool) -> Path:
+def write_report(
+    runs: Path, out: Path, protocol: str, folds: list[int], seeds: list[int], selection: str, wandb: bool
+) -> Path:
     records = load_run_records(runs)
     with PAPER_TABLE.open(newline="") as fh:
         paper = list(csv.DictReader(fh))
     try:
         selected = list(select_records(records, folds, seeds).values())
-        rows = collect_results(records, paper, folds, seeds)
-        ttests = paired_ttests(records, folds, seeds)
     except DuplicateRunError as err:
         raise ConfigError(f"{runs}: {err}") from err
+    report = build_report(records, run_predictions(selected), paper, folds, seeds, selection)
+    finished = sorted(r["_finished_at"] for r in selected if r.get("_finished_at"))
     provenance = {
         "protocol": protocol,
-        "git_commit": git_commit(),
+        "selection": selection,
         "run commits": ", ".join(sorted({r["run"].get("git_commit", "unknown") for r in selected})) or "none",
         "device": ", ".join(sorted({r["run"].get("device", "unknown") for r in selected})) or "none",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": finished[-1] if finished else "unknown",  # the newest record's: reruns give the same file
         "runs": f"{len(selected)} of {len(TABLE1_ROWS) * len(folds) * len(seeds)} "
         f"(9 methods x folds {folds} x seeds {seeds})",
         "group_by": ", ".join(sorted({r["run"].get("group_by", "?") for r in selected})) or "none",
+        "split_seed": ", ".join(sorted({str(r["run"].get("split_seed", "?")) for r in selected})) or "none",
+        "patient pooling": report["patient_pooling"],
     }
     if protocol == "smoke":
         provenance["note"] = (
             "smoke protocol: networks trained for 2 steps; the numbers test the pipeline, not the methods"
         )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "table1.md", to_markdown(rows, ttests, provenance))
-    atomic_write_text(out / "table1.csv", to_csv(rows, TABLE_COLUMNS))
-    atomic_write_text(out / "table1.tex", to_latex(rows, provenance))
-    atomic_write_text(out / "ttests.csv", to_csv(ttests, TTEST_COLUMNS))
-    atomic_write_text(out / "provenance.json", json.dumps(provenance, indent=2) + "\n")
-    pooled = pooled_predictions(selected)
+    for name, text in render_files(report, provenance).items():
+        atomic_write_text(out / name, text)
     images = {}
     for site in SITES:
-        curves = {TABLE1_ROWS[e]: roc_curve(*pooled[site][e]) for e in TABLE1_ROWS if e in pooled.get(site, {})}
-        images[site] = plot_rocs(curves, f"Site {site}: pooled test predictions", out / f"roc_{site}.png")
+        rocs = {TABLE1_ROWS[e]: curve for (e, s), curve in report["rocs"].items() if s == site}
+        images[f"roc_{site}"] = plot_rocs(rocs, f"Site {site}: pooled test predictions", out / f"roc_{site}.png")
+        bins = {TABLE1_ROWS[e]: b for (e, s), b in report["reliability"].items() if s == site}
+        images[f"reliability_{site}"] = plot_reliability(
+            bins, f"Site {site}: reliability of pooled test predictions", out / f"reliability_{site}.png"
+        )
     if wandb:
+        rows = [row for table in report["tables"].values() for row in table]
         _log_to_wandb(rows, images, provenance, out)
     return out / "table1.md"
 
@@ -110,7 +110,7 @@ def _log_to_wandb(rows: list[dict[str, Any]], images: dict[str, Path], provenanc
     run.log(
         {
             "table1": wandb.Table(columns=list(TABLE_COLUMNS), data=[[r[c] for c in TABLE_COLUMNS] for r in rows]),
-            **{f"roc_{site}": wandb.Image(str(path)) for site, path in images.items()},
+            **{name: wandb.Image(str(path)) for name, path in images.items()},
         }
     )
     run.finish()
@@ -119,17 +119,25 @@ def _log_to_wandb(rows: list[dict[str, Any]], images: dict[str, Path], provenanc
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidct.report", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True, help="folder holding run folders (searched recursively)")
-    parser.add_argument("--out", type=Path, required=True, help="where table1.md, .csv, .tex, ttests.csv, roc_*.png go")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="where the tables (.md, .csv, .tex) and figures (.png) go"
+    )
     parser.add_argument("--protocol", default="paper", help="name recorded in the provenance block")
     parser.add_argument("--folds", default="0,1,2,3", help="folds of the sweep (comma-separated)")
     parser.add_argument("--seeds", default="643,644,645", help="seeds of the sweep (comma-separated)")
+    parser.add_argument(
+        "--select",
+        choices=SELECTIONS,
+        default="last",
+        help="checkpoint of each run to report: the last epoch (the paper's protocol) or the best validation AUC",
+    )
     parser.add_argument("--wandb", action="store_true", help="also log the table and ROC curves to W&B")
     args = parser.parse_args(argv)
     try:
         if not args.runs.is_dir():
             raise ConfigError(f"runs folder {args.runs} does not exist; run the sweep first (make table1).")
         path = write_report(
-            args.runs, args.out, args.protocol, _int_list(args.folds), _int_list(args.seeds), args.wandb
+            args.runs, args.out, args.protocol, _int_list(args.folds), _int_list(args.seeds), args.select, args.wandb
         )
     except CovidCTError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,7 +1,13 @@
 """Table I from run records: pure functions from records to tables, t-tests and their renderings.
 
-Like DomainBed's collect_results: nothing here reads files or trains; the CLI (`python -m covidct.report`)
-feeds it run records and writes what it returns.
+Like DomainBed's collect_results and model_selection: nothing here reads files or trains; the CLI
+(`python -m covidct.report`) feeds it run records and writes what it returns. The checkpoint selection
+(`last`, `best_val_auc`) is chosen here, at report time, from what every run recorded.
+
+Two aggregations of the runs of a method and site:
+- `paper`, as the paper reports: per seed, the 4-fold estimate (the mean of that seed's folds); then
+  mean and sample std over seeds, t-tests paired by seed (n = seeds). A seed missing a fold is left out.
+- `runs`: mean and sample std over every fold x seed run, t-tests paired by (fold, seed) (n = runs).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from scipy import stats
 
 from covidct.data.folds import SITE_A_FOLD_NOTE
 from covidct.data.sources import SITES
-from covidct.records import METRIC_NAMES
+from covidct.metrics import METRIC_NAMES, RECORD_METRICS
 
 # Table I's rows in the paper's order: experiment name -> the paper's method label.
 TABLE1_ROWS: dict[str, str] = {
@@ -32,10 +38,31 @@ TABLE1_ROWS: dict[str, str] = {
     "ours": "SepNorm + Contrastive (ours)",
 }
 REFERENCE = "ours"
-METRIC_LABELS = {"acc": "Acc", "f1": "F1", "recall": "Recall", "precision": "Precision", "auc": "AUC"}
+SELECTIONS = ("last", "best_val_auc")
+AGGREGATIONS = ("paper", "runs")
+LEVELS = ("images", "patients")
+METRIC_LABELS = {"acc": "Acc", "f1": "F1", "recall": "Recall", "precision": "Precision", "auc": "AUC", "ece": "ECE"}
 TTEST_METRICS = ("auc", "acc")
-TABLE_COLUMNS = ("experiment", "method", "site", "metric", "n", "expected", "mean", "std", "paper_mean", "paper_std")
-TTEST_COLUMNS = ("site", "metric", "baseline", "n_pairs", "mean_diff", "t", "p")
+TABLE_COLUMNS = (
+    "selection",
+    "aggregation",
+    "level",
+    "experiment",
+    "method",
+    "site",
+    "metric",
+    "n",
+    "expected",
+    "mean",
+    "std",
+    "paper_mean",
+    "paper_std",
+)
+TTEST_COLUMNS = ("selection", "aggregation", "site", "metric", "baseline", "n_pairs", "mean_diff", "t", "p")
+AGGREGATION_TEXT = {
+    "paper": "per seed the 4-fold estimate (mean over folds), then mean ± sample std over seeds (n = seeds)",
+    "runs": "mean ± sample std over every fold x seed run (n = runs)",
+}
 
 
 class DuplicateRunError(ValueError):
@@ -66,31 +93,75 @@ def select_records(
     return chosen
 
 
+def site_metrics(record: Mapping[str, Any], selection: str, level: str, site: str) -> Mapping[str, float] | None:
+    """A run's test metrics of one site under a checkpoint selection, or None where it has none."""
+    return record.get("test", {}).get(selection, {}).get(level, {}).get(site)
+
+
+def cell_values(
+    chosen: Mapping[tuple[str, int, int], Mapping[str, Any]],
+    experiment: str,
+    site: str,
+    metric: str,
+    folds: Sequence[int],
+    seeds: Sequence[int],
+    selection: str,
+    aggregation: str,
+    level: str = "images",
+) -> dict[Any, float]:
+    """What a cell aggregates, in %, keyed by what pairs it with another method: (fold, seed) or seed."""
+    per_run = {}
+    for (e, f, s), record in chosen.items():
+        values = site_metrics(record, selection, level, site) if e == experiment else None
+        if values is not None and values.get(metric) is not None and not math.isnan(values[metric]):
+            per_run[(f, s)] = 100.0 * values[metric]
+    if aggregation == "runs":
+        return per_run
+    return {s: statistics.fmean(per_run[(f, s)] for f in folds) for s in seeds if all((f, s) in per_run for f in folds)}
+
+
+def expected_count(folds: Sequence[int], seeds: Sequence[int], aggregation: str) -> int:
+    return len(seeds) if aggregation == "paper" else len(folds) * len(seeds)
+
+
+def level_sites(chosen: Mapping[Any, Mapping[str, Any]], selection: str, level: str) -> list[str]:
+    """Image level: every site (a gap stays visible); patient level: the sites whose runs have patients."""
+    if level == "images":
+        return list(SITES)
+    found = {site for r in chosen.values() for site in r.get("test", {}).get(selection, {}).get(level, {})}
+    return [site for site in SITES if site in found]
+
+
 def collect_results(
     records: Iterable[Mapping[str, Any]],
     paper: Iterable[Mapping[str, Any]],
     folds: Sequence[int],
     seeds: Sequence[int],
+    selection: str = "last",
+    aggregation: str = "paper",
+    level: str = "images",
 ) -> list[dict[str, Any]]:
-    """One row per (experiment, site, metric): mean and sample std over folds x seeds, in %, with n.
+    """One row per (experiment, site, metric): mean and sample std in %, with n and the expected n.
 
-    Rows with no runs stay in the table with n = 0 and empty statistics, so a gap is visible.
+    Rows with no runs stay in the table with n = 0 and empty statistics, so a gap is visible. The paper's
+    values sit beside image-level rows (the paper reports no patient-level results).
     """
     chosen = select_records(records, folds, seeds)
-    paper_values = {(p["experiment"], p["site"], p["metric"]): p for p in paper}
-    expected = len(folds) * len(seeds)
+    paper_values = {(p["experiment"], p["site"], p["metric"]): p for p in paper} if level == "images" else {}
+    expected = expected_count(folds, seeds, aggregation)
     rows = []
     for experiment, method in TABLE1_ROWS.items():
-        for site in SITES:
-            for metric in METRIC_NAMES:
-                values = [
-                    100.0 * r[site][metric]
-                    for (e, _, _), r in sorted(chosen.items())
-                    if e == experiment and site in r and not math.isnan(r[site][metric])
-                ]
+        for site in level_sites(chosen, selection, level):
+            for metric in RECORD_METRICS:
+                values = list(
+                    cell_values(chosen, experiment, site, metric, folds, seeds, selection, aggregation, level).values()
+                )
                 reference = paper_values.get((experiment, site, metric), {})
                 rows.append(
                     {
+                        "selection": selection,
+                        "aggregation": aggregation,
+                        "level": level,
                         "experiment": experiment,
                         "method": method,
                         "site": site,
@@ -110,25 +181,22 @@ def paired_ttests(
     records: Iterable[Mapping[str, Any]],
     folds: Sequence[int],
     seeds: Sequence[int],
+    selection: str = "last",
+    aggregation: str = "paper",
     metrics: Sequence[str] = TTEST_METRICS,
 ) -> list[dict[str, Any]]:
-    """Paired t-tests of `ours` against each baseline per site and metric, runs paired by (fold, seed)."""
+    """Paired t-tests of `ours` against each baseline per site and metric (image level), paired by seed
+    (`paper`) or by (fold, seed) (`runs`)."""
     chosen = select_records(records, folds, seeds)
     rows = []
     for site in SITES:
         for metric in metrics:
+            ours = cell_values(chosen, REFERENCE, site, metric, folds, seeds, selection, aggregation)
             for baseline in TABLE1_ROWS:
                 if baseline == REFERENCE:
                     continue
-                pairs = [
-                    (100.0 * chosen[(REFERENCE, f, s)][site][metric], 100.0 * chosen[(baseline, f, s)][site][metric])
-                    for f in folds
-                    for s in seeds
-                    if (REFERENCE, f, s) in chosen
-                    and (baseline, f, s) in chosen
-                    and site in chosen[(REFERENCE, f, s)]
-                    and site in chosen[(baseline, f, s)]
-                ]
+                theirs = cell_values(chosen, baseline, site, metric, folds, seeds, selection, aggregation)
+                pairs = [(ours[k], theirs[k]) for k in sorted(ours) if k in theirs]
                 t = p = None
                 diffs = [a - b for a, b in pairs]
                 # differences that are constant up to rounding have no defined t statistic
@@ -137,6 +205,8 @@ def paired_ttests(
                     t, p = float(result.statistic), float(result.pvalue)
                 rows.append(
                     {
+                        "selection": selection,
+                        "aggregation": aggregation,
                         "site": site,
                         "metric": metric,
                         "baseline": baseline,
@@ -153,21 +223,21 @@ def _float(value: Any) -> float | None:
     return None if value in (None, "") else float(value)
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
+def fmt(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
 def _cell(row: Mapping[str, Any], plus_minus: str = " ± ") -> str:
     if row["n"] == 0:
         return f"missing (0/{row['expected']})"
-    text = _fmt(row["mean"]) + (plus_minus + _fmt(row["std"]) if row["std"] is not None else "")
+    text = fmt(row["mean"]) + (plus_minus + fmt(row["std"]) if row["std"] is not None else "")
     return text + ("" if row["n"] == row["expected"] else f" ({row['n']}/{row['expected']})*")
 
 
 def _paper_cell(row: Mapping[str, Any], plus_minus: str = " ± ") -> str:
     if row["paper_mean"] is None:
         return ""
-    return _fmt(row["paper_mean"]) + (plus_minus + _fmt(row["paper_std"]) if row["paper_std"] is not None else "")
+    return fmt(row["paper_mean"]) + (plus_minus + fmt(row["paper_std"]) if row["paper_std"] is not None else "")
 
 
 def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -188,32 +258,47 @@ def provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
     return [*lines, f"- fold caveat: {SITE_A_FOLD_NOTE}"]
 
 
-def to_markdown(
-    rows: Sequence[Mapping[str, Any]], ttests: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]
-) -> str:
-    """Per site: ours (mean ± std over folds x seeds, n) beside the paper's value, in %; then the t-tests."""
+def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]:
+    """One table per site: every method's cells (with the paper's value beside, where it has one)."""
+    if not rows:
+        return []
     cells = _by_cell(rows)
-    out = ["# Table I, reproduced", ""]
-    out += [
-        "Ours: mean ± sample std over folds x seeds, in %, each beside the paper's value. "
-        "Cells marked * have fewer runs than expected.",
+    first = rows[0]
+    with_paper = any(r["paper_mean"] is not None for r in rows)
+    out = [
+        f"## {title}",
+        "",
+        f"Checkpoint selection: `{first['selection']}`. Aggregation `{first['aggregation']}`: "
+        f"{AGGREGATION_TEXT[first['aggregation']]}; in %. Cells marked * have fewer than the expected "
+        f"{first['expected']}. ECE: expected calibration error (15 bins; lower is better).",
         "",
     ]
-    for site in SITES:
-        out += [f"## Site {site}", ""]
-        header = ["method", "runs"]
-        for m in METRIC_NAMES:
-            header += [METRIC_LABELS[m], "paper"]
+    for site in dict.fromkeys(r["site"] for r in rows):
+        out += [f"### Site {site}", ""]
+        header = ["method", "n"]
+        for m in RECORD_METRICS:
+            header += [METRIC_LABELS[m]] + (["paper"] if with_paper and m in METRIC_NAMES else [])
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for experiment, method in TABLE1_ROWS.items():
-            first = cells[(experiment, site, METRIC_NAMES[0])]
-            values = [method, f"{first['n']}/{first['expected']}"]
-            for m in METRIC_NAMES:
-                values += [_cell(cells[(experiment, site, m)]), _paper_cell(cells[(experiment, site, m)])]
+            head = cells[(experiment, site, RECORD_METRICS[0])]
+            values = [method, f"{head['n']}/{head['expected']}"]
+            for m in RECORD_METRICS:
+                values += [_cell(cells[(experiment, site, m)])]
+                if with_paper and m in METRIC_NAMES:
+                    values += [_paper_cell(cells[(experiment, site, m)])]
             out.append("| " + " | ".join(values) + " |")
         out.append("")
-    out += ["## Paired t-tests: ours vs each baseline (pairs by fold and seed)", ""]
-    out += [
+    return out
+
+
+def ttests_markdown(ttests: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not ttests:
+        return []
+    first = ttests[0]
+    pairs = "seed" if first["aggregation"] == "paper" else "fold and seed"
+    out = [
+        f"## Paired t-tests, aggregation `{first['aggregation']}`: ours vs each baseline (pairs by {pairs})",
+        "",
         "| site | metric | baseline | pairs | mean diff (ours - baseline, pp) | t | p |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -221,18 +306,19 @@ def to_markdown(
         p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
         out.append(
             f"| {t['site']} | {t['metric']} | {TABLE1_ROWS[t['baseline']]} | {t['n_pairs']} | "
-            f"{_fmt(t['mean_diff'])} | {_fmt(t['t'], 3)} | {p} |"
+            f"{fmt(t['mean_diff'])} | {fmt(t['t'], 3)} | {p} |"
         )
-    out += ["", "## Provenance", "", *provenance_lines(provenance), ""]
-    return "\n".join(out)
+    return [*out, ""]
 
 
 def to_latex(rows: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]) -> str:
-    """A booktabs table like the paper's: ours ± std, the paper's mean in parentheses."""
+    """A booktabs table like the paper's (its five metrics): ours ± std, the paper's mean in parentheses."""
     cells = _by_cell(rows)
     columns = [(site, metric) for site in SITES for metric in METRIC_NAMES]
+    first = rows[0]
     out = [
-        f"% Table I reproduced; protocol={provenance.get('protocol')}, commit={provenance.get('git_commit')}",
+        f"% Table I reproduced; protocol={provenance.get('protocol')}, selection={first['selection']}, "
+        f"aggregation={first['aggregation']}",
         "\\begin{tabular}{l" + "c" * len(columns) + "}",
         "\\toprule",
         " & " + " & ".join(f"\\multicolumn{{{len(METRIC_NAMES)}}}{{c}}{{Site {site}}}" for site in SITES) + " \\\\",
@@ -244,7 +330,7 @@ def to_latex(rows: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]) -
         for site, metric in columns:
             row = cells[(experiment, site, metric)]
             ours = _cell(row, plus_minus="$\\pm$").replace("*", "$^*$")
-            paper = f" ({_fmt(row['paper_mean'])})" if row["paper_mean"] is not None else ""
+            paper = f" ({fmt(row['paper_mean'])})" if row["paper_mean"] is not None else ""
             values.append(ours + paper)
         out.append(method.replace("&", "\\&") + " & " + " & ".join(values) + " \\\\")
     out += ["\\bottomrule", "\\end{tabular}", ""]

@@ -1,0 +1,75 @@
+"""Binary metrics of one set of test predictions, at image or patient level.
+
+One definition for the run records and the report, so a table recomputed from `predictions.csv` is the
+record. COVID is the positive class and a probability of 0.5 or more predicts COVID (as the logged metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_calibration_error,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+)
+
+METRIC_NAMES = ("acc", "f1", "recall", "precision", "auc")  # Table I's
+ECE_BINS = 15
+RECORD_METRICS = (*METRIC_NAMES, "ece")  # and the expected calibration error, per site
+PATIENT_POOLINGS = ("mean", "max")
+
+
+def binary_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str, float]:
+    """Table I's five metrics and the expected calibration error (L1, ECE_BINS equal-width bins)."""
+    preds = torch.tensor(list(probs), dtype=torch.float64)
+    target = torch.tensor(list(labels), dtype=torch.long)
+    return {
+        "acc": float(binary_accuracy(preds, target)),
+        "f1": float(binary_f1_score(preds, target)),
+        "recall": float(binary_recall(preds, target)),
+        "precision": float(binary_precision(preds, target)),
+        "auc": float(binary_auroc(preds, target)),
+        "ece": float(binary_calibration_error(preds, target, n_bins=ECE_BINS, norm="l1")),
+    }
+
+
+def patient_of(row: Mapping[str, Any]) -> str:
+    """The unit of patient-level results: the patient id, or the image itself where no id is known."""
+    return row.get("patient") or f"image:{row['file']}"
+
+
+def pool_by_patient(rows: Iterable[Mapping[str, Any]], pooling: str = "mean") -> list[dict[str, Any]]:
+    """One prediction per patient: its slices' probabilities pooled by mean or max; COVID if any slice is."""
+    if pooling not in PATIENT_POOLINGS:
+        raise ValueError(f"patient pooling must be one of {PATIENT_POOLINGS}, got {pooling!r}")
+    slices: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        slices.setdefault(patient_of(row), []).append(row)
+    pooled = []
+    for patient in sorted(slices):
+        probs = [float(r["prob_covid"]) for r in slices[patient]]
+        prob = sum(probs) / len(probs) if pooling == "mean" else max(probs)
+        label = max(int(r["label"]) for r in slices[patient])
+        pooled.append({"patient": patient, "label": label, "prob_covid": prob, "slices": len(probs)})
+    return pooled
+
+
+def evaluate(rows: Sequence[Mapping[str, Any]], patient_sites: Iterable[str], pooling: str) -> dict[str, Any]:
+    """{"images": {site: metrics}, "patients": {site: metrics}} of one selection's test predictions;
+    patient-level for the sites whose images carry patient ids."""
+    sites = sorted({r["site"] for r in rows})
+    by_site = {site: [r for r in rows if r["site"] == site] for site in sites}
+    images = {
+        site: binary_metrics([r["label"] for r in rs], [r["prob_covid"] for r in rs]) for site, rs in by_site.items()
+    }
+    patients = {}
+    for site in sorted(set(patient_sites) & set(sites)):
+        pooled = pool_by_patient(by_site[site], pooling)
+        patients[site] = binary_metrics([p["label"] for p in pooled], [p["prob_covid"] for p in pooled])
+    return {"images": images, "patients": patients}

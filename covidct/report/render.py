@@ -1,0 +1,179 @@
+"""The whole report as a pure function: run records and their predictions in, tables and texts out.
+
+`build_report` computes every table (both aggregations, image and patient level, t-tests, intervals,
+DeLong, reliability bins, ROC curves); `render_files` turns it into the files `make table1` writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from covidct.report.curves import roc_curve
+from covidct.report.table1 import (
+    AGGREGATIONS,
+    LEVELS,
+    REFERENCE,
+    TABLE1_ROWS,
+    TABLE_COLUMNS,
+    TTEST_COLUMNS,
+    collect_results,
+    fmt,
+    paired_ttests,
+    provenance_lines,
+    results_markdown,
+    select_records,
+    to_csv,
+    to_latex,
+    ttests_markdown,
+)
+from covidct.report.uncertainty import (
+    CONFIDENCE,
+    DELONG_COLUMNS,
+    INTERVAL_COLUMNS,
+    N_RESAMPLES,
+    confidence_intervals,
+    delong_rows,
+    reliability_bins,
+)
+
+
+def build_report(
+    records: Sequence[Mapping[str, Any]],
+    predictions: Sequence[Mapping[str, Any]],
+    paper: Sequence[Mapping[str, Any]],
+    folds: Sequence[int],
+    seeds: Sequence[int],
+    selection: str,
+) -> dict[str, Any]:
+    """Every table of the report. `predictions` are prediction rows with experiment, fold and seed added."""
+    chosen = select_records(records, folds, seeds)
+    keys = {(r["run"]["experiment"], int(r["run"]["fold"]), int(r["run"]["seed"])) for r in chosen.values()}
+    rows = [
+        p
+        for p in predictions
+        if p["selection"] == selection and (p["experiment"], int(p["fold"]), int(p["seed"])) in keys
+    ]
+    patient_sites = sorted(
+        {site for r in chosen.values() for site in r.get("test", {}).get(selection, {}).get("patients", {})}
+    )
+    poolings = sorted({r["run"].get("patient_pooling", "mean") for r in chosen.values()}) or ["mean"]
+    experiments = [e for e in TABLE1_ROWS if any(r["experiment"] == e for r in rows)]
+    by_method_site = {
+        (e, site): [r for r in rows if r["experiment"] == e and r["site"] == site]
+        for e in experiments
+        for site in sorted({r["site"] for r in rows})
+    }
+    return {
+        "selection": selection,
+        "tables": {
+            (aggregation, level): collect_results(records, paper, folds, seeds, selection, aggregation, level)
+            for aggregation in AGGREGATIONS
+            for level in LEVELS
+        },
+        "ttests": {a: paired_ttests(records, folds, seeds, selection, a) for a in AGGREGATIONS},
+        "intervals": confidence_intervals(rows, experiments, patient_sites, poolings[0]),
+        "delong": delong_rows(rows, REFERENCE, [e for e in TABLE1_ROWS if e != REFERENCE], list(seeds))
+        if REFERENCE in experiments
+        else [],
+        "rocs": {
+            key: roc_curve([r["label"] for r in items], [r["prob_covid"] for r in items])
+            for key, items in by_method_site.items()
+            if items
+        },
+        "reliability": {
+            key: reliability_bins([r["label"] for r in items], [r["prob_covid"] for r in items])
+            for key, items in by_method_site.items()
+            if items
+        },
+        "patient_pooling": ", ".join(poolings),
+        "missing_selection": sum(selection not in r.get("test", {}) for r in chosen.values()),
+        "runs": len(chosen),
+    }
+
+
+def intervals_markdown(intervals: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not intervals:
+        return []
+    out = [
+        f"## {100 * CONFIDENCE:.0f}% confidence intervals (percentile bootstrap, {N_RESAMPLES} resamples)",
+        "",
+        "On each method's test predictions pooled over its runs; a resample draws whole units (a patient's "
+        "slices together where the site has patient ids, else images). In %.",
+        "",
+        "| method | site | level | metric | estimate | 95% CI | unit | units | predictions |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in intervals:
+        ci = "n/a" if r["low"] is None else f"{fmt(r['low'])} – {fmt(r['high'])}"
+        out.append(
+            f"| {TABLE1_ROWS[r['experiment']]} | {r['site']} | {r['level']} | {r['metric']} | "
+            f"{fmt(r['estimate'])} | {ci} | {r['unit']} | {r['n_units']} | {r['n_predictions']} |"
+        )
+    return [*out, ""]
+
+
+def delong_markdown(delong: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not delong:
+        return []
+    out = [
+        "## DeLong's test: AUC of ours vs each baseline on the same test images (per seed, folds pooled)",
+        "",
+        "| site | baseline | seed | images | AUC ours | AUC baseline | diff (pp) | z | p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in delong:
+        p = "n/a" if r["p"] is None else f"{r['p']:.3g}"
+        out.append(
+            f"| {r['site']} | {TABLE1_ROWS[r['baseline']]} | {r['seed']} | {r['n_images']} | {fmt(r['auc_ours'])} | "
+            f"{fmt(r['auc_baseline'])} | {fmt(r['diff'])} | {fmt(r['z'], 3)} | {p} |"
+        )
+    return [*out, ""]
+
+
+def to_markdown(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:
+    selection = report["selection"]
+    out = [
+        "# Table I, reproduced",
+        "",
+        f"Checkpoint selection `{selection}` "
+        + ("(the last epoch, as the paper's protocol)." if selection == "last" else "(best validation AUC).")
+        + " Every section below states its aggregation and n.",
+        "",
+    ]
+    if report["missing_selection"]:
+        out += [
+            f"**{report['missing_selection']} of {report['runs']} runs have no `{selection}` result** (no "
+            "validation part): their cells count as missing. Runs with `+protocol=paper_val` (or "
+            "`data.val_fraction` > 0) record it.",
+            "",
+        ]
+    tables, ttests = report["tables"], report["ttests"]
+    out += results_markdown(tables[("paper", "images")], "Image level, aggregation `paper` (as the paper)")
+    out += ttests_markdown(ttests["paper"])
+    out += results_markdown(tables[("runs", "images")], "Image level, aggregation `runs`")
+    out += ttests_markdown(ttests["runs"])
+    pooling = report["patient_pooling"]
+    for aggregation in ("paper", "runs"):
+        title = f"Patient level (slice probabilities pooled by {pooling}), aggregation `{aggregation}`"
+        out += results_markdown(tables[(aggregation, "patients")], title)
+    out += intervals_markdown(report["intervals"])
+    out += delong_markdown(report["delong"])
+    out += ["## Provenance", "", *provenance_lines(provenance), ""]
+    return "\n".join(out)
+
+
+def render_files(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> dict[str, str]:
+    """The report's text files by name (the figures are drawn by the CLI from `rocs` and `reliability`)."""
+    tables = [row for rows in report["tables"].values() for row in rows]
+    ttests = [row for rows in report["ttests"].values() for row in rows]
+    return {
+        "table1.md": to_markdown(report, provenance),
+        "table1.csv": to_csv(tables, TABLE_COLUMNS),
+        "table1.tex": to_latex(report["tables"][("paper", "images")], provenance),
+        "ttests.csv": to_csv(ttests, TTEST_COLUMNS),
+        "intervals.csv": to_csv(report["intervals"], INTERVAL_COLUMNS),
+        "delong.csv": to_csv(report["delong"], DELONG_COLUMNS),
+        "provenance.json": json.dumps(dict(provenance), indent=2) + "\n",
+    }
