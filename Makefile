@@ -7,8 +7,13 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 DATA ?= $(or $(COVIDCT_DATA),data)
 ARGS ?=
 
-# Table I: PROTOCOL=paper|smoke, OUT (tables), RUNS (run folders), HYDRA_ARGS (e.g. a launcher).
+# Table I: PROTOCOL=paper|paper_val|smoke, SELECT=last|best_val_auc (chosen at report time; best_val_auc
+# needs runs with a validation part, e.g. PROTOCOL=paper_val), SPLIT_SEED=N|per-seed (per-seed: folds re-drawn
+# for every seed, i.e. repeated cross-validation), OUT (tables), RUNS (run folders), HYDRA_ARGS (e.g. a launcher).
 PROTOCOL ?= paper
+SELECT ?= last
+SPLIT_SEED ?= 0
+SPLIT_SEED_ARG := $(if $(filter per-seed,$(SPLIT_SEED)),'split_seed=$${seed}',split_seed=$(SPLIT_SEED))
 OUT ?= experiments/table1-$(PROTOCOL)
 RUNS ?= outputs/table1-$(PROTOCOL)
 TABLE1 := single_covidnet,single,joint_covidnet,joint,series_adapter,parallel_adapter,msnet,sepnorm,ours
@@ -45,12 +50,12 @@ train: setup
 table1: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
 	$(PY) -m covidct.run -m +experiment=$(TABLE1) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
-		data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
+		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
 	$(MAKE) --no-print-directory table1-collect
 
-## only aggregate existing run records: table1.md/.csv/.tex, ttests.csv, roc_A.png, roc_B.png in OUT
+## only aggregate existing run records: tables, t-tests, intervals, DeLong, ROC and reliability figures in OUT
 table1-collect: setup
-	$(PY) -m covidct.report --runs "$(RUNS)" --out "$(OUT)" --protocol $(PROTOCOL) \
+	$(PY) -m covidct.report --runs "$(RUNS)" --out "$(OUT)" --protocol $(PROTOCOL) --select $(SELECT) \
 		--folds $(FOLDS) --seeds $(SEEDS) $(REPORT_ARGS)
 
 ## training img/s of the reference-like and the fast path, and of the data pipeline (when DATA exists)

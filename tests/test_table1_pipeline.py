@@ -1,5 +1,6 @@
 """`make table1` end to end on phantom data: all nine rows, every output, and a rerun that runs nothing."""
 
+import csv
 import os
 import subprocess
 from pathlib import Path
@@ -32,19 +33,33 @@ def test_make_table1_smoke_then_rerun_runs_nothing(phantom_root: Path, tmp_path:
     first = make_table1(phantom_root, tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = tmp_path / "out"
-    for name in ("table1.md", "table1.csv", "table1.tex", "ttests.csv", "roc_A.png", "roc_B.png"):
+    outputs = ["table1.md", "table1.csv", "table1.tex", "ttests.csv", "intervals.csv", "delong.csv", "provenance.json"]
+    outputs += [f"{kind}_{site}.png" for kind in ("roc", "reliability") for site in "AB"]
+    for name in outputs:
         assert (out / name).is_file(), name
-    rows = (out / "table1.csv").read_text().splitlines()
-    assert len(rows) == 1 + 9 * 2 * 5
-    assert all(row.split(",")[4:6] == ["1", "1"] for row in rows[1:]), "every cell should hold its one smoke run"
-    assert all(row.split(",")[-2] for row in rows[1:]), "the paper's value sits beside every cell"
+    rows = list(csv.DictReader((out / "table1.csv").open()))
+    # both aggregations; image level on both sites, patient level on site B; five metrics and ECE
+    assert len(rows) == 2 * 9 * (2 + 1) * 6
+    assert {(r["aggregation"], r["level"]) for r in rows} == {
+        (a, lv) for a in ("paper", "runs") for lv in ("images", "patients")
+    }
+    assert all(r["n"] == r["expected"] == "1" for r in rows), "every cell should hold its one smoke run"
+    image_rows = [r for r in rows if r["level"] == "images" and r["metric"] != "ece"]
+    assert all(r["paper_mean"] for r in image_rows), "the paper's value sits beside every image-level cell"
+    intervals = list(csv.DictReader((out / "intervals.csv").open()))
+    assert {(r["site"], r["level"], r["unit"]) for r in intervals} == {
+        ("A", "images", "image"),
+        ("B", "images", "patient"),
+        ("B", "patients", "patient"),
+    }
+    assert len(list(csv.DictReader((out / "delong.csv").open()))) == 2 * 8  # ours vs 8 baselines, 2 sites, 1 seed
     records = sorted((tmp_path / "runs").glob("*/*/metrics.json"))
     assert len(records) == 9
     stamps = [p.stat().st_mtime_ns for p in records]
-    table = (out / "table1.csv").read_text()
+    written = {name: (out / name).read_bytes() for name in outputs}
 
     second = make_table1(phantom_root, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (second.stdout + second.stderr).count("skipping") == 9
     assert [p.stat().st_mtime_ns for p in records] == stamps
-    assert (out / "table1.csv").read_text() == table
+    assert {name: (out / name).read_bytes() for name in outputs} == written  # byte-identical
