@@ -120,7 +120,7 @@ class TrainedModel:
 
     def load(self, path: Path) -> np.ndarray:
         """Decoded and resized HxWx3 uint8: what the evaluation cache holds for this image."""
-        return self._resize(image=load_image(path))["image"]
+        return self._resize(load_image(path))
 
     def batch(self, resized: Sequence[np.ndarray]) -> torch.Tensor:
         """Normalised NCHW float tensor on the model's device."""

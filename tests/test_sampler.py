@@ -208,3 +208,28 @@ def test_cache_reader_is_np_load_and_a_truncated_entry_is_an_error(tmp_path: Pat
     truncated.write_bytes(truncated.read_bytes()[:-10])
     with pytest.raises(ValueError):
         read_npy(truncated)  # DecodedImageCache.get decodes the image again
+
+
+def test_cached_resizes_are_the_authors_torchvision_pil_resize(real_data: Path, tmp_path: Path):
+    """Resize(256) before the training crop and Resize((224, 224)) for evaluation, as the authors' torchvision
+    pipeline gives them on PIL images (antialiased when shrinking), on site B's largest and smallest images."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from covidct.data.cache import DecodedImageCache
+
+    cache = DecodedImageCache(tmp_path, image_size=224)
+    largest, smallest = "2020.02.25.20027763-p15-53%0.png", "2020.02.25.20021568-p24-111%7.png"  # MANIFEST.tsv
+    for name in (largest, smallest):
+        path = real_data / "covid-ct" / "CT_COVID" / name
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+            expected = {
+                "train": np.asarray(transforms.Resize(256)(rgb), dtype=np.float64),
+                "eval": np.asarray(transforms.Resize((224, 224))(rgb), dtype=np.float64),
+            }
+        for kind, reference in expected.items():
+            ours = cache.get(path, kind)
+            assert ours.shape == reference.shape, (path, kind)
+            assert np.abs(ours - reference).mean() < 0.05, (path, kind)

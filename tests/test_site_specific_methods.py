@@ -64,13 +64,22 @@ def test_parallel_adapter_keeps_shape_and_stride_of_the_shared_conv():
     assert torch.allclose(adapted(x, site), shared(x))
 
 
-def test_series_adapter_is_a_residual_on_the_shared_output():
+def test_series_adapter_is_a_residual_on_the_shared_output_through_an_inner_site_bn():
+    """Rebuffi et al. 2017: y + conv1x1_site(BN'_site(y)); BN'_site normalises with its own site's statistics."""
     shared = torch.nn.Conv2d(4, 6, 3, padding=1)
     adapted = AdaptedConv(shared, "series", num_sites=2)
     torch.nn.init.normal_(adapted.adapter.convs[1].weight)
+    inner_b = adapted.inner_norm.norms[1]
+    inner_b.running_mean.normal_()
+    inner_b.running_var.uniform_(0.5, 2.0)
+    torch.nn.init.normal_(inner_b.weight)
+    adapted.eval()
     x, site = torch.randn(2, 4, 5, 5), torch.tensor([0, 1])
     y = shared(x)
-    expected_b = y[1:] + torch.nn.functional.conv2d(y[1:], adapted.adapter.convs[1].weight)
+    normalised = torch.nn.functional.batch_norm(
+        y[1:], inner_b.running_mean, inner_b.running_var, inner_b.weight, inner_b.bias, eps=inner_b.eps
+    )
+    expected_b = y[1:] + torch.nn.functional.conv2d(normalised, adapted.adapter.convs[1].weight)
     out = adapted(x, site)
     assert torch.allclose(out[1:], expected_b, atol=1e-5) and torch.allclose(out[:1], y[:1])
 

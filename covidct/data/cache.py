@@ -22,7 +22,7 @@ import numpy as np
 from covidct.data.sources import load_image
 from covidct.data.transforms import deterministic_resize
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the authors' antialiased PIL resize
 # the header np.save writes for the cache's arrays: format 1.0, uint8, C order, three dimensions
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
 _NPY_HEADER = re.compile(rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+), (\d+), (\d+)\), \} *\n")
@@ -70,7 +70,7 @@ class DecodedImageCache:
         self._fill(*job)
 
     def _fill(self, path: Path, kind: str, entry: Path) -> np.ndarray:
-        image = self._resizers[kind](image=load_image(path))["image"]
+        image = self._resizers[kind](load_image(path))
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
         try:

@@ -1,6 +1,7 @@
 """Site-specific residual adapters (Rebuffi et al. 2017, 2018) around shared convolutions.
 
-series   (NeurIPS 2017): y = conv(x);  out = y + A_site(y)   -> then the site's BN
+series   (NeurIPS 2017): y = conv(x);  out = y + A_site(BN'_site(y))   -> then the site's BN
+         (Rebuffi et al.'s BN(y + conv1x1(BN'(y))), with the inner BN' before the adapter conv)
 parallel (CVPR 2018):    out = conv(x) + A_site(x)            -> then the site's BN
 A_site is a 1x1 convolution owned by one site (at the shared conv's stride in parallel mode); each
 sample goes through its own site's adapter, in training and at test time.
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidct.models.norms import SiteBatchNorm
 from covidct.models.routing import SiteRouted, declared_layout, route_by_blocks, route_by_site
 
 ADAPTER_MODES = ("none", "series", "parallel")
@@ -53,7 +55,9 @@ class AdaptedConv(nn.Module):
             raise ValueError(f"adapter mode must be one of {ADAPTER_MODES}, got {mode!r}")
         self.conv = conv
         self.mode = mode
+        self.inner_norm = None
         if mode == "series":
+            self.inner_norm = SiteBatchNorm(conv.out_channels, num_sites)
             self.adapter = SiteConv1x1(conv.out_channels, conv.out_channels, num_sites)
         elif mode == "parallel":
             self.adapter = SiteConv1x1(conv.in_channels, conv.out_channels, num_sites, stride=conv.stride[0])
@@ -63,7 +67,7 @@ class AdaptedConv(nn.Module):
     def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         if self.mode == "series":
             y = self.conv(x)
-            return y + self.adapter(y, site)
+            return y + self.adapter(self.inner_norm(y, site), site)
         if self.mode == "parallel":
             return self.conv(x) + self.adapter(x, site)
         return self.conv(x)
