@@ -91,7 +91,6 @@ class SiteMethod(pl.LightningModule):
             {f"{stage}_{site}": site_metrics() for stage in EVAL_STAGES for site in SITES}
         )
         self._sites_seen: dict[str, set[str]] = {stage: set() for stage in EVAL_STAGES}
-        self.test_results: dict[str, dict[str, float]] = {}
         self.test_predictions: list[dict[str, Any]] = []
         self.test_log_prefix = "test"  # the run tests several checkpoints and logs each under its own prefix
         self.divergence_guard = DivergenceGuard()
@@ -293,20 +292,25 @@ class SiteMethod(pl.LightningModule):
         self.test_predictions = []
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._log_eval("test")
+        self._log_eval("test")
 
-    def _log_eval(self, stage: str) -> dict[str, dict[str, float]]:
-        results: dict[str, dict[str, float]] = {}
+    def _log_eval(self, stage: str) -> None:
+        """Log each site's metrics (the run record computes its own from the test predictions)."""
+        prefix = self.test_log_prefix if stage == "test" else stage
+        aucs = []
         for site in sorted(self._sites_seen[stage]):
             collection = self.eval_metrics[f"{stage}_{site}"]
-            results[site] = {name: float(value) for name, value in collection.compute().items()}
+            values = {name: float(value) for name, value in collection.compute().items()}
             collection.reset()
-            prefix = self.test_log_prefix if stage == "test" else stage
-            for name, value in results[site].items():
+            for name, value in values.items():
                 self.log(f"{prefix}/{site}/{name}", value, add_dataloader_idx=False, sync_dist=True)
+            aucs.append(values["auc"])
         self._sites_seen[stage].clear()
-        if results:
-            mean_auc = sum(r["auc"] for r in results.values()) / len(results)
-            prefix = self.test_log_prefix if stage == "test" else stage
-            self.log(f"{prefix}/auc", mean_auc, add_dataloader_idx=False, prog_bar=stage == "val", sync_dist=True)
-        return results
+        if aucs:
+            self.log(
+                f"{prefix}/auc",
+                sum(aucs) / len(aucs),
+                add_dataloader_idx=False,
+                prog_bar=stage == "val",
+                sync_dist=True,
+            )
