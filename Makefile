@@ -14,8 +14,10 @@ PROTOCOL ?= paper
 SELECT ?= last
 SPLIT_SEED ?= 0
 SPLIT_SEED_ARG := $(if $(filter per-seed,$(SPLIT_SEED)),'split_seed=$${seed}',split_seed=$(SPLIT_SEED))
-OUT ?= experiments/table1-$(PROTOCOL)
-RUNS ?= outputs/table1-$(PROTOCOL)
+# another split seed is another sweep, another selection another table: each gets its own folder
+SWEEP := $(PROTOCOL)$(if $(filter-out 0,$(SPLIT_SEED)),-split$(SPLIT_SEED))
+OUT ?= experiments/table1-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
+RUNS ?= outputs/table1-$(SWEEP)
 TABLE1 := single_covidnet,single,joint_covidnet,joint,series_adapter,parallel_adapter,msnet,sepnorm,ours
 ifeq ($(PROTOCOL),smoke)
 FOLDS ?= 0

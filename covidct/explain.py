@@ -12,7 +12,6 @@ probability and correct/wrong); out defaults to `<run>/gradcam/`.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
@@ -36,7 +35,7 @@ from covidct.data.sources import COVID, SITE_LAYOUTS, SITES, site_index
 from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.methods import SiteMethod
 from covidct.predict import TrainedModel, parse_args
-from covidct.records import PREDICTION_COLUMNS, PREDICTIONS_FILE, atomic_write_text
+from covidct.records import PREDICTIONS_FILE, atomic_write_text, read_predictions
 
 USAGE = (
     "python -m covidct.explain ckpt=PATH [site=A|B|both] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR] "
@@ -95,19 +94,9 @@ def is_correct(prob_covid: float, label: int) -> bool:
     return (prob_covid >= 0.5) == (label == COVID)
 
 
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise ConfigError(
-            f"no predictions file {path}: pass predictions=PATH (a run's predictions.csv) or files=[...]."
-        )
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not set(PREDICTION_COLUMNS) <= set(reader.fieldnames):
-            raise DataError(f"{path} must have the columns {', '.join(PREDICTION_COLUMNS)}; found {reader.fieldnames}.")
-        try:
-            return [{**row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])} for row in reader]
-        except ValueError as err:
-            raise DataError(f"{path}: {err}") from None
+def selection_of(checkpoint: Path) -> str:
+    """Which of a run's test selections a checkpoint file is: its predictions are the ones to explain."""
+    return "best_val_auc" if Path(checkpoint).name.startswith("best-") else "last"
 
 
 def choose(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[str]:
@@ -121,7 +110,7 @@ def choose(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[str]:
 
 
 def _selection(
-    sites: Sequence[str], files: Sequence[str] | None, predictions: Path, n: int, seed: int
+    sites: Sequence[str], files: Sequence[str] | None, predictions: Path, selection: str, n: int, seed: int
 ) -> dict[str, list[str]]:
     if files is not None:
         chosen: dict[str, list[str]] = {site: [] for site in sites}
@@ -136,7 +125,11 @@ def _selection(
         if not chosen:
             raise ConfigError("files=[] names no image.")
         return chosen
-    rows = read_predictions(predictions)
+    if not predictions.is_file():
+        raise ConfigError(
+            f"no predictions file {predictions}: pass predictions=PATH (a run's predictions.csv) or files=[...]."
+        )
+    rows = [r for r in read_predictions(predictions) if r["selection"] == selection]
     chosen = {}
     for site in sites:
         site_rows = [r for r in rows if r["site"] == site]
@@ -192,7 +185,8 @@ def explain(
     run_dir = Path(ckpt).resolve().parent.parent
     root = Path(data_root).expanduser() if data_root is not None else model.data_root
     out_dir = Path(out) if out is not None else run_dir / "gradcam"
-    chosen = _selection(sites, files, Path(predictions) if predictions else run_dir / PREDICTIONS_FILE, n, seed)
+    predictions = Path(predictions) if predictions else run_dir / PREDICTIONS_FILE
+    chosen = _selection(sites, files, predictions, selection_of(Path(ckpt)), n, seed)
     written = []
     for site, picked in chosen.items():
         paths = [root / SITE_LAYOUTS[site].folder / file for file in picked]

@@ -1,4 +1,5 @@
-"""Run records: metrics.json (per-site test metrics plus identity) and predictions.csv, written atomically.
+"""Run records: metrics.json (test metrics per checkpoint selection, plus identity) and predictions.csv,
+written atomically.
 
 metrics.json is written last, so a run directory holding it is a complete record.
 """
@@ -14,6 +15,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from covidct.errors import ConfigError, DataError
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -79,12 +82,21 @@ def write_run_record(
     return path
 
 
-def read_predictions(run_dir: Path) -> list[dict[str, Any]]:
-    """predictions.csv of a run folder, typed (label int, probability float)."""
-    with (Path(run_dir) / PREDICTIONS_FILE).open(newline="") as fh:
-        return [
-            {**row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])} for row in csv.DictReader(fh)
-        ]
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """A run's predictions.csv (the file, or the run folder holding it), typed: label int, probability float."""
+    path = Path(path)
+    path = path / PREDICTIONS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"no predictions file {path}: pass a run's predictions.csv.")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not set(PREDICTION_COLUMNS) <= set(reader.fieldnames):
+            found = reader.fieldnames
+            raise DataError(f"{path} must have the columns {', '.join(PREDICTION_COLUMNS)}; found {found}.")
+        try:
+            return [{**row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])} for row in reader]
+        except ValueError as err:
+            raise DataError(f"{path}: {err}") from None
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:

@@ -17,19 +17,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
-from covidct.errors import ConfigError, CovidCTError
-from covidct.metrics import PATIENT_POOLINGS, evaluate
+from covidct.errors import CovidCTError
+from covidct.metrics import evaluate
 from covidct.records import git_commit, write_run_record
 from covidct.report.curves import roc_curve
-from covidct.resume import LAST_CHECKPOINT, AtomicCheckpoint, check_checkpoint, prepare_run_dir
+from covidct.resume import LAST_CHECKPOINT, AtomicCheckpoint, check_checkpoint, prepare_run_dir, read_checkpoint
 from covidct.timing import TrainThroughput
 
 log = logging.getLogger("covidct.run")
-
-
-def _check(cfg: DictConfig) -> None:
-    if cfg.patient_pooling not in PATIENT_POOLINGS:
-        raise ConfigError(f"patient_pooling must be one of {PATIENT_POOLINGS}, got {cfg.patient_pooling!r}.")
 
 
 def _build(node: DictConfig, **kwargs: Any) -> Any:
@@ -118,14 +113,15 @@ def _checkpoint_callbacks(output_dir: Path, validation: bool) -> tuple[AtomicChe
 
 
 def _test_selections(
-    trainer: pl.Trainer, model: Any, datamodule: Any, best: AtomicCheckpoint | None, output_dir: Path, pooling: str
+    trainer: pl.Trainer, model: Any, datamodule: Any, best: AtomicCheckpoint | None, output_dir: Path
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Test every checkpoint a report may select: the last epoch and, with a validation part, the best
-    validation AUC. Which one a table shows is chosen at report time (`--select`), not here."""
+    validation AUC. Which one a table shows is chosen at report time (`--select`), not here. Patient-level
+    results pool a patient's slices by their mean probability (the report can re-pool by max)."""
     choices: dict[str, dict[str, Any]] = {"last": {"checkpoint": None, "epoch": trainer.current_epoch - 1}}
     if best is not None and best.best_model_path:
         path = best.best_model_path
-        epoch = int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["epoch"])
+        epoch = int(read_checkpoint(path)["epoch"])
         choices["best_val_auc"] = {"checkpoint": path, "epoch": epoch, "val_auc": float(best.best_model_score)}
     patients = datamodule.test_patients()
     test: dict[str, dict[str, Any]] = {}
@@ -137,11 +133,11 @@ def _test_selections(
             {"selection": selection, **p, "patient": patients.get((p["site"], p["file"]), "")}
             for p in model.test_predictions
         ]
-        checkpoint = Path(choice["checkpoint"] or output_dir / LAST_CHECKPOINT)
+        checkpoint = Path(choice["checkpoint"] or output_dir / LAST_CHECKPOINT).resolve()
         test[selection] = {
             **choice,
-            "checkpoint": str(checkpoint.relative_to(output_dir)),
-            **evaluate(rows, datamodule.sites_with_patients(), pooling),
+            "checkpoint": str(checkpoint.relative_to(output_dir.resolve())),  # Lightning resolves symlinks
+            **evaluate(rows, datamodule.sites_with_patients(), "mean"),
         }
         predictions += rows
     return test, predictions
@@ -153,7 +149,6 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     Returns the record's "test" part. A folder with a complete record is skipped; an interrupted run
     resumes from its last checkpoint.
     """
-    _check(cfg)
     output_dir = Path(output_dir)
     state = prepare_run_dir(cfg, output_dir)
     if state.record is not None:
@@ -175,7 +170,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     no_validation = {} if validation else {"limit_val_batches": 0}
     trainer = make_trainer(cfg, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir), **no_validation)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
-    test, predictions = _test_selections(trainer, model, datamodule, best, output_dir, cfg.patient_pooling)
+    test, predictions = _test_selections(trainer, model, datamodule, best, output_dir)
     run = {
         "experiment": cfg.name,
         "fold": cfg.fold,
@@ -183,7 +178,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "split_seed": cfg.split_seed,
         "group_by": cfg.data.group_by,
         "selections": list(test),
-        "patient_pooling": cfg.patient_pooling,
+        "patient_pooling": "mean",
         "epochs_trained": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "git_commit": git_commit(),

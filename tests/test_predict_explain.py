@@ -250,3 +250,20 @@ def test_choose_takes_half_misclassified_or_all_there_are():
     assert sum("/w" in f for f in choose(rows[:2] + rows[10:], 8, seed=0)) == 6
     assert choose(rows[:3], 8, seed=0) == [r["file"] for r in rows[:3]]
     assert choose(rows[10:], 1, seed=0)[0].startswith("COVID/w")
+
+
+def test_explain_draws_from_the_predictions_of_its_own_checkpoint(tmp_path: Path):
+    """A run with a validation part lists every test image twice (last and best_val_auc)."""
+    from covidct.explain import _selection, selection_of
+
+    lines = ["selection,site,file,patient,label,prob_covid"]
+    lines += [f"last,A,COVID/last{i}.png,,1,0.9" for i in range(6)]
+    lines += [f"best_val_auc,A,COVID/best{i}.png,,1,0.2" for i in range(6)]
+    path = tmp_path / "predictions.csv"
+    path.write_text("\n".join(lines) + "\n")
+    assert selection_of(Path("run/checkpoints/best-epoch004.ckpt")) == "best_val_auc"
+    assert selection_of(Path("run/checkpoints/last.ckpt")) == "last"
+    for selection in ("last", "best_val_auc"):
+        chosen = _selection(["A"], None, path, selection, 4, 0)["A"]
+        prefix = "COVID/last" if selection == "last" else "COVID/best"
+        assert len(chosen) == 4 and all(f.startswith(prefix) for f in chosen)

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import random
 import statistics
 from pathlib import Path
 
@@ -56,15 +57,17 @@ def fake_records() -> list[dict]:
 
 
 def fake_predictions(record: dict) -> list[dict]:
-    """20 test images per site, each fold its own; site B's in patients of two slices."""
+    """20 test images per site, each fold its own; site B's in patients of two slices of one class. Better
+    methods separate the classes better, with deterministic noise, so every statistic has work to do."""
     run = record["run"]
+    noise = random.Random(f"{run['experiment']}-{run['fold']}-{run['seed']}")
     rows = []
     for site in "AB":
         auc = record["test"]["last"]["images"][site]["auc"]
         for n in range(20):
             label = n % 2
-            prob = min(1.0, max(0.0, 0.5 + (label - 0.5) * auc + 0.03 * ((n * 7 + run["fold"]) % 5 - 2)))
-            patient = f"p{run['fold']}-{n // 2}" if site == "B" else ""
+            prob = min(1.0, max(0.0, 0.5 + (label - 0.5) * (auc - 0.45) + noise.gauss(0, 0.15)))
+            patient = f"p{run['fold']}-{label}-{n // 4}" if site == "B" else ""
             for selection in record["test"]:
                 rows.append(
                     {
@@ -82,10 +85,14 @@ def fake_predictions(record: dict) -> list[dict]:
     return rows
 
 
-def report(selection: str = "last") -> dict:
+def report_with(selection: str = "last", pooling: str = "mean") -> dict:
     records = fake_records()
     predictions = [row for r in records[:-1] for row in fake_predictions(r)]
-    return build_report(records, predictions, PAPER, FOLDS, SEEDS, selection)
+    return build_report(records, predictions, PAPER, FOLDS, SEEDS, selection, pooling)
+
+
+def report(selection: str = "last") -> dict:
+    return report_with(selection)
 
 
 @pytest.mark.parametrize("name", ["table1.md", "table1.csv", "table1.tex", "ttests.csv", "intervals.csv", "delong.csv"])
@@ -190,26 +197,28 @@ def test_weighted_auc_and_accuracy_are_the_metrics_of_the_repeated_predictions()
         assert weighted_metric("acc", w, labels, probs)[0] == pytest.approx(acc)
 
 
-def test_bootstrap_interval_is_scipys_over_whole_units():
-    """The same resamples as scipy.stats.bootstrap with the plain statistic: the AUC of the drawn units'
-    predictions, all slices of a unit together."""
+def test_bootstrap_interval_is_scipys_over_whole_units_stratified_by_class():
+    """The same resamples as scipy.stats.bootstrap with the plain statistic: COVID and non-COVID units drawn
+    separately, and the AUC of the drawn units' predictions, all slices of a unit together."""
     rng = np.random.default_rng(4)
     units = [f"p{i // 3}" for i in range(90)]
-    labels = np.repeat(rng.integers(0, 2, 30), 3)
+    unit_labels = rng.integers(0, 2, 30)
+    labels = np.repeat(unit_labels, 3)
     probs = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.25, 90), 0, 1)
     estimate, low, high = bootstrap_interval("auc", units, labels, probs, n_resamples=300, seed=7)
     members = [np.arange(3 * u, 3 * u + 3) for u in range(30)]
 
-    def plain(sample):
-        rows = np.concatenate([members[u] for u in sample])
+    def plain(covid, non_covid):
+        rows = np.concatenate([members[u] for u in [*covid, *non_covid]])
         return float(binary_auroc(torch.tensor(probs[rows]), torch.tensor(labels[rows])))
 
     expected = stats.bootstrap(
-        (np.arange(30),),
+        (np.flatnonzero(unit_labels == 1), np.flatnonzero(unit_labels == 0)),
         plain,
         n_resamples=300,
         method="percentile",
         vectorized=False,
+        paired=False,
         batch=max(1, 2_000_000 // 90),
         rng=np.random.default_rng(7),
     ).confidence_interval
@@ -244,8 +253,22 @@ def test_delong_matches_the_definition():
     assert result["z"] == pytest.approx(z) and result["p"] == pytest.approx(2 * stats.norm.sf(abs(z)))
 
 
+def test_max_pooling_is_recomputed_from_the_predictions_at_report_time():
+    max_report = report_with(pooling="max")
+    cell = _cell(max_report["tables"][("runs", "patients")], "ours", "B", "auc")
+    records = fake_records()
+    ours = [r for r in records[:-1] if r["run"]["experiment"] == "ours"]
+    expected = []
+    for record in ours:
+        rows = [p for p in fake_predictions(record) if p["site"] == "B" and p["selection"] == "last"]
+        pooled = pool_by_patient(rows, "max")
+        expected.append(100 * binary_metrics([p["label"] for p in pooled], [p["prob_covid"] for p in pooled])["auc"])
+    assert cell["mean"] == pytest.approx(statistics.fmean(expected))
+    assert cell["mean"] != _cell(report()["tables"][("runs", "patients")], "ours", "B", "auc")["mean"]
+
+
 def test_reliability_bins_by_hand():
-    bins = reliability_bins([0, 1, 1, 0, 1], [0.05, 0.15, 0.12, 0.95, 0.91])
+    bins = reliability_bins([0, 1, 1, 0, 1], [0.05, 0.15, 0.12, 0.95, 0.91], n_bins=10)
     assert bins == [
         {"mean_prob": 0.05, "observed": 0.0, "n": 1},
         {"mean_prob": pytest.approx(0.135), "observed": 1.0, "n": 2},

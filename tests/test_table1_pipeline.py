@@ -52,7 +52,10 @@ def test_make_table1_smoke_then_rerun_runs_nothing(phantom_root: Path, tmp_path:
         ("B", "images", "patient"),
         ("B", "patients", "patient"),
     }
-    assert len(list(csv.DictReader((out / "delong.csv").open()))) == 2 * 8  # ours vs 8 baselines, 2 sites, 1 seed
+    delong = list(csv.DictReader((out / "delong.csv").open()))
+    # ours vs 8 baselines, 1 seed: site A's images, site B's images and patients
+    assert {(r["site"], r["level"]) for r in delong} == {("A", "images"), ("B", "images"), ("B", "patients")}
+    assert len(delong) == 3 * 8
     records = sorted((tmp_path / "runs").glob("*/*/metrics.json"))
     assert len(records) == 9
     stamps = [p.stat().st_mtime_ns for p in records]

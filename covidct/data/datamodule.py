@@ -62,9 +62,9 @@ class TwoSiteDataModule(pl.LightningDataModule):
     """Both sites' folds; training batches of `batch_per_site` images per site; per-site eval loaders.
 
     An epoch is ceil(max(n_A, site_b_repeat * n_B) / batch_per_site) steps over the training parts
-    (see SiteEpochDraws). Site B is repeated whatever the other sites, so with one site in `sites`
-    (Single's single-site mode) each site trains for exactly as many steps and passes per epoch as in
-    the two-site run.
+    (see SiteEpochDraws). Site B is repeated whatever the other sites, so Single's single-site mode
+    `sites=[B]` trains site B for as many steps per epoch as the two-site run; `sites=[A]` shows site A
+    once per epoch, where the two-site run cycles it to site B's length (the record notes it).
     """
 
     def __init__(
@@ -231,6 +231,11 @@ class TwoSiteDataModule(pl.LightningDataModule):
             )
         else:
             notes.append("the paper's protocol: trained on all non-test images (no validation part)")
+        if self.sites == ["A"]:
+            notes.append(
+                "single-site mode: site A is shown once per epoch; a two-site run cycles it to the length of "
+                f"site B's {self.site_b_repeat} passes, so these epochs are shorter"
+            )
         if "A" in self.sites:
             notes.append(SITE_A_FOLD_NOTE if self.group_by == "patient" else "folds are image-level on every site")
         if "B" in self.sites and self.group_by == "patient":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from covidct.errors import DataError
 
+log = logging.getLogger("covidct.data")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 COVID, NON_COVID = 1, 0
 
@@ -142,6 +144,19 @@ def _read_patient_ids(root: Path) -> dict[str, str]:
     return mapping
 
 
+def _optional_patient_ids(root: Path) -> dict[str, str]:
+    """Patient ids for patient-level results under image-level folds, which do not need them: a missing or
+    malformed patients.csv only costs the patient-level results (a warning, and `data check` says why)."""
+    if not (root / PATIENTS_CSV).is_file():
+        log.warning("%s is missing: no patient-level results for site B", root / PATIENTS_CSV)
+        return {}
+    try:
+        return _read_patient_ids(root)
+    except DataError as err:
+        log.warning("no patient-level results for site B: %s", err)
+        return {}
+
+
 def scan_site(root: Path, site: str, group_by: str = "patient") -> list[Sample]:
     """All samples of a site with the groups folds must respect.
 
@@ -154,7 +169,7 @@ def scan_site(root: Path, site: str, group_by: str = "patient") -> list[Sample]:
     root = Path(root)
     items = list_images(root, site)
     if group_by == "image":
-        patients = _read_patient_ids(root) if site == "B" and (root / PATIENTS_CSV).is_file() else {}
+        patients = _optional_patient_ids(root) if site == "B" else {}
         return [
             Sample(site, p, y, f"{site}:{p.parent.name}/{p.name}", patients.get(f"{p.parent.name}/{p.name}", ""))
             for p, y in items

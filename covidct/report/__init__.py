@@ -1,1 +1,2 @@
-"""Report: Table I, paired t-tests and ROC curves from run records (`python -m covidct.report`)."""
+"""Report: Table I and its statistics (aggregations, t-tests, intervals, DeLong, calibration) from run records
+(`python -m covidct.report`)."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from covidct.data.sources import SITES
 from covidct.errors import ConfigError, CovidCTError
+from covidct.metrics import PATIENT_POOLINGS
 from covidct.records import METRICS_FILE, atomic_write_text, read_predictions
 from covidct.report.curves import plot_reliability, plot_rocs
 from covidct.report.render import build_report, render_files
@@ -58,7 +59,14 @@ def run_predictions(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_report(
-    runs: Path, out: Path, protocol: str, folds: list[int], seeds: list[int], selection: str, wandb: bool
+    runs: Path,
+    out: Path,
+    protocol: str,
+    folds: list[int],
+    seeds: list[int],
+    selection: str = "last",
+    pooling: str = "mean",
+    wandb: bool = False,
 ) -> Path:
     records = load_run_records(runs)
     with PAPER_TABLE.open(newline="") as fh:
@@ -67,7 +75,7 @@ def write_report(
         selected = list(select_records(records, folds, seeds).values())
     except DuplicateRunError as err:
         raise ConfigError(f"{runs}: {err}") from err
-    report = build_report(records, run_predictions(selected), paper, folds, seeds, selection)
+    report = build_report(records, run_predictions(selected), paper, folds, seeds, selection, pooling)
     finished = sorted(r["_finished_at"] for r in selected if r.get("_finished_at"))
     provenance = {
         "protocol": protocol,
@@ -131,13 +139,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="last",
         help="checkpoint of each run to report: the last epoch (the paper's protocol) or the best validation AUC",
     )
+    parser.add_argument(
+        "--patient-pooling",
+        choices=PATIENT_POOLINGS,
+        default="mean",
+        help="how patient-level results pool a patient's slice probabilities (recomputed from predictions)",
+    )
     parser.add_argument("--wandb", action="store_true", help="also log the table and ROC curves to W&B")
     args = parser.parse_args(argv)
     try:
         if not args.runs.is_dir():
             raise ConfigError(f"runs folder {args.runs} does not exist; run the sweep first (make table1).")
         path = write_report(
-            args.runs, args.out, args.protocol, _int_list(args.folds), _int_list(args.seeds), args.select, args.wandb
+            args.runs,
+            args.out,
+            args.protocol,
+            _int_list(args.folds),
+            _int_list(args.seeds),
+            args.select,
+            args.patient_pooling,
+            args.wandb,
         )
     except CovidCTError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from covidct.metrics import evaluate
 from covidct.report.curves import roc_curve
 from covidct.report.table1 import (
     AGGREGATIONS,
@@ -39,6 +40,33 @@ from covidct.report.uncertainty import (
 )
 
 
+def _run_key(row: Mapping[str, Any]) -> tuple[str, int, int]:
+    return row["experiment"], int(row["fold"]), int(row["seed"])
+
+
+def repool_patients(
+    records: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]], selection: str, pooling: str
+) -> list[Mapping[str, Any]]:
+    """The records with patient-level results pooled by `pooling`, recomputed from their predictions (runs
+    record mean pooling, so switching to max needs no training)."""
+    if pooling == "mean":
+        return list(records)
+    by_run: dict[tuple[str, int, int], list[Mapping[str, Any]]] = {}
+    for row in predictions:
+        if row["selection"] == selection:
+            by_run.setdefault(_run_key(row), []).append(row)
+    out = []
+    for record in records:
+        rows = by_run.get(_run_key(record["run"]))
+        result = record.get("test", {}).get(selection)
+        if rows is None or result is None:
+            out.append(record)
+            continue
+        patients = evaluate(rows, list(result["patients"]), pooling)["patients"]
+        out.append({**record, "test": {**record["test"], selection: {**result, "patients": patients}}})
+    return out
+
+
 def build_report(
     records: Sequence[Mapping[str, Any]],
     predictions: Sequence[Mapping[str, Any]],
@@ -46,8 +74,11 @@ def build_report(
     folds: Sequence[int],
     seeds: Sequence[int],
     selection: str,
+    pooling: str = "mean",
 ) -> dict[str, Any]:
-    """Every table of the report. `predictions` are prediction rows with experiment, fold and seed added."""
+    """Every table of the report. `predictions` are prediction rows with experiment, fold and seed added;
+    `pooling` pools a patient's slice probabilities (mean or max) for the patient-level results."""
+    records = repool_patients(records, predictions, selection, pooling)
     chosen = select_records(records, folds, seeds)
     keys = {(r["run"]["experiment"], int(r["run"]["fold"]), int(r["run"]["seed"])) for r in chosen.values()}
     rows = [
@@ -58,7 +89,6 @@ def build_report(
     patient_sites = sorted(
         {site for r in chosen.values() for site in r.get("test", {}).get(selection, {}).get("patients", {})}
     )
-    poolings = sorted({r["run"].get("patient_pooling", "mean") for r in chosen.values()}) or ["mean"]
     experiments = [e for e in TABLE1_ROWS if any(r["experiment"] == e for r in rows)]
     by_method_site = {
         (e, site): [r for r in rows if r["experiment"] == e and r["site"] == site]
@@ -73,8 +103,15 @@ def build_report(
             for level in LEVELS
         },
         "ttests": {a: paired_ttests(records, folds, seeds, selection, a) for a in AGGREGATIONS},
-        "intervals": confidence_intervals(rows, experiments, patient_sites, poolings[0]),
-        "delong": delong_rows(rows, REFERENCE, [e for e in TABLE1_ROWS if e != REFERENCE], list(seeds))
+        "intervals": [
+            {"selection": selection, **row} for row in confidence_intervals(rows, experiments, patient_sites, pooling)
+        ],
+        "delong": [
+            {"selection": selection, **row}
+            for row in delong_rows(
+                rows, REFERENCE, [e for e in TABLE1_ROWS if e != REFERENCE], seeds, patient_sites, pooling
+            )
+        ]
         if REFERENCE in experiments
         else [],
         "rocs": {
@@ -87,7 +124,7 @@ def build_report(
             for key, items in by_method_site.items()
             if items
         },
-        "patient_pooling": ", ".join(poolings),
+        "patient_pooling": pooling,
         "missing_selection": sum(selection not in r.get("test", {}) for r in chosen.values()),
         "runs": len(chosen),
     }
@@ -97,10 +134,12 @@ def intervals_markdown(intervals: Sequence[Mapping[str, Any]]) -> list[str]:
     if not intervals:
         return []
     out = [
-        f"## {100 * CONFIDENCE:.0f}% confidence intervals (percentile bootstrap, {N_RESAMPLES} resamples)",
+        f"## {100 * CONFIDENCE:.0f}% confidence intervals (stratified percentile bootstrap, {N_RESAMPLES} resamples)",
         "",
-        "On each method's test predictions pooled over its runs; a resample draws whole units (a patient's "
-        "slices together where the site has patient ids, else images). In %.",
+        "On each method's test predictions pooled over its runs (so the estimate is the pooled metric, not the "
+        "mean of the runs' metrics, and the interval reflects the test cases, not the spread between training "
+        "runs). A resample draws whole units (a patient's slices together where the site has patient ids, else "
+        "images), COVID and non-COVID units separately. In %.",
         "",
         "| method | site | level | metric | estimate | 95% CI | unit | units | predictions |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -118,16 +157,20 @@ def delong_markdown(delong: Sequence[Mapping[str, Any]]) -> list[str]:
     if not delong:
         return []
     out = [
-        "## DeLong's test: AUC of ours vs each baseline on the same test images (per seed, folds pooled)",
+        "## DeLong's test: AUC of ours vs each baseline on the same test cases (per seed, folds pooled)",
         "",
-        "| site | baseline | seed | images | AUC ours | AUC baseline | diff (pp) | z | p |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Image level treats a patient's slices as independent cases (optimistic p-values on site B); the "
+        "patient level (one pooled prediction per patient) does not. p-values are not corrected for "
+        "multiple comparisons.",
+        "",
+        "| site | level | baseline | seed | cases | AUC ours | AUC baseline | diff (pp) | z | p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in delong:
         p = "n/a" if r["p"] is None else f"{r['p']:.3g}"
         out.append(
-            f"| {r['site']} | {TABLE1_ROWS[r['baseline']]} | {r['seed']} | {r['n_images']} | {fmt(r['auc_ours'])} | "
-            f"{fmt(r['auc_baseline'])} | {fmt(r['diff'])} | {fmt(r['z'], 3)} | {p} |"
+            f"| {r['site']} | {r['level']} | {TABLE1_ROWS[r['baseline']]} | {r['seed']} | {r['n_cases']} | "
+            f"{fmt(r['auc_ours'])} | {fmt(r['auc_baseline'])} | {fmt(r['diff'])} | {fmt(r['z'], 3)} | {p} |"
         )
     return [*out, ""]
 

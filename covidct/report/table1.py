@@ -23,7 +23,7 @@ from scipy import stats
 
 from covidct.data.folds import SITE_A_FOLD_NOTE
 from covidct.data.sources import SITES
-from covidct.metrics import METRIC_NAMES, RECORD_METRICS
+from covidct.metrics import ECE_BINS, METRIC_NAMES, RECORD_METRICS
 
 # Table I's rows in the paper's order: experiment name -> the paper's method label.
 TABLE1_ROWS: dict[str, str] = {
@@ -270,7 +270,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
         "",
         f"Checkpoint selection: `{first['selection']}`. Aggregation `{first['aggregation']}`: "
         f"{AGGREGATION_TEXT[first['aggregation']]}; in %. Cells marked * have fewer than the expected "
-        f"{first['expected']}. ECE: expected calibration error (15 bins; lower is better).",
+        f"{first['expected']}. ECE: expected calibration error ({ECE_BINS} bins; lower is better).",
         "",
     ]
     for site in dict.fromkeys(r["site"] for r in rows):

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from covidct.metrics import patient_of, pool_by_patient
+from covidct.metrics import ECE_BINS, patient_of, pool_by_patient
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # fixed, so a report regenerated from the same records is byte-identical
 INTERVAL_METRICS = ("auc", "acc")
 INTERVAL_COLUMNS = (
+    "selection",
     "experiment",
     "site",
     "level",
@@ -37,8 +38,19 @@ INTERVAL_COLUMNS = (
     "n_units",
     "n_predictions",
 )
-DELONG_COLUMNS = ("site", "baseline", "seed", "n_images", "auc_ours", "auc_baseline", "diff", "z", "p")
-RELIABILITY_BINS = 10
+DELONG_COLUMNS = (
+    "selection",
+    "site",
+    "level",
+    "baseline",
+    "seed",
+    "n_cases",
+    "auc_ours",
+    "auc_baseline",
+    "diff",
+    "z",
+    "p",
+)
 
 
 def weighted_metric(metric: str, weights: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -74,29 +86,32 @@ def bootstrap_interval(
     seed: int = BOOTSTRAP_SEED,
 ) -> tuple[float, float, float] | None:
     """(estimate, low, high) of a metric: a percentile bootstrap that resamples whole units (patients or
-    images) with all their predictions. None where the metric is undefined (a single class)."""
+    images) with all their predictions, stratified by class (COVID units and non-COVID units resampled
+    separately, as pROC does), so every resample has both classes. None where a class is missing."""
     labels_a, probs_a = np.asarray(labels, dtype=int), np.asarray(probs, dtype=np.float64)
-    if metric == "auc" and len(set(labels_a.tolist())) < 2:
-        return None
     index = {unit: k for k, unit in enumerate(dict.fromkeys(units))}  # units in order of first appearance
     unit_of, n_units = np.array([index[u] for u in units]), len(index)
+    unit_label = np.zeros(n_units, dtype=int)
+    np.maximum.at(unit_label, unit_of, labels_a)
+    strata = (np.flatnonzero(unit_label == 1), np.flatnonzero(unit_label == 0))
+    if min(len(stratum) for stratum in strata) < 2:
+        return None
 
-    def statistic(sample: np.ndarray, axis: int = -1) -> np.ndarray:
-        sample = np.atleast_2d(sample)
+    def statistic(covid: np.ndarray, non_covid: np.ndarray, axis: int = -1) -> np.ndarray:
+        sample = np.concatenate([np.atleast_2d(covid), np.atleast_2d(non_covid)], axis=-1)
         offsets = np.arange(len(sample))[:, None] * n_units
         counts = np.bincount((sample + offsets).ravel(), minlength=len(sample) * n_units).reshape(-1, n_units)
         return weighted_metric(metric, counts[:, unit_of], labels_a, probs_a)
 
     estimate = float(weighted_metric(metric, np.ones(len(labels_a)), labels_a, probs_a)[0])
-    if n_units < 2:
-        return estimate, math.nan, math.nan
     result = stats.bootstrap(
-        (np.arange(n_units),),
+        strata,
         statistic,
         n_resamples=n_resamples,
         confidence_level=CONFIDENCE,
         method="percentile",
         vectorized=True,
+        paired=False,
         batch=max(1, 2_000_000 // max(1, len(labels_a))),
         rng=np.random.default_rng(seed),
     )
@@ -179,41 +194,59 @@ def delong_test(labels: Sequence[int], probs_a: Sequence[float], probs_b: Sequen
 
 
 def delong_rows(
-    rows: Sequence[Mapping[str, Any]], reference: str, baselines: Sequence[str], seeds: Sequence[int]
+    rows: Sequence[Mapping[str, Any]],
+    reference: str,
+    baselines: Sequence[str],
+    seeds: Sequence[int],
+    patient_sites: Sequence[str] = (),
+    pooling: str = "mean",
 ) -> list[dict[str, Any]]:
-    """DeLong's paired test of `reference` vs each baseline per site and seed, on the images both tested
-    in that seed (the four folds pooled: every image once)."""
+    """DeLong's paired test of `reference` vs each baseline per site and seed, on the cases both tested in
+    that seed (the four folds pooled: every image once). Image level treats slices as independent cases;
+    sites with patient ids also get a patient-level test (one pooled prediction per patient), which does not."""
     out = []
-    index = {(r["experiment"], r["seed"], r["site"], r["file"]): r for r in rows}
     for site in sorted({r["site"] for r in rows}):
-        for baseline in baselines:
-            for seed in seeds:
-                files = sorted(
-                    f
-                    for (e, s, si, f) in index
-                    if e == reference and s == seed and si == site
-                    if (baseline, seed, site, f) in index
-                )
-                row: dict[str, Any] = {"site": site, "baseline": baseline, "seed": seed, "n_images": len(files)}
-                labels = [index[(reference, seed, site, f)]["label"] for f in files]
-                try:
-                    result = delong_test(
-                        labels,
-                        [index[(reference, seed, site, f)]["prob_covid"] for f in files],
-                        [index[(baseline, seed, site, f)]["prob_covid"] for f in files],
-                    )
-                except ValueError:
-                    result = {}
-                row["auc_ours"] = _pct(result.get("auc_a"))
-                row["auc_baseline"] = _pct(result.get("auc_b"))
-                row["diff"] = _pct(result.get("diff"))
-                row["z"], row["p"] = result.get("z"), result.get("p")
-                out.append(row)
+        levels = ["images", "patients"] if site in patient_sites else ["images"]
+        for level in levels:
+            for baseline in baselines:
+                for seed in seeds:
+                    cases = {e: _cases(rows, e, seed, site, level, pooling) for e in (reference, baseline)}
+                    shared = sorted(set(cases[reference]) & set(cases[baseline]))
+                    row: dict[str, Any] = {"site": site, "level": level, "baseline": baseline, "seed": seed}
+                    row["n_cases"] = len(shared)
+                    try:
+                        result = delong_test(
+                            [cases[reference][k]["label"] for k in shared],
+                            [cases[reference][k]["prob_covid"] for k in shared],
+                            [cases[baseline][k]["prob_covid"] for k in shared],
+                        )
+                    except ValueError:
+                        result = {}
+                    row["auc_ours"] = _pct(result.get("auc_a"))
+                    row["auc_baseline"] = _pct(result.get("auc_b"))
+                    row["diff"] = _pct(result.get("diff"))
+                    row["z"], row["p"] = result.get("z"), result.get("p")
+                    out.append(row)
     return out
 
 
-def reliability_bins(labels: Sequence[int], probs: Sequence[float], n_bins: int = RELIABILITY_BINS) -> list[dict]:
-    """Equal-width bins of predicted probability: mean prediction, observed COVID fraction and count."""
+def _cases(
+    rows: Sequence[Mapping[str, Any]], experiment: str, seed: int, site: str, level: str, pooling: str
+) -> dict[str, Mapping[str, Any]]:
+    """One seed's test cases of a method and site, by image file or by patient (pooled per fold's run)."""
+    mine = [r for r in rows if r["experiment"] == experiment and r["seed"] == seed and r["site"] == site]
+    if level == "images":
+        return {r["file"]: r for r in mine}
+    return {
+        p["patient"]: p
+        for fold in sorted({r["fold"] for r in mine})
+        for p in pool_by_patient([r for r in mine if r["fold"] == fold], pooling)
+    }
+
+
+def reliability_bins(labels: Sequence[int], probs: Sequence[float], n_bins: int = ECE_BINS) -> list[dict[str, Any]]:
+    """Equal-width bins of predicted probability (the ECE's bins): mean prediction, observed COVID fraction
+    and count."""
     probs_a, labels_a = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     which = np.minimum((probs_a * n_bins).astype(int), n_bins - 1)
     bins = []
