@@ -5,13 +5,13 @@ from pathlib import Path
 import torch
 
 from covidct.data import TwoSiteDataModule
-from covidct.data.sampler import SiteBalancedBatchSampler
+from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws
 
 
 def test_every_batch_is_16_plus_16_and_site_b_repeats_4x():
     n_a, n_b = 1674, 503
     a, b = range(n_a), range(n_a, n_a + n_b)
-    sampler = SiteBalancedBatchSampler([a, b], [1, 4], batch_per_site=16, seed=7)
+    sampler = SiteBalancedBatchSampler(SiteEpochDraws([a, b], [1, 4], batch_per_site=16, seed=7))
     batches = [[i for i, _ in batch] for batch in sampler]
     assert len(batches) == len(sampler) == math.ceil(4 * n_b / 16)
     for batch in batches:
@@ -27,7 +27,7 @@ def test_every_batch_is_16_plus_16_and_site_b_repeats_4x():
 
 def test_order_depends_on_seed_and_epoch_only():
     def epoch(seed: int, e: int) -> list[list[int]]:
-        s = SiteBalancedBatchSampler([range(50), range(50, 70)], [1, 4], 16, seed=seed)
+        s = SiteBalancedBatchSampler(SiteEpochDraws([range(50), range(50, 70)], [1, 4], 16, seed=seed))
         s.sampler.set_epoch(e)
         return list(s)  # (index, augmentation seed) pairs
 
@@ -123,9 +123,10 @@ def test_setup_warms_the_cache_and_stops_on_a_corrupt_image(phantom_root: Path, 
 
 def test_ranks_share_out_an_epoch_without_overlap():
     sites = [range(40), range(40, 50)]
-    single = [tuple(b) for b in SiteBalancedBatchSampler(sites, [1, 4], 4, seed=2)]
+    single = [tuple(b) for b in SiteBalancedBatchSampler(SiteEpochDraws(sites, [1, 4], 4, seed=2))]
     ranks = [
-        [tuple(b) for b in SiteBalancedBatchSampler(sites, [1, 4], 4, seed=2, rank=r, world_size=2)] for r in (0, 1)
+        [tuple(b) for b in SiteBalancedBatchSampler(SiteEpochDraws(sites, [1, 4], 4, seed=2, rank=r, world_size=2))]
+        for r in (0, 1)
     ]
     assert len(ranks[0]) == len(ranks[1]) == math.ceil(len(single) / 2)
     assert sorted(ranks[0] + ranks[1]) == sorted(single)  # 10 steps: dealt 5 + 5, every batch once

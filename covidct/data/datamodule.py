@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.cache import DecodedImageCache, default_cache_dir
 from covidct.data.folds import N_FOLDS, SITE_A_FOLD_NOTE, split_fold
-from covidct.data.sampler import SiteBalancedBatchSampler, collate_with_site_layout
+from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws, collate_with_site_layout
 from covidct.data.sources import SITES, Sample, scan_site, site_index
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, normalize_images
 from covidct.errors import ConfigError
@@ -171,10 +171,8 @@ class TwoSiteDataModule(pl.LightningDataModule):
         )
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = SiteBalancedBatchSampler(
-            site_indices, repeats, self.batch_per_site, seed=self.seed, rank=rank, world_size=world_size
-        )
-        return self._loader(dataset, batch_sampler=sampler)
+        draws = SiteEpochDraws(site_indices, repeats, self.batch_per_site, self.seed, rank, world_size)
+        return self._loader(dataset, batch_sampler=SiteBalancedBatchSampler(draws))
 
     def _eval_loaders(self, part: str) -> list[DataLoader]:
         loaders = []

@@ -82,23 +82,16 @@ class SiteEpochDraws(Sampler[tuple[int, int]]):
 
 
 class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of `batch_per_site` (index, augmentation seed) pairs from each site in turn (site order as given).
+    """Batches of `batch_per_site` (index, augmentation seed) pairs from each site in turn (site order as given),
+    cut from its epoch's draws, as torch's BatchSampler cuts a sampler's.
 
     Orders and augmentation seeds depend only on (seed, epoch) (see SiteEpochDraws): a resumed or re-run
     epoch, with any number of loader workers, sees exactly the same images with exactly the same
     augmentations, and every epoch differs from the last.
     """
 
-    def __init__(
-        self,
-        site_indices: Sequence[Sequence[int]],
-        repeats: Sequence[int],
-        batch_per_site: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.sampler = SiteEpochDraws(site_indices, repeats, batch_per_site, seed, rank, world_size)
+    def __init__(self, draws: SiteEpochDraws):
+        self.sampler = draws
 
     def __len__(self) -> int:
         return self.sampler.steps()

@@ -21,6 +21,8 @@ from covidct.report.table1 import (
     TTEST_COLUMNS,
     collect_results,
     fmt,
+    markdown_table,
+    p_value,
     paired_ttests,
     provenance_lines,
     results_markdown,
@@ -141,16 +143,15 @@ def intervals_markdown(intervals: Sequence[Mapping[str, Any]]) -> list[str]:
         "runs). A resample draws whole units (a patient's slices together where the site has patient ids, else "
         "images), COVID and non-COVID units separately. In %.",
         "",
-        "| method | site | level | metric | estimate | 95% CI | unit | units | predictions |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in intervals:
-        ci = "n/a" if r["low"] is None else f"{fmt(r['low'])} – {fmt(r['high'])}"
-        out.append(
-            f"| {TABLE1_ROWS[r['experiment']]} | {r['site']} | {r['level']} | {r['metric']} | "
-            f"{fmt(r['estimate'])} | {ci} | {r['unit']} | {r['n_units']} | {r['n_predictions']} |"
-        )
-    return [*out, ""]
+    header = ["method", "site", "level", "metric", "estimate", "95% CI", "unit", "units", "predictions"]
+    rows = [
+        [TABLE1_ROWS[r["experiment"]], r["site"], r["level"], r["metric"], fmt(r["estimate"])]
+        + ["n/a" if r["low"] is None else f"{fmt(r['low'])} – {fmt(r['high'])}"]
+        + [r["unit"], r["n_units"], r["n_predictions"]]
+        for r in intervals
+    ]
+    return [*out, *markdown_table(header, rows), ""]
 
 
 def delong_markdown(delong: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -163,16 +164,14 @@ def delong_markdown(delong: Sequence[Mapping[str, Any]]) -> list[str]:
         "patient level (one pooled prediction per patient) does not. p-values are not corrected for "
         "multiple comparisons.",
         "",
-        "| site | level | baseline | seed | cases | AUC ours | AUC baseline | diff (pp) | z | p |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in delong:
-        p = "n/a" if r["p"] is None else f"{r['p']:.3g}"
-        out.append(
-            f"| {r['site']} | {r['level']} | {TABLE1_ROWS[r['baseline']]} | {r['seed']} | {r['n_cases']} | "
-            f"{fmt(r['auc_ours'])} | {fmt(r['auc_baseline'])} | {fmt(r['diff'])} | {fmt(r['z'], 3)} | {p} |"
-        )
-    return [*out, ""]
+    header = ["site", "level", "baseline", "seed", "cases", "AUC ours", "AUC baseline", "diff (pp)", "z", "p"]
+    rows = [
+        [r["site"], r["level"], TABLE1_ROWS[r["baseline"]], r["seed"], r["n_cases"], fmt(r["auc_ours"])]
+        + [fmt(r["auc_baseline"]), fmt(r["diff"]), fmt(r["z"], 3), p_value(r["p"])]
+        for r in delong
+    ]
+    return [*out, *markdown_table(header, rows), ""]
 
 
 def to_markdown(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> str:

@@ -258,6 +258,16 @@ def provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
     return [*lines, f"- fold caveat: {SITE_A_FOLD_NOTE}"]
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table's lines: the header, its rule, one line a row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+
+
+def p_value(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.3g}"
+
+
 def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]:
     """One table per site: every method's cells (with the paper's value beside, where it has one)."""
     if not rows:
@@ -278,7 +288,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
         header = ["method", "n"]
         for m in RECORD_METRICS:
             header += [METRIC_LABELS[m]] + (["paper"] if with_paper and m in METRIC_NAMES else [])
-        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = []
         for experiment, method in TABLE1_ROWS.items():
             head = cells[(experiment, site, RECORD_METRICS[0])]
             values = [method, f"{head['n']}/{head['expected']}"]
@@ -286,8 +296,8 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
                 values += [_cell(cells[(experiment, site, m)])]
                 if with_paper and m in METRIC_NAMES:
                     values += [_paper_cell(cells[(experiment, site, m)])]
-            out.append("| " + " | ".join(values) + " |")
-        out.append("")
+            lines.append(values)
+        out += [*markdown_table(header, lines), ""]
     return out
 
 
@@ -296,19 +306,14 @@ def ttests_markdown(ttests: Sequence[Mapping[str, Any]]) -> list[str]:
         return []
     first = ttests[0]
     pairs = "seed" if first["aggregation"] == "paper" else "fold and seed"
-    out = [
-        f"## Paired t-tests, aggregation `{first['aggregation']}`: ours vs each baseline (pairs by {pairs})",
-        "",
-        "| site | metric | baseline | pairs | mean diff (ours - baseline, pp) | t | p |",
-        "|---|---|---|---|---|---|---|",
+    header = ["site", "metric", "baseline", "pairs", "mean diff (ours - baseline, pp)", "t", "p"]
+    rows = [
+        [t["site"], t["metric"], TABLE1_ROWS[t["baseline"]], t["n_pairs"], fmt(t["mean_diff"]), fmt(t["t"], 3)]
+        + [p_value(t["p"])]
+        for t in ttests
     ]
-    for t in ttests:
-        p = "n/a" if t["p"] is None else f"{t['p']:.3g}"
-        out.append(
-            f"| {t['site']} | {t['metric']} | {TABLE1_ROWS[t['baseline']]} | {t['n_pairs']} | "
-            f"{fmt(t['mean_diff'])} | {fmt(t['t'], 3)} | {p} |"
-        )
-    return [*out, ""]
+    title = f"## Paired t-tests, aggregation `{first['aggregation']}`: ours vs each baseline (pairs by {pairs})"
+    return [title, "", *markdown_table(header, rows), ""]
 
 
 def to_latex(rows: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]) -> str:
