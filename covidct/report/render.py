@@ -180,7 +180,7 @@ def to_markdown(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> str
         "# Table I, reproduced",
         "",
         f"Checkpoint selection `{selection}` "
-        + ("(the last epoch, as the paper's protocol)." if selection == "last" else "(best validation AUC).")
+        + ("(the last epoch: this project's paper protocol)." if selection == "last" else "(best validation AUC).")
         + " Every section below states its aggregation and n.",
         "",
     ]
