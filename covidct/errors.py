@@ -13,5 +13,9 @@ class ConfigError(CovidCTError):
     """A configuration value is invalid; the message names the key."""
 
 
+class TrainingIncomplete(CovidCTError):
+    """Training ended before the epochs its config asks for: no record is written, the checkpoint is kept."""
+
+
 class TrainingDiverged(CovidCTError):
     """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""

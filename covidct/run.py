@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from covidct.errors import CovidCTError
+from covidct.config_checks import check_config
+from covidct.errors import CovidCTError, TrainingIncomplete
 from covidct.metrics import evaluate
 from covidct.records import git_commit, write_run_record
 from covidct.report.curves import roc_curve
@@ -149,6 +152,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     Returns the record's "test" part. A folder with a complete record is skipped; an interrupted run
     resumes from its last checkpoint.
     """
+    check_config(cfg)
     output_dir = Path(output_dir)
     state = prepare_run_dir(cfg, output_dir)
     if state.record is not None:
@@ -170,6 +174,12 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     no_validation = {} if validation else {"limit_val_batches": 0}
     trainer = make_trainer(cfg, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir), **no_validation)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+    if trainer.interrupted or trainer.current_epoch < trainer.max_epochs or trainer.global_step == 0:
+        raise TrainingIncomplete(
+            f"training stopped after {trainer.current_epoch} of {trainer.max_epochs} epochs "
+            f"({trainer.global_step} steps): no record written; rerun the same command to resume from "
+            f"{output_dir / LAST_CHECKPOINT}."
+        )
     test, predictions = _test_selections(trainer, model, datamodule, best, output_dir)
     run = {
         "experiment": cfg.name,
@@ -218,6 +228,13 @@ def main(cfg: DictConfig) -> None:
     except CovidCTError as err:
         print(f"error: {_user_message(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:  # Lightning's own exits with status 0, which would pass a sweep as finished
+        print(
+            "error: terminated (SIGTERM): no record written, the last epoch's checkpoint is kept; rerun the same "
+            "command to resume.",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 if __name__ == "__main__":

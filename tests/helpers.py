@@ -70,6 +70,13 @@ class DivergingJoint(Joint):
         return losses
 
 
+class StoppingJoint(Joint):
+    """Joint that asks Lightning to stop after its first epoch, as an early-stopping callback would."""
+
+    def on_train_epoch_end(self) -> None:
+        self.trainer.should_stop = True
+
+
 class RecordingJoint(Joint):
     """Joint that writes down what every training batch held, as the loop delivered it, and can die mid-epoch.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from covidct.errors import ConfigError, TrainingDiverged
+from covidct.errors import ConfigError, TrainingDiverged, TrainingIncomplete
 from covidct.run import train
 from tests.helpers import FAST, REPO, RequeueableRun, cli_env, compose_experiment, run_cli
 
@@ -202,12 +202,78 @@ def test_bad_data_gets_a_clear_error_and_writes_no_record(phantom_root: Path, tm
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("fold=4", "fold must be in 0..3, got 4"), ("data.batch_per_site=40", "fewer than data.batch_per_site=40")],
+    [
+        ("fold=4", "fold must be an integer in 0..3, got 4"),
+        ("fold=1.5", "fold must be an integer in 0..3, got 1.5"),
+        ("fold=abc", "fold must be an integer in 0..3, got 'abc'"),
+        ("seed=-1", "seed must be an integer >= 0, got -1"),
+        ("split_seed=0.5", "split_seed must be an integer >= 0, got 0.5"),
+        ("trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1, got 0"),
+        ("data.batch_per_site=2.5", "data.batch_per_site must be an integer >= 2, got 2.5"),
+        ("data.eval_batch_size=0", "data.eval_batch_size must be an integer >= 1, got 0"),
+        ("data.num_workers=-1", r"data.num_workers must be an integer >= 0 \(or null for the default\), got -1"),
+        ("data.site_b_repeat=0", "data.site_b_repeat must be an integer >= 1, got 0"),
+        ("data.sites=[A,A]", r"data.sites must name one or more of A, B, each once.*got \['A', 'A'\]"),
+        ("data.sites=[]", r"data.sites must name one or more of A, B, each once.*got \[\]"),
+        ("data.sites=[C]", r"data.sites must name one or more of A, B"),
+        ("model.tau=0", "model.tau must be a finite number > 0, got 0"),
+        ("model.alpha=-1", "model.alpha must be a finite number >= 0, got -1"),
+        ("model.lr=nan", "model.lr must be a finite number > 0, got nan"),
+        ("model.lr=0", "model.lr must be a finite number > 0, got 0"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches must be null .*trains nothing"),
+        ("data.batch_per_site=40", "fewer than data.batch_per_site=40"),
+    ],
 )
-def test_bad_settings_get_a_clear_error(phantom_root: Path, tmp_path: Path, override: str, message: str):
+def test_bad_settings_get_a_clear_error_before_any_work(
+    phantom_root: Path, tmp_path: Path, override: str, message: str
+):
     with pytest.raises(ConfigError, match=message):
-        train(compose_experiment("ours", [f"data.root={phantom_root}", *FAST, override]), tmp_path)
-    assert not (tmp_path / "metrics.json").exists()
+        train(compose_experiment("ours", [f"data.root={phantom_root}", *FAST, override]), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    if override != "data.batch_per_site=40":  # that one needs the data to be read
+        assert not (tmp_path / "run").exists(), "the run folder was claimed before the check"
+
+
+def test_a_run_that_stops_training_early_writes_no_record(phantom_root: Path, tmp_path: Path):
+    overrides = [
+        f"data.root={phantom_root}",
+        *FAST,
+        "trainer.max_epochs=3",
+        "model._target_=tests.helpers.StoppingJoint",
+    ]
+    with pytest.raises(TrainingIncomplete, match=r"training stopped after 1 of 3 epochs .*rerun the same command"):
+        train(compose_experiment("joint", overrides), tmp_path)
+    assert not (tmp_path / "metrics.json").exists() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_sigterm_exits_non_zero_and_the_rerun_resumes(phantom_root: Path, tmp_path: Path):
+    args = ["+experiment=joint", f"data.root={phantom_root}", *LONG]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "covidct.run", *args],
+        cwd=REPO,
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    (folder,) = _wait_for_run_folder(tmp_path / "joint", process)
+    _wait_for(folder / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "error: terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert not (folder / "metrics.json").exists()
+    resumed = run_cli(args, tmp_path)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr
+    assert (folder / "metrics.json").is_file()
+
+
+def _wait_for_run_folder(parent: Path, process: subprocess.Popen, timeout: float = 240) -> list[Path]:
+    deadline = time.time() + timeout
+    while not (parent.is_dir() and any(parent.iterdir())):
+        assert process.poll() is None and time.time() < deadline, "no run folder appeared"
+        time.sleep(0.05)
+    return list(parent.iterdir())
 
 
 def test_cli_errors_are_one_clear_line(phantom_root: Path, tmp_path: Path):
@@ -215,6 +281,9 @@ def test_cli_errors_are_one_clear_line(phantom_root: Path, tmp_path: Path):
     corrupt = run_cli(["+experiment=ours", f"data.root={root}", *FAST, "data.num_workers=2"], tmp_path / "out")
     assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr
     assert "error: cannot read image" in corrupt.stderr and "img002.png" in corrupt.stderr
+    not_integer = run_cli(["+experiment=ours", f"data.root={root}", "fold=abc"], tmp_path / "out")
+    assert not_integer.returncode == 2 and "Traceback" not in not_integer.stderr
+    assert "error: fold must be an integer in 0..3, got 'abc'" in not_integer.stderr
     unknown = run_cli(["+experiment=ourz", f"data.root={root}"], tmp_path / "out")
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
     assert "Could not find 'experiment/ourz'" in unknown.stderr and "ours" in unknown.stderr

@@ -1,0 +1,78 @@
+"""Every option of a run checked before any work: one line naming the key and what it may be.
+
+Hydra composes `fold=1.5` or `fold=abc` without complaint; without these checks such a value trains on the
+wrong images or fails deep inside a library.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from covidct.data.folds import N_FOLDS
+from covidct.data.sources import SITES
+from covidct.errors import ConfigError
+
+# key -> (smallest allowed, largest allowed or None, null allowed)
+INTEGER_OPTIONS: dict[str, tuple[int, int | None, bool]] = {
+    "fold": (0, N_FOLDS - 1, False),
+    "seed": (0, None, False),
+    "split_seed": (0, None, False),
+    "trainer.max_epochs": (1, None, False),
+    "data.image_size": (32, None, False),
+    "data.batch_per_site": (2, None, False),
+    "data.site_b_repeat": (1, None, False),
+    "data.eval_batch_size": (1, None, False),
+    "data.num_workers": (0, None, True),
+}
+# key -> (lower bound, bound included): a number above it, finite
+NUMBER_OPTIONS: dict[str, tuple[float, bool]] = {
+    "model.lr": (0.0, False),
+    "model.weight_decay": (0.0, True),
+    "model.tau": (0.0, False),
+    "model.alpha": (0.0, True),
+    "data.val_fraction": (0.0, True),
+}
+
+
+def _allowed(low: int, high: int | None) -> str:
+    return f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError, naming the key and its allowed values, for the first invalid option."""
+    for key, (low, high, nullable) in INTEGER_OPTIONS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and (nullable or OmegaConf.select(cfg, key, default="absent") == "absent"):
+            continue
+        if not _is_integer(value) or value < low or (high is not None and value > high):
+            null = " (or null for the default)" if nullable else ""
+            raise ConfigError(f"{key} must be {_allowed(low, high)}{null}, got {value!r}.")
+    for key, (low, inclusive) in NUMBER_OPTIONS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        valid = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not valid or value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise ConfigError(f"{key} must be a finite number {bound}, got {value!r}.")
+    if OmegaConf.select(cfg, "data.val_fraction", default=0) >= 1:
+        raise ConfigError(f"data.val_fraction must be below 1, got {cfg.data.val_fraction!r}.")
+    sites = OmegaConf.select(cfg, "data.sites", default=None)
+    names = list(sites) if sites is not None and not isinstance(sites, str) else None
+    if not names or len(set(names)) != len(names) or not set(names) <= set(SITES):
+        raise ConfigError(
+            f"data.sites must name one or more of {', '.join(SITES)}, each once, e.g. data.sites=[A,B]; got {sites!r}."
+        )
+    limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0):
+        raise ConfigError(
+            "trainer.limit_train_batches must be null (every batch), an integer >= 1 or a fraction in (0, 1], "
+            f"got {limit!r}: a run that trains nothing writes no record."
+        )
