@@ -24,7 +24,9 @@ from covidct.errors import ConfigError, DataError
 from covidct.records import METRICS_FILE, atomic_write_text, read_run_record
 
 log = logging.getLogger("covidct.resume")
+RUN_IDENTITY_KEY = "covidct_run"  # a checkpoint's fold, split seed, grouping and data fingerprint
 RUN_CONFIG_FILE = "run_config.json"
+DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Keys that change where or how visibly a run executes, never its numbers.
 NON_SEMANTIC_KEYS = (
@@ -73,24 +75,63 @@ class RunState:
     checkpoint: Path | None
 
 
-def prepare_run_dir(cfg: DictConfig, output_dir: Path) -> RunState:
-    """Claim `output_dir` for this config, or refuse if it holds a different run; never touch a finished one."""
+def fingerprint_change(saved: Any, current: dict[str, dict[str, str]]) -> str | None:
+    """Which sites and parts differ between two data fingerprints ('' parts: all), or None if they match."""
+    if saved == current:
+        return None
+    if not isinstance(saved, dict):
+        return "no data fingerprint is recorded (an older covidct wrote it)"
+    changed = [
+        f"site {site} {part}"
+        for site in sorted(set(saved) | set(current))
+        for part in sorted(set(saved.get(site, {})) | set(current.get(site, {})))
+        if saved.get(site, {}).get(part) != current.get(site, {}).get(part)
+    ]
+    return "the images differ in " + ", ".join(changed)
+
+
+def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, dict[str, str]]) -> RunState:
+    """Claim `output_dir` for this config and data, or refuse if it holds a different run or was trained on
+    other images (`fingerprint`, per site and part); never touch a finished one."""
     output_dir = Path(output_dir)
     mine = semantic_config(cfg)
     marker = output_dir / RUN_CONFIG_FILE
     if marker.is_file():
-        theirs = json.loads(marker.read_text())
+        try:
+            theirs = json.loads(marker.read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(
+                f"{marker} cannot be read ({err}); delete that run folder to run this configuration again."
+            ) from None
         if theirs != mine:
             changed = sorted(_differing_keys(theirs, mine))
             raise ConfigError(
                 f"{output_dir} holds a run of another configuration (differs in: {', '.join(changed[:8])}). "
                 "Its results are left untouched; choose another paths.log_dir or name, or delete that folder."
             )
+    prints = output_dir / DATA_FINGERPRINT_FILE
     if (output_dir / METRICS_FILE).is_file():
-        return RunState(record=read_run_record(output_dir), checkpoint=None)
+        record = read_run_record(output_dir)
+        change = fingerprint_change(record.get("run", {}).get("data_fingerprint"), fingerprint)
+        if change:
+            raise DataError(
+                f"{output_dir} holds a finished run on other data ({change}); its results are left untouched. "
+                "Point data.root at the data it was trained on, or choose another paths.log_dir."
+            )
+        return RunState(record=record, checkpoint=None)
+    last = output_dir / LAST_CHECKPOINT
+    if marker.is_file() and (prints.is_file() or last.is_file()):
+        saved = json.loads(prints.read_text()) if prints.is_file() else None
+        change = fingerprint_change(saved, fingerprint)
+        if change:
+            raise DataError(
+                f"{output_dir} holds an interrupted run trained on other data ({change}): resuming would mix "
+                "folds. Restore that data, or delete the folder to start again."
+            )
     if not marker.is_file():
         atomic_write_text(marker, json.dumps(mine, indent=2, sort_keys=True, default=str) + "\n")
-    last = output_dir / LAST_CHECKPOINT
+    if not prints.is_file():
+        atomic_write_text(prints, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
     return RunState(record=None, checkpoint=last if last.is_file() else None)
 
 
@@ -114,15 +155,40 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} cannot be read ({err}); delete or replace it.") from err
 
 
-def check_checkpoint(path: Path, model: pl.LightningModule) -> None:
-    """Refuse, with a clear message, a checkpoint saved by another method or backbone."""
-    saved = read_checkpoint(path).get("covidct")
+def check_checkpoint(path: Path, model: pl.LightningModule, run: dict[str, Any], warm_start: bool = False) -> dict:
+    """Refuse, with a clear message, a checkpoint of another method or backbone; unless `warm_start`, also one
+    of another fold, split seed or data (train/test leakage) or one that cannot resume (weights only).
+    Returns the checkpoint's run identity (fold, split seed, data fingerprint)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"checkpoint {path} is a folder; give the path of a .ckpt file.")
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("covidct")
     expected = model.checkpoint_identity()
     if saved != expected:
         raise ConfigError(
             f"checkpoint {path} was saved by {saved or 'something other than covidct'}, but this run is "
             f"{expected}; resume only from a checkpoint of the same method and backbone."
         )
+    theirs = checkpoint.get(RUN_IDENTITY_KEY, {})
+    if warm_start:
+        return theirs
+    differs = [key for key in ("fold", "split_seed", "group_by") if theirs.get(key) != run[key]]
+    change = fingerprint_change(theirs.get("data_fingerprint"), run["data_fingerprint"])
+    if differs or change:
+        what = ", ".join(
+            [f"{k} {theirs.get(k)!r} (this run: {run[k]!r})" for k in differs] + ([change] if change else [])
+        )
+        raise ConfigError(
+            f"checkpoint {path} was trained on other folds or data ({what}): resuming would leak test images "
+            "into training. To start from its weights on purpose, add warm_start=true (recorded in the run record)."
+        )
+    if "optimizer_states" not in checkpoint:
+        raise ConfigError(
+            f"checkpoint {path} holds weights only (a finished run's) and cannot resume training; to start "
+            "from its weights, add warm_start=true."
+        )
+    return theirs
 
 
 class AtomicCheckpoint(ModelCheckpoint):

@@ -154,17 +154,35 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """
     check_config(cfg)
     output_dir = Path(output_dir)
-    state = prepare_run_dir(cfg, output_dir)
+    datamodule = _build(cfg.data, _convert_="all")
+    fingerprint = datamodule.fingerprint()
+    state = prepare_run_dir(cfg, output_dir, fingerprint)
     if state.record is not None:
         log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
         return state.record["test"]
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = _build(cfg.data, _convert_="all")
     datamodule.setup("fit")
     model = _build(cfg.model, _convert_="all")
-    resume_from = state.checkpoint or (Path(cfg.resume_from) if cfg.get("resume_from") else None)
+    identity = {
+        "fold": cfg.fold,
+        "split_seed": cfg.split_seed,
+        "group_by": cfg.data.group_by,
+        "data_fingerprint": fingerprint,
+    }
+    model.run_identity = identity
+    resume_from, warm_start = state.checkpoint, None
     if resume_from is not None:
-        check_checkpoint(resume_from, model)
+        check_checkpoint(resume_from, model, identity)
+    elif cfg.get("resume_from"):
+        given = Path(cfg.resume_from)
+        trained_on = check_checkpoint(given, model, identity, warm_start=cfg.warm_start)
+        if cfg.warm_start:  # its weights only: training starts at epoch 0 of this run's folds
+            model.load_state_dict(read_checkpoint(given)["state_dict"])
+            warm_start = {"checkpoint": str(given), "trained_on": trained_on}
+            log.info("warm start from the weights of %s", given)
+        else:
+            resume_from = given
+    if resume_from is not None:
         log.info("resuming from %s", resume_from)
     validation = datamodule.has_validation()
     last, best = _checkpoint_callbacks(output_dir, validation)
@@ -194,6 +212,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "git_commit": git_commit(),
         "device": _device_name(trainer),
         "splits": datamodule.split_summary(),
+        "data_fingerprint": fingerprint,
+        **({"warm_start": warm_start} if warm_start else {}),
     }
     if not trainer.is_global_zero:
         return test

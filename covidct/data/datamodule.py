@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,8 +115,18 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.seed = seed
         self.mean, self.std = tuple(mean), tuple(std)
         self.splits: dict[str, dict[str, list[Sample]]] = {}
+        self._warmed = False
 
     def setup(self, stage: str | None = None) -> None:
+        """The folds, then every image decoded into the cache (once per DataModule)."""
+        if self._warmed:
+            return
+        self.split_data()
+        self.cache.warm(self._cache_items(), workers=self.num_workers)
+        self._warmed = True
+
+    def split_data(self) -> None:
+        """Scan the sites and draw the folds, without decoding any image (enough for `fingerprint`)."""
         if self.splits:
             return
         for site in self.sites:
@@ -127,7 +138,6 @@ class TwoSiteDataModule(pl.LightningDataModule):
                     f"site {site} has {n_train} training images in fold {self.fold}, fewer than "
                     f"data.batch_per_site={self.batch_per_site}; lower data.batch_per_site."
                 )
-        self.cache.warm(self._cache_items(), workers=self.num_workers)
 
     def _cache_items(self) -> list[tuple[Path, str]]:
         """Every image with the resize its part uses: training crops from 'train', evaluation uses 'eval'."""
@@ -188,6 +198,18 @@ class TwoSiteDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("test")
+
+    def fingerprint(self) -> dict[str, dict[str, str]]:
+        """What a run trains and tests on, per site and part: a hash of the sorted (file, size, label, group)
+        lines. Resume and skip compare it, so changed data never mixes into a run's folds or results."""
+        self.split_data()
+        prints: dict[str, dict[str, str]] = {}
+        for site, parts in self.splits.items():
+            prints[site] = {}
+            for part, samples in parts.items():
+                lines = sorted(f"{s.name}\t{s.path.stat().st_size}\t{s.label}\t{s.group}" for s in samples)
+                prints[site][part] = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+        return prints
 
     def has_validation(self) -> bool:
         return any(parts["val"] for parts in self.splits.values())

@@ -28,6 +28,7 @@ from covidct.methods.divergence import DivergenceGuard
 from covidct.methods.graphed import GraphedTrainingStep
 from covidct.models import CovidNet, SiteMLP
 from covidct.models.routing import site_blocks, use_sync_free_routing
+from covidct.resume import RUN_IDENTITY_KEY
 
 EVAL_STAGES = ("val", "test")
 # Fast-path switches: True, False, or "auto" (on where it helps: on a CUDA device).
@@ -92,6 +93,7 @@ class SiteMethod(pl.LightningModule):
         )
         self._sites_seen: dict[str, set[str]] = {stage: set() for stage in EVAL_STAGES}
         self.test_predictions: list[dict[str, Any]] = []
+        self.run_identity: dict[str, Any] = {}  # fold, split seed, data fingerprint (set by covidct.run)
         self.test_log_prefix = "test"  # the run tests several checkpoints and logs each under its own prefix
         self.divergence_guard = DivergenceGuard()
         self._graphed_step: GraphedTrainingStep | None = None
@@ -128,6 +130,8 @@ class SiteMethod(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["covidct"] = self.checkpoint_identity()
+        if self.run_identity:  # what it was trained on: resume_from refuses another fold's checkpoint
+            checkpoint[RUN_IDENTITY_KEY] = self.run_identity
         for state in checkpoint.get("optimizer_states", []):
             for group in state["param_groups"]:
                 if isinstance(group["lr"], torch.Tensor):  # a captured step's (methods/graphed.py)
