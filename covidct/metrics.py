@@ -25,18 +25,38 @@ RECORD_METRICS = (*METRIC_NAMES, "ece")  # and the expected calibration error, p
 PATIENT_POOLINGS = ("mean", "max")
 
 
-def binary_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str, float]:
-    """Table I's five metrics and the expected calibration error (L1, ECE_BINS equal-width bins)."""
+def undefined_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str, str]:
+    """The metrics a set of predictions leaves undefined, with why (torchmetrics would report 0 for them)."""
+    positives = sum(1 for y in labels if y == 1)
+    negatives = len(labels) - positives
+    predicted = sum(1 for p in probs if p >= 0.5)
+    why: dict[str, str] = {}
+    if positives == 0 or negatives == 0:
+        why["auc"] = f"only {'non-COVID' if positives == 0 else 'COVID'} cases: AUC needs both classes"
+    if positives == 0:
+        why["recall"] = "no COVID cases"
+    if predicted == 0:
+        why["precision"] = "no case predicted COVID"
+    if positives == 0 and predicted == 0:
+        why["f1"] = "no COVID cases and none predicted"
+    return why
+
+
+def binary_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str, float | None]:
+    """Table I's five metrics and the expected calibration error (L1, ECE_BINS equal-width bins); None for a
+    metric the predictions leave undefined (`undefined_metrics`), never a 0 that a mean would count."""
     preds = torch.tensor(list(probs), dtype=torch.float64)
     target = torch.tensor(list(labels), dtype=torch.long)
-    return {
-        "acc": float(binary_accuracy(preds, target)),
-        "f1": float(binary_f1_score(preds, target)),
-        "recall": float(binary_recall(preds, target)),
-        "precision": float(binary_precision(preds, target)),
-        "auc": float(binary_auroc(preds, target)),
-        "ece": float(binary_calibration_error(preds, target, n_bins=ECE_BINS, norm="l1")),
+    undefined = undefined_metrics(labels, probs)
+    values = {
+        "acc": lambda: binary_accuracy(preds, target),
+        "f1": lambda: binary_f1_score(preds, target),
+        "recall": lambda: binary_recall(preds, target),
+        "precision": lambda: binary_precision(preds, target),
+        "auc": lambda: binary_auroc(preds, target),
+        "ece": lambda: binary_calibration_error(preds, target, n_bins=ECE_BINS, norm="l1"),
     }
+    return {name: None if name in undefined else float(compute()) for name, compute in values.items()}
 
 
 def patient_of(row: Mapping[str, Any]) -> str:
@@ -62,14 +82,18 @@ def pool_by_patient(rows: Iterable[Mapping[str, Any]], pooling: str = "mean") ->
 
 def evaluate(rows: Sequence[Mapping[str, Any]], patient_sites: Iterable[str], pooling: str) -> dict[str, Any]:
     """{"images": {site: metrics}, "patients": {site: metrics}} of one selection's test predictions;
-    patient-level for the sites whose images carry patient ids."""
+    patient-level for the sites whose images carry patient ids; "undefined": why, where a metric is null."""
     sites = sorted({r["site"] for r in rows})
     by_site = {site: [r for r in rows if r["site"] == site] for site in sites}
-    images = {
-        site: binary_metrics([r["label"] for r in rs], [r["prob_covid"] for r in rs]) for site, rs in by_site.items()
-    }
-    patients = {}
+    cases: dict[tuple[str, str], list[Mapping[str, Any]]] = {("images", site): rs for site, rs in by_site.items()}
     for site in sorted(set(patient_sites) & set(sites)):
-        pooled = pool_by_patient(by_site[site], pooling)
-        patients[site] = binary_metrics([p["label"] for p in pooled], [p["prob_covid"] for p in pooled])
-    return {"images": images, "patients": patients}
+        cases[("patients", site)] = pool_by_patient(by_site[site], pooling)
+    result: dict[str, Any] = {"images": {}, "patients": {}}
+    undefined: dict[str, str] = {}
+    for (level, site), items in cases.items():
+        labels, probs = [r["label"] for r in items], [r["prob_covid"] for r in items]
+        result[level][site] = binary_metrics(labels, probs)
+        undefined |= {f"{level}/{site}/{name}": why for name, why in undefined_metrics(labels, probs).items()}
+    if undefined:
+        result["undefined"] = undefined
+    return result

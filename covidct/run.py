@@ -228,7 +228,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     for selection, result in test.items():
         for level, sites in (("image", result["images"]), ("patient", result["patients"])):
             for site, values in sites.items():
-                text = "  ".join(f"{k}={v:.4f}" for k, v in values.items())
+                text = "  ".join(f"{k}={'undefined' if v is None else f'{v:.4f}'}" for k, v in values.items())
                 log.info("test %s, %s-level, site %s: %s", selection, level, site, text)
     return test
 

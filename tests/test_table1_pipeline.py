@@ -43,7 +43,8 @@ def test_make_table1_smoke_then_rerun_runs_nothing(phantom_root: Path, tmp_path:
     assert {(r["aggregation"], r["level"]) for r in rows} == {
         (a, lv) for a in ("paper", "runs") for lv in ("images", "patients")
     }
-    assert all(r["n"] == r["expected"] == "1" for r in rows), "every cell should hold its one smoke run"
+    # every cell holds its one smoke run, unless the barely trained net left that metric undefined
+    assert all(r["expected"] == "1" and int(r["n"]) + int(r["undefined"]) == 1 for r in rows)
     image_rows = [r for r in rows if r["level"] == "images" and r["metric"] != "ece"]
     assert all(r["paper_mean"] for r in image_rows), "the paper's value sits beside every image-level cell"
     intervals = list(csv.DictReader((out / "intervals.csv").open()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,9 @@ from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws, colla
 from covidct.data.sources import SITES, Sample, scan_site, site_index
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, normalize_images
 from covidct.errors import ConfigError
+
+log = logging.getLogger("covidct.data")
+FEW_IMAGES_PER_CLASS = 5  # below this in a part, a run warns: its metrics are noisy or undefined
 
 
 def share_tensors_by_file_name(worker_id: int) -> None:
@@ -138,6 +142,18 @@ class TwoSiteDataModule(pl.LightningDataModule):
                     f"site {site} has {n_train} training images in fold {self.fold}, fewer than "
                     f"data.batch_per_site={self.batch_per_site}; lower data.batch_per_site."
                 )
+            for part, samples in self.splits[site].items():
+                covid = sum(s.label for s in samples)
+                if samples and min(covid, len(samples) - covid) < FEW_IMAGES_PER_CLASS:
+                    log.warning(
+                        "site %s, fold %d: the %s part holds %d COVID and %d non-COVID images; metrics of a "
+                        "class with no image are recorded as undefined (null)",
+                        site,
+                        self.fold,
+                        part,
+                        covid,
+                        len(samples) - covid,
+                    )
 
     def _cache_items(self) -> list[tuple[Path, str]]:
         """Every image with the resize its part uses: training crops from 'train', evaluation uses 'eval'."""

@@ -53,6 +53,7 @@ TABLE_COLUMNS = (
     "metric",
     "n",
     "expected",
+    "undefined",
     "mean",
     "std",
     "paper_mean",
@@ -120,6 +121,19 @@ def cell_values(
     return {s: statistics.fmean(per_run[(f, s)] for f in folds) for s in seeds if all((f, s) in per_run for f in folds)}
 
 
+def undefined_count(
+    chosen: Mapping[tuple[str, int, int], Mapping[str, Any]],
+    experiment: str,
+    site: str,
+    metric: str,
+    selection: str,
+    level: str,
+) -> int:
+    """Runs whose record holds the metric as undefined (null: e.g. a test part with one class)."""
+    found = (site_metrics(r, selection, level, site) for (e, _, _), r in chosen.items() if e == experiment)
+    return sum(1 for values in found if values is not None and metric in values and values[metric] is None)
+
+
 def expected_count(folds: Sequence[int], seeds: Sequence[int], aggregation: str) -> int:
     return len(seeds) if aggregation == "paper" else len(folds) * len(seeds)
 
@@ -168,6 +182,7 @@ def collect_results(
                         "metric": metric,
                         "n": len(values),
                         "expected": expected,
+                        "undefined": undefined_count(chosen, experiment, site, metric, selection, level),
                         "mean": statistics.fmean(values) if values else None,
                         "std": statistics.stdev(values) if len(values) > 1 else None,
                         "paper_mean": _float(reference.get("mean")),
@@ -228,10 +243,11 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def _cell(row: Mapping[str, Any], plus_minus: str = " ± ") -> str:
+    undefined = f" [{row['undefined']} undefined]" if row["undefined"] else ""
     if row["n"] == 0:
-        return f"missing (0/{row['expected']})"
+        return ("undefined" if row["undefined"] else "missing") + f" (0/{row['expected']})" + undefined
     text = fmt(row["mean"]) + (plus_minus + fmt(row["std"]) if row["std"] is not None else "")
-    return text + ("" if row["n"] == row["expected"] else f" ({row['n']}/{row['expected']})*")
+    return text + ("" if row["n"] == row["expected"] else f" ({row['n']}/{row['expected']})*") + undefined
 
 
 def _paper_cell(row: Mapping[str, Any], plus_minus: str = " ± ") -> str:
@@ -280,7 +296,8 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
         "",
         f"Checkpoint selection: `{first['selection']}`. Aggregation `{first['aggregation']}`: "
         f"{AGGREGATION_TEXT[first['aggregation']]}; in %. Cells marked * have fewer than the expected "
-        f"{first['expected']}. ECE: expected calibration error ({ECE_BINS} bins; lower is better).",
+        f"{first['expected']}; [k undefined]: k runs whose metric is undefined (e.g. a test part with one class), "
+        f"left out of the cell. ECE: expected calibration error ({ECE_BINS} bins; lower is better).",
         "",
     ]
     for site in dict.fromkeys(r["site"] for r in rows):
