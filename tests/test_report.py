@@ -331,3 +331,15 @@ def test_cli_logs_the_table_to_wandb_offline(tmp_path: Path, monkeypatch):
     args = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--folds", "0,1", "--seeds", "643,644", "--wandb"]
     assert report_main(args) == 0
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_honour_the_umask(tmp_path: Path, umask: int):
+    _write_runs(tmp_path / "runs")
+    previous = os.umask(umask)
+    try:
+        assert report_main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--folds", "0,1"]) == 0
+    finally:
+        os.umask(previous)
+    for name in ("table1.md", "table1.csv", "provenance.json", "roc_A.png"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
