@@ -54,3 +54,10 @@ def test_missing_data_root_is_one_clear_line(tmp_path: Path):
     assert result.returncode == 2
     assert "error: data root" in result.stderr and "covidct.data download" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_data_root_that_is_a_file_is_one_clear_line(tmp_path: Path):
+    (tmp_path / "data.zip").write_bytes(b"PK")
+    result = run_cli(["+experiment=ours", f"data.root={tmp_path / 'data.zip'}", "trainer.max_epochs=1"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is a file, not a directory" in result.stderr

@@ -77,6 +77,10 @@ def list_images(root: Path, site: str) -> list[tuple[Path, int]]:
     """(path, label) for every image of a site, sorted; clear errors for a missing or bad layout."""
     layout = SITE_LAYOUTS[site]
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"data root {root} is a file, not a directory: set data.root=DIR to the folder holding the sites."
+        )
     if not root.is_dir():
         raise DataError(
             f"data root {root} does not exist. Set data.root=DIR (or env COVIDCT_DATA) to the folder holding "
