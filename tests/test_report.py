@@ -343,3 +343,20 @@ def test_written_files_honour_the_umask(tmp_path: Path, umask: int):
         os.umask(previous)
     for name in ("table1.md", "table1.csv", "provenance.json", "roc_A.png"):
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_broken_record_is_named_and_can_be_left_out(tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    _write_runs(runs)
+    half = sorted(runs.glob("ours/*/metrics.json"))[0]
+    half.write_text(half.read_text()[:40])
+    no_predictions = sorted(runs.glob("sepnorm/*/predictions.csv"))[0]
+    no_predictions.unlink()
+    args = ["--runs", str(runs), "--out", str(tmp_path / "out"), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {half} is not a usable run record" in err and "--skip-broken" in err
+    assert report_main([*args, "--skip-broken"]) == 0
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())["left out (broken records)"]
+    assert str(half) in provenance and "predictions.csv is missing" in provenance
+    assert "(3/4)*" in (tmp_path / "out" / "table1.md").read_text()

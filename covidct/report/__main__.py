@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from covidct.data.sources import SITES
-from covidct.errors import ConfigError, CovidCTError
+from covidct.errors import ConfigError, CovidCTError, DataError
 from covidct.metrics import PATIENT_POOLINGS
-from covidct.records import METRICS_FILE, atomic_write_text, read_predictions
+from covidct.records import METRICS_FILE, PREDICTIONS_FILE, atomic_write_text, read_predictions
 from covidct.report.curves import plot_reliability, plot_rocs
 from covidct.report.render import build_report, render_files
 from covidct.report.table1 import SELECTIONS, TABLE1_ROWS, TABLE_COLUMNS, DuplicateRunError, select_records
@@ -22,23 +22,32 @@ PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table
 TIMING_FILE = "timing.json"
 
 
-def load_run_records(runs: Path) -> list[dict[str, Any]]:
+def load_run_records(runs: Path, skip_broken: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     """Every complete run record under `runs`, with its folder under '_dir' and its finishing time (from
-    timing.json, where present) under '_finished_at'."""
-    records = []
+    timing.json, where present) under '_finished_at'; and, with `skip_broken`, the broken ones left out
+    (an unreadable metrics.json, a missing predictions.csv), each as 'path: why'. Without it they stop the
+    report with an error that names the file."""
+    records, broken = [], []
     for path in sorted(Path(runs).rglob(METRICS_FILE)):
-        record = json.loads(path.read_text())
-        if "run" not in record:
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict) or "run" not in record or "test" not in record:
+                raise ValueError("no 'run' and 'test' sections (half-written, or from an older covidct)")
+            if not (path.parent / PREDICTIONS_FILE).is_file():
+                raise ValueError(f"its {PREDICTIONS_FILE} is missing")
+        except (OSError, ValueError) as err:
+            if not skip_broken:
+                raise DataError(
+                    f"{path} is not a usable run record ({err}); rerun or delete that run, or pass --skip-broken "
+                    "to leave it out (its cells are then marked as missing)."
+                ) from None
+            broken.append(f"{path}: {err}")
             continue
-        if "test" not in record:
-            raise ConfigError(
-                f"{path} was written by an older covidct (no 'test' section); delete its folder and rerun it."
-            )
         record["_dir"] = str(path.parent)
         timing = path.parent / TIMING_FILE
         record["_finished_at"] = json.loads(timing.read_text()).get("finished_at") if timing.is_file() else None
         records.append(record)
-    return records
+    return records, broken
 
 
 def _int_list(text: str) -> list[int]:
@@ -67,8 +76,9 @@ def write_report(
     selection: str = "last",
     pooling: str = "mean",
     wandb: bool = False,
+    skip_broken: bool = False,
 ) -> Path:
-    records = load_run_records(runs)
+    records, broken = load_run_records(runs, skip_broken)
     with PAPER_TABLE.open(newline="") as fh:
         paper = list(csv.DictReader(fh))
     try:
@@ -89,6 +99,8 @@ def write_report(
         "split_seed": ", ".join(sorted({str(r["run"].get("split_seed", "?")) for r in selected})) or "none",
         "patient pooling": report["patient_pooling"],
     }
+    if broken:
+        provenance["left out (broken records)"] = "; ".join(broken)
     if protocol == "smoke":
         provenance["note"] = (
             "smoke protocol: networks trained for 2 steps; the numbers test the pipeline, not the methods"
@@ -145,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="mean",
         help="how patient-level results pool a patient's slice probabilities (recomputed from predictions)",
     )
+    parser.add_argument(
+        "--skip-broken",
+        action="store_true",
+        help="leave out unreadable run records (named in the provenance; their cells count as missing)",
+    )
     parser.add_argument("--wandb", action="store_true", help="also log the table and ROC curves to W&B")
     args = parser.parse_args(argv)
     try:
@@ -159,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.select,
             args.patient_pooling,
             args.wandb,
+            args.skip_broken,
         )
     except CovidCTError as err:
         print(f"error: {err}", file=sys.stderr)
