@@ -132,3 +132,52 @@ def test_real_jpeg_named_png_decodes(real_data: Path):
     row = next(r for r in _manifest(real_data) if r["format"] == "JPEG" and r["file"].endswith(".png"))
     image = load_image(real_data / row["site"] / row["class"] / row["file"])
     assert image.shape == (int(row["height"]), int(row["width"]), 3)
+
+
+def test_an_image_over_pils_pixel_limit_is_named_in_run_and_check(phantom_root: Path, tmp_path: Path):
+    import shutil
+
+    from PIL import Image
+
+    from covidct.data.check import check_data
+    from covidct.run import train
+    from tests.helpers import FAST, compose_experiment
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    huge = root / "sars-cov-2" / "COVID" / "huge.png"
+    Image.new("1", (14000, 14000)).save(huge)
+    with pytest.raises(DataError, match=r"cannot read image .*huge.png: it has more pixels than PIL's"):
+        load_image(huge)
+    report = check_data(root, workers=1)
+    assert not report.ok and any(
+        p.file and "huge.png" in p.file and "decompression-bomb" in p.message for p in report.problems
+    )
+    with pytest.raises(DataError, match=r"huge.png: it has more pixels"):
+        train(compose_experiment("joint", [f"data.root={root}", *FAST]), tmp_path / "run")
+
+
+def test_an_unreadable_image_is_named_when_site_a_is_hashed_for_duplicates(phantom_root: Path, monkeypatch):
+    bad = phantom_root / "sars-cov-2" / "COVID" / "img004.png"
+    real_read = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == bad:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(DataError, match=r"cannot read .*img004.png \(Permission denied\); fix its permissions"):
+        scan_site(phantom_root, "A", group_by="patient")
+
+
+def test_a_repeated_row_in_patients_csv_is_refused(phantom_root: Path, tmp_path: Path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    csv_path = root / "covid-ct" / "Meta" / "patients.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([*lines, lines[1].replace(lines[1].split(",")[-1], "other")]) + "\n")
+    with pytest.raises(DataError, match=r"patients.csv line \d+ repeats CT_.*\(first at line 2\); keep one row"):
+        scan_site(root, "B")

@@ -118,13 +118,21 @@ def load_image(path: Path) -> np.ndarray:
                 span = max(float(arr.max() - arr.min()), 1.0)
                 img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8))
             rgb = img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise DataError(
+            f"cannot read image {path}: it has more pixels than PIL's decompression-bomb limit ({err}). Resize it "
+            "or remove it from the data root."
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}. Replace the file or remove it from the data root.") from err
     return np.asarray(rgb, dtype=np.uint8)
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror or err}); fix its permissions or remove it.") from None
 
 
 def _read_patient_ids(root: Path) -> dict[str, str]:
@@ -140,11 +148,18 @@ def _read_patient_ids(root: Path) -> dict[str, str]:
         if reader.fieldnames is None or not needed <= set(reader.fieldnames):
             raise DataError(f"{path} must have the columns {sorted(needed)}; found {reader.fieldnames}.")
         mapping: dict[str, str] = {}
+        first_line: dict[str, int] = {}
         for line_no, row in enumerate(reader, start=2):
             folder, file, patient = (row[k] and row[k].strip() for k in ("folder", "file", "patient_id"))
             if not (folder and file and patient):
                 raise DataError(f"{path} line {line_no}: empty folder, file or patient_id.")
-            mapping[f"{folder}/{file}"] = f"{folder}:{patient}"
+            key = f"{folder}/{file}"
+            if key in first_line:
+                raise DataError(
+                    f"{path} line {line_no} repeats {key} (first at line {first_line[key]}); keep one row per image."
+                )
+            first_line[key] = line_no
+            mapping[key] = f"{folder}:{patient}"
     return mapping
 
 
