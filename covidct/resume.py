@@ -7,10 +7,15 @@ from its last checkpoint, and a changed config gets a new folder. Checkpoints ar
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,9 @@ log = logging.getLogger("covidct.resume")
 RUN_IDENTITY_KEY = "covidct_run"  # a checkpoint's fold, split seed, grouping and data fingerprint
 RUN_CONFIG_FILE = "run_config.json"
 DATA_FINGERPRINT_FILE = "data_fingerprint.json"
+LOCK_FILE = ".lock"
+# set by launchers for every process of a run but its first (Lightning's DDP ranks, SLURM tasks)
+_RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Keys that change where or how visibly a run executes, never its numbers.
 NON_SEMANTIC_KEYS = (
@@ -73,6 +81,37 @@ class RunState:
 
     record: dict[str, Any] | None
     checkpoint: Path | None
+
+
+@contextmanager
+def run_dir_lock(output_dir: Path) -> Iterator[None]:
+    """An exclusive lock on a run folder for as long as its run lives, so two identical runs never write one
+    checkpoint at once: the second refuses in one line naming the holder. Taken by a run's first process
+    only (its DDP ranks share the folder); released by the system however the process ends. It relies on
+    flock, which some network file systems do not honour across machines."""
+    if any(os.environ.get(name, "0") != "0" for name in _RANK_VARIABLES):
+        yield
+        return
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = (output_dir / LOCK_FILE).open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"{output_dir} is in use by another run ({holder}); wait for it to finish or stop it, then rerun."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        since = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def fingerprint_change(saved: Any, current: dict[str, dict[str, str]]) -> str | None:

@@ -24,7 +24,14 @@ from covidct.errors import CovidCTError, TrainingIncomplete
 from covidct.metrics import evaluate
 from covidct.records import git_commit, write_run_record
 from covidct.report.curves import roc_curve
-from covidct.resume import LAST_CHECKPOINT, AtomicCheckpoint, check_checkpoint, prepare_run_dir, read_checkpoint
+from covidct.resume import (
+    LAST_CHECKPOINT,
+    AtomicCheckpoint,
+    check_checkpoint,
+    prepare_run_dir,
+    read_checkpoint,
+    run_dir_lock,
+)
 from covidct.timing import TrainThroughput
 
 log = logging.getLogger("covidct.run")
@@ -153,7 +160,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     resumes from its last checkpoint.
     """
     check_config(cfg)
-    output_dir = Path(output_dir)
+    with run_dir_lock(Path(output_dir)):
+        return _train_locked(cfg, Path(output_dir))
+
+
+def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     datamodule = _build(cfg.data, _convert_="all")
     fingerprint = datamodule.fingerprint()
     state = prepare_run_dir(cfg, output_dir, fingerprint)

@@ -316,3 +316,25 @@ def test_slurm_launcher_config():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0 and launcher.gpus_per_node == 1
+
+
+def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phantom_root: Path, tmp_path: Path):
+    args = ["+experiment=joint", f"data.root={phantom_root}", *LONG]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "covidct.run", *args],
+        cwd=REPO,
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        (folder,) = _wait_for_run_folder(tmp_path / "joint", first)
+        _wait_for(folder / "checkpoints" / "last.ckpt", first)
+        second = run_cli(args, tmp_path)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"is in use by another run (pid {first.pid} on" in second.stderr
+    finally:
+        first.wait(timeout=300)
+    assert first.returncode == 0 and (folder / "metrics.json").is_file()
+    again = run_cli(args, tmp_path)  # the lock went with the process
+    assert again.returncode == 0 and "skipping" in again.stdout + again.stderr
