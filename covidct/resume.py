@@ -230,13 +230,28 @@ def check_checkpoint(path: Path, model: pl.LightningModule, run: dict[str, Any],
     return theirs
 
 
+def _size_of_last(filepath: str) -> str:
+    """The size of the checkpoint being replaced, as a guide to the space a new one needs."""
+    path = Path(filepath)
+    return (
+        f"{path.stat().st_size / 2**20:.0f} MiB" if path.is_file() else "as much as the model's weights and Adam state"
+    )
+
+
 class AtomicCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that writes to a temp file and renames it, so a kill mid-write never corrupts
     the checkpoint a rerun resumes from."""
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         partial = f"{filepath}.partial"
-        super()._save_checkpoint(trainer, partial)
+        try:
+            super()._save_checkpoint(trainer, partial)
+        except OSError as err:  # e.g. a full disk: a left-over partial file would only keep it full
+            Path(partial).unlink(missing_ok=True)
+            raise DataError(
+                f"cannot write checkpoint {filepath} ({err.strerror or err}); a checkpoint of this run takes about "
+                f"{_size_of_last(filepath)}: free that much space and rerun to resume."
+            ) from None
         if trainer.is_global_zero:
             os.replace(partial, filepath)
         self._last_checkpoint_saved = filepath

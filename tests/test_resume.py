@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from covidct.errors import ConfigError, TrainingDiverged, TrainingIncomplete
+from covidct.errors import ConfigError, DataError, TrainingDiverged, TrainingIncomplete
 from covidct.run import train
 from tests.helpers import FAST, REPO, RequeueableRun, cli_env, compose_experiment, run_cli
 
@@ -192,7 +192,6 @@ def _broken_copy(phantom_root: Path, tmp_path: Path, how: str) -> Path:
     ],
 )
 def test_bad_data_gets_a_clear_error_and_writes_no_record(phantom_root: Path, tmp_path: Path, how: str, message: str):
-    from covidct.errors import DataError
 
     root = _broken_copy(phantom_root, tmp_path, how)
     with pytest.raises(DataError, match=message):
@@ -338,3 +337,35 @@ def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phan
     assert first.returncode == 0 and (folder / "metrics.json").is_file()
     again = run_cli(args, tmp_path)  # the lock went with the process
     assert again.returncode == 0 and "skipping" in again.stdout + again.stderr
+
+
+def test_a_full_disk_while_checkpointing_names_the_path_and_leaves_no_partial(
+    phantom_root: Path, tmp_path: Path, monkeypatch
+):
+    import pytorch_lightning as pl
+
+    def full_disk(self, filepath, weights_only=False, storage_options=None):
+        Path(filepath).parent.mkdir(parents=True, exist_ok=True)
+        Path(filepath).write_bytes(b"\0" * 1000)  # what a write gets to before the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", full_disk)
+    with pytest.raises(DataError, match=r"cannot write checkpoint .*last.ckpt \(No space left on device\).*free"):
+        train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST]), tmp_path)
+    assert not list(tmp_path.rglob("*.partial")) and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_full_disk_while_caching_names_the_cache_dir(phantom_root: Path, tmp_path: Path, monkeypatch):
+    import numpy as np
+
+    def full_disk(fh, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    cache = tmp_path / "cache"
+    overrides = [f"data.root={phantom_root}", *FAST, f"data.cache_dir={cache}"]
+    with pytest.raises(
+        DataError, match=r"cannot write the decode cache in .*cache \(No space left on device; an entry"
+    ):
+        train(compose_experiment("joint", overrides), tmp_path / "run")
+    assert not list(cache.rglob("*.tmp"))

@@ -21,6 +21,7 @@ import numpy as np
 
 from covidct.data.sources import load_image
 from covidct.data.transforms import deterministic_resize
+from covidct.errors import DataError
 
 CACHE_VERSION = 2  # 2: the authors' antialiased PIL resize
 # the header np.save writes for the cache's arrays: format 1.0, uint8, C order, three dimensions
@@ -71,14 +72,23 @@ class DecodedImageCache:
 
     def _fill(self, path: Path, kind: str, entry: Path) -> np.ndarray:
         image = self._resizers[kind](load_image(path))
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
+        tmp = None
         try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as fh:
                 np.save(fh, image)
             os.replace(tmp, entry)
+        except OSError as err:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            raise DataError(
+                f"cannot write the decode cache in {self.cache_dir} ({err.strerror or err}; an entry needs about "
+                f"{image.nbytes // 1024} KiB): free space there, or set data.cache_dir (env COVIDCT_CACHE) elsewhere."
+            ) from None
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
             raise
         return image
 
