@@ -174,3 +174,15 @@ def test_cli_exit_codes_and_json(phantom_root: Path, phantom_copy: Path, tmp_pat
 
     assert main(["check", "--root", str(phantom_root), "--workers", "0"]) == 2
     assert "error: workers must be positive" in capsys.readouterr().err
+
+
+def test_folders_and_broken_symlinks_that_training_does_not_read_are_listed(phantom_copy: Path):
+    (phantom_copy / "sars-cov-2" / "Pneumonia").mkdir()
+    (phantom_copy / "covid-ct" / "CT_COVID" / "more").mkdir()
+    (phantom_copy / "covid-ct" / "CT_NonCOVID" / "gone.png").symlink_to(phantom_copy / "nowhere.png")
+    report = check_data(phantom_copy, workers=1)
+    assert report.ok
+    assert "sars-cov-2/Pneumonia/ is not a class folder of site A: not read" in report.warnings
+    assert "covid-ct/CT_COVID/more/ is a folder inside a class folder: not read" in report.warnings
+    assert "covid-ct/CT_NonCOVID/gone.png is a broken symlink: not read" in report.warnings
+    assert not any("Meta" in w for w in report.warnings)

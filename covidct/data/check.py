@@ -130,6 +130,10 @@ def _inspect(path: Path) -> _FileInfo:
         return _FileInfo(size_bytes, error=str(err))
 
 
+# the publishers ship these beside site B's class folders (metadata and the official split)
+KNOWN_EXTRA_FOLDERS = {"Meta", "Data-split"}
+
+
 def _relative(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
@@ -207,6 +211,27 @@ def _duplicates(
     return groups
 
 
+def unread_entries(root: Path) -> list[str]:
+    """What training silently does not read: folders beside a site's class folders, and broken symlinks."""
+    found = []
+    for layout in SITE_LAYOUTS.values():
+        site_dir = Path(root) / layout.folder
+        if not site_dir.is_dir():
+            continue
+        for entry in sorted(site_dir.iterdir()):
+            if entry.is_dir() and entry.name not in layout.classes and entry.name not in KNOWN_EXTRA_FOLDERS:
+                found.append(f"{_relative(root, entry)}/ is not a class folder of site {layout.name}: not read")
+        for folder in layout.classes:
+            class_dir = site_dir / folder
+            if class_dir.is_dir():
+                for entry in sorted(class_dir.iterdir()):
+                    if entry.is_symlink() and not entry.exists():
+                        found.append(f"{_relative(root, entry)} is a broken symlink: not read")
+                    elif entry.is_dir():
+                        found.append(f"{_relative(root, entry)}/ is a folder inside a class folder: not read")
+    return found
+
+
 def check_data(
     root: Path | str,
     split_seed: int = 0,
@@ -225,6 +250,7 @@ def check_data(
     root = Path(root)
     report = DataReport(str(root), split_seed, group_by, batch_per_site, notes=[SITE_A_FOLD_NOTE])
     listed: dict[str, list[tuple[Path, int]]] = {}
+    report.warnings += unread_entries(root)
     for site in SITE_LAYOUTS:
         try:
             listed[site] = list_images(root, site)
