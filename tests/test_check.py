@@ -186,3 +186,11 @@ def test_folders_and_broken_symlinks_that_training_does_not_read_are_listed(phan
     assert "covid-ct/CT_COVID/more/ is a folder inside a class folder: not read" in report.warnings
     assert "covid-ct/CT_NonCOVID/gone.png is a broken symlink: not read" in report.warnings
     assert not any("Meta" in w for w in report.warnings)
+
+
+def test_a_fold_with_too_few_images_of_a_class_is_a_warning(phantom_copy: Path):
+    for image in sorted((phantom_copy / "covid-ct" / "CT_COVID").iterdir())[2:]:
+        image.unlink()
+    report = check_data(phantom_copy, group_by="image", workers=1)
+    assert report.ok
+    assert sum("site B, fold" in w and "its test part holds 0 COVID" in w for w in report.warnings) == 2

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from covidct.data.folds import N_FOLDS, SITE_A_FOLD_NOTE, assign_groups
+from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, SITE_A_FOLD_NOTE, assign_groups
 from covidct.data.sources import (
     _PAPER_PREFIX,
     PATIENTS_CSV,
@@ -307,7 +307,16 @@ def check_data(
         if site == "B" and group_by == "patient" and report.coverage.error is not None:
             continue
         samples = scan_site(root, site, group_by)
-        folds.update((s.path, f) for s, f in zip(samples, assign_groups(samples, N_FOLDS, split_seed)))
+        fold_of = assign_groups(samples, N_FOLDS, split_seed)
+        folds.update((s.path, f) for s, f in zip(samples, fold_of))
+        for fold in range(N_FOLDS):
+            covid = sum(s.label for s, f in zip(samples, fold_of) if f == fold)
+            other = sum(1 for f in fold_of if f == fold) - covid
+            if min(covid, other) < FEW_IMAGES_PER_CLASS:
+                report.warnings.append(
+                    f"site {site}, fold {fold}: its test part holds {covid} COVID and {other} non-COVID images "
+                    f"(split_seed={split_seed}); metrics of a class with no image are undefined (null)"
+                )
     digests = {p: info.digest for p, info in infos.items() if info.digest is not None}
     labels = {p: y for items in listed.values() for p, y in items}
     report.duplicates = _duplicates(root, digests, labels, folds)

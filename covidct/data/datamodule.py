@@ -14,14 +14,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.cache import DecodedImageCache, default_cache_dir
-from covidct.data.folds import N_FOLDS, SITE_A_FOLD_NOTE, split_fold
+from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, SITE_A_FOLD_NOTE, split_fold
 from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws, collate_with_site_layout
 from covidct.data.sources import SITES, Sample, scan_site, site_index
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, normalize_images
 from covidct.errors import ConfigError
 
 log = logging.getLogger("covidct.data")
-FEW_IMAGES_PER_CLASS = 5  # below this in a part, a run warns: its metrics are noisy or undefined
 
 
 def share_tensors_by_file_name(worker_id: int) -> None:
