@@ -267,3 +267,17 @@ def test_explain_draws_from_the_predictions_of_its_own_checkpoint(tmp_path: Path
         chosen = _selection(["A"], None, path, selection, 4, 0)["A"]
         prefix = "COVID/last" if selection == "last" else "COVID/best"
         assert len(chosen) == 4 and all(f.startswith(prefix) for f in chosen)
+
+
+def test_predict_names_an_image_over_pils_pixel_limit_and_classifies_the_rest(
+    ours_run: Path, phantom_root: Path, tmp_path: Path
+):
+    from PIL import Image
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(phantom_root / "sars-cov-2" / "COVID" / "img000.png", folder / "good.png")
+    Image.new("1", (14000, 14000)).save(folder / "huge.png")
+    rows = {row["file"]: row for row in predict_folder(ckpt(ours_run), folder, "A")}
+    assert "decompression-bomb limit" in rows["huge.png"]["error"] and rows["huge.png"]["prob_covid"] is None
+    assert rows["good.png"]["error"] is None and 0 <= rows["good.png"]["prob_covid"] <= 1
