@@ -268,5 +268,26 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(128 + signal.SIGTERM) from None
 
 
+def writable_log_dir_problem(argv: list[str]) -> str | None:
+    """Why the run folders cannot be created under paths.log_dir (or env COVIDCT_OUTPUTS), if they cannot.
+
+    Hydra creates a run's folder before any of our code runs, and a failure there is a library traceback.
+    """
+    given = [a.split("=", 1)[1] for a in argv if a.startswith(("paths.log_dir=", "++paths.log_dir="))]
+    log_dir = Path(given[-1] if given else os.environ.get("COVIDCT_OUTPUTS") or "outputs")
+    if "${" in str(log_dir):
+        return None  # an interpolation: Hydra resolves it
+    existing = next((p for p in [log_dir, *log_dir.absolute().parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"paths.log_dir {log_dir} lies under {existing}, which is a file: choose a folder (paths.log_dir=DIR)."
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return f"paths.log_dir {log_dir}: {existing} is not writable; choose a writable folder (paths.log_dir=DIR)."
+    return None
+
+
 if __name__ == "__main__":
+    problem = writable_log_dir_problem(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     main()

@@ -61,3 +61,10 @@ def test_a_data_root_that_is_a_file_is_one_clear_line(tmp_path: Path):
     result = run_cli(["+experiment=ours", f"data.root={tmp_path / 'data.zip'}", "trainer.max_epochs=1"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is a file, not a directory" in result.stderr
+
+
+def test_a_log_dir_under_a_file_is_one_clear_line(tmp_path: Path):
+    (tmp_path / "afile").write_text("x")
+    result = run_cli(["+experiment=ours", f"data.root={tmp_path}"], tmp_path / "afile" / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "lies under" in result.stderr and "which is a file: choose a folder" in result.stderr
