@@ -67,3 +67,16 @@ def test_make_table1_smoke_then_rerun_runs_nothing(phantom_root: Path, tmp_path:
     assert (second.stdout + second.stderr).count("skipping") == 9
     assert [p.stat().st_mtime_ns for p in records] == stamps
     assert {name: (out / name).read_bytes() for name in outputs} == written  # byte-identical
+
+
+def test_make_table1_stops_when_the_sweep_does_not_finish(phantom_root: Path, tmp_path: Path):
+    result = subprocess.run(
+        ["make", "--no-print-directory", "table1", "PROTOCOL=smoke", "FOLDS=7", f"OUT={tmp_path / 'out'}"]
+        + [f"RUNS={tmp_path / 'runs'}", f"DATA={phantom_root}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0 and "fold must be an integer in 0..3, got 7" in result.stderr
+    assert not (tmp_path / "out").exists(), "tables were collected from an unfinished sweep"
