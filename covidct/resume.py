@@ -50,6 +50,7 @@ NON_SEMANTIC_KEYS = (
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
     "keep_optimizer_state",
+    "wait_for_run_folder",
 )
 
 
@@ -84,9 +85,10 @@ class RunState:
 
 
 @contextmanager
-def run_dir_lock(output_dir: Path) -> Iterator[None]:
+def run_dir_lock(output_dir: Path, wait: bool = False) -> Iterator[None]:
     """An exclusive lock on a run folder for as long as its run lives, so two identical runs never write one
-    checkpoint at once: the second refuses in one line naming the holder. Taken by a run's first process
+    checkpoint at once: the second refuses in one line naming the holder (or, with `wait`, waits for it to
+    end, then skips or resumes as usual). Taken by a run's first process
     only (its DDP ranks share the folder); released by the system however the process ends. It relies on
     flock, which some network file systems do not honour across machines."""
     if any(os.environ.get(name, "0") != "0" for name in _RANK_VARIABLES):
@@ -101,9 +103,14 @@ def run_dir_lock(output_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise ConfigError(
-                f"{output_dir} is in use by another run ({holder}); wait for it to finish or stop it, then rerun."
-            ) from None
+            if wait:
+                log.info("%s is in use by another run (%s): waiting for it", output_dir, holder)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            else:
+                raise ConfigError(
+                    f"{output_dir} is in use by another run ({holder}); wait for it to finish or stop it, then "
+                    "rerun (or add wait_for_run_folder=true)."
+                ) from None
         handle.seek(0)
         handle.truncate()
         since = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

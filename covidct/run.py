@@ -160,7 +160,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     resumes from its last checkpoint.
     """
     check_config(cfg)
-    with run_dir_lock(Path(output_dir)):
+    with run_dir_lock(Path(output_dir), wait=bool(cfg.get("wait_for_run_folder"))):
         return _train_locked(cfg, Path(output_dir))
 
 

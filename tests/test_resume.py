@@ -339,6 +339,23 @@ def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phan
     assert again.returncode == 0 and "skipping" in again.stdout + again.stderr
 
 
+def test_a_second_run_asked_to_wait_waits_then_skips_the_finished_folder(phantom_root: Path, tmp_path: Path):
+    args = ["+experiment=joint", f"data.root={phantom_root}", *LONG]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "covidct.run", *args],
+        cwd=REPO,
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    (folder,) = _wait_for_run_folder(tmp_path / "joint", first)
+    _wait_for(folder / "checkpoints" / "last.ckpt", first)
+    second = run_cli([*args, "wait_for_run_folder=true"], tmp_path)
+    first.wait(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert "waiting for it" in second.stdout + second.stderr and "skipping" in second.stdout + second.stderr
+
+
 def test_a_full_disk_while_checkpointing_names_the_path_and_leaves_no_partial(
     phantom_root: Path, tmp_path: Path, monkeypatch
 ):
