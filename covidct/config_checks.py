@@ -71,7 +71,10 @@ def check_config(cfg: DictConfig) -> None:
             f"data.sites must name one or more of {', '.join(SITES)}, each once, e.g. data.sites=[A,B]; got {sites!r}."
         )
     limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0):
+    bad_fraction = isinstance(limit, float) and limit > 1
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0 or bad_fraction
+    ):
         raise ConfigError(
             "trainer.limit_train_batches must be null (every batch), an integer >= 1 or a fraction in (0, 1], "
             f"got {limit!r}: a run that trains nothing writes no record."

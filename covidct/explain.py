@@ -90,8 +90,8 @@ def true_label(file: str) -> int:
 
 
 def is_correct(prob_covid: float, label: int) -> bool:
-    """The evaluation's decision rule: P(COVID) >= 0.5 predicts COVID."""
-    return (prob_covid >= 0.5) == (label == COVID)
+    """The evaluation's decision rule (torchmetrics'): P(COVID) > 0.5 predicts COVID."""
+    return (prob_covid > 0.5) == (label == COVID)
 
 
 def selection_of(checkpoint: Path) -> str:

@@ -1,7 +1,8 @@
 """Binary metrics of one set of test predictions, at image or patient level.
 
 One definition for the run records and the report, so a table recomputed from `predictions.csv` is the
-record. COVID is the positive class and a probability of 0.5 or more predicts COVID (as the logged metrics).
+record. COVID is the positive class; a probability above 0.5 predicts COVID (torchmetrics' threshold, as
+the logged metrics).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def undefined_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str
     """The metrics a set of predictions leaves undefined, with why (torchmetrics would report 0 for them)."""
     positives = sum(1 for y in labels if y == 1)
     negatives = len(labels) - positives
-    predicted = sum(1 for p in probs if p >= 0.5)
+    predicted = sum(1 for p in probs if p > 0.5)  # torchmetrics: preds > threshold
     why: dict[str, str] = {}
     if positives == 0 or negatives == 0:
         why["auc"] = f"only {'non-COVID' if positives == 0 else 'COVID'} cases: AUC needs both classes"

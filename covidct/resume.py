@@ -56,7 +56,7 @@ NON_SEMANTIC_KEYS = (
 
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without NON_SEMANTIC_KEYS: two runs with equal values give equal numbers."""
-    top = [k for k in cfg if k not in NON_SEMANTIC_KEYS]
+    top = [k for k in cfg if k not in NON_SEMANTIC_KEYS and not (k == "warm_start" and not cfg.warm_start)]
     resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, top), resolve=True)
     for dotted in NON_SEMANTIC_KEYS:
         parent, _, leaf = dotted.rpartition(".")
@@ -95,8 +95,13 @@ def run_dir_lock(output_dir: Path, wait: bool = False) -> Iterator[None]:
         yield
         return
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    handle = (output_dir / LOCK_FILE).open("a+")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = (output_dir / LOCK_FILE).open("a+")
+    except OSError as err:  # e.g. a read-only folder of finished runs: nothing will be written there
+        log.warning("cannot lock %s (%s): running without a lock", output_dir, err.strerror or err)
+        yield
+        return
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,6 +116,8 @@ def run_dir_lock(output_dir: Path, wait: bool = False) -> Iterator[None]:
                     f"{output_dir} is in use by another run ({holder}); wait for it to finish or stop it, then "
                     "rerun (or add wait_for_run_folder=true)."
                 ) from None
+        except OSError as err:  # a file system without flock (some Lustre or NFS mounts)
+            log.warning("cannot lock %s (%s): running without a lock", output_dir, err.strerror or err)
         handle.seek(0)
         handle.truncate()
         since = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -125,8 +132,10 @@ def fingerprint_change(saved: Any, current: dict[str, dict[str, str]]) -> str | 
     """Which sites and parts differ between two data fingerprints ('' parts: all), or None if they match."""
     if saved == current:
         return None
+    if saved == "unreadable":
+        return f"its {DATA_FINGERPRINT_FILE} cannot be read"
     if not isinstance(saved, dict):
-        return "no data fingerprint is recorded (an older covidct wrote it)"
+        return "no data fingerprint is recorded (an older covidct wrote it: rerun it in a new folder)"
     changed = [
         f"site {site} {part}"
         for site in sorted(set(saved) | set(current))
@@ -167,7 +176,10 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, di
         return RunState(record=record, checkpoint=None)
     last = output_dir / LAST_CHECKPOINT
     if marker.is_file() and (prints.is_file() or last.is_file()):
-        saved = json.loads(prints.read_text()) if prints.is_file() else None
+        try:
+            saved = json.loads(prints.read_text()) if prints.is_file() else None
+        except (OSError, ValueError):
+            saved = "unreadable"
         change = fingerprint_change(saved, fingerprint)
         if change:
             raise DataError(

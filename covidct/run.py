@@ -182,8 +182,8 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     }
     model.run_identity = identity
     resume_from, warm_start = state.checkpoint, None
-    if resume_from is not None:
-        check_checkpoint(resume_from, model, identity)
+    if resume_from is not None:  # its own: a warm start it began with is kept in its checkpoints
+        warm_start = check_checkpoint(resume_from, model, identity).get("warm_start")
     elif cfg.get("resume_from"):
         given = Path(cfg.resume_from)
         trained_on = check_checkpoint(given, model, identity, warm_start=cfg.warm_start)
@@ -193,6 +193,8 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             log.info("warm start from the weights of %s", given)
         else:
             resume_from = given
+    if warm_start:
+        model.run_identity = {**identity, "warm_start": warm_start}
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     validation = datamodule.has_validation()
@@ -273,6 +275,9 @@ def writable_log_dir_problem(argv: list[str]) -> str | None:
 
     Hydra creates a run's folder before any of our code runs, and a failure there is a library traceback.
     """
+    elsewhere = ("hydra.run.dir=", "hydra.sweep.dir=")
+    if any(a.startswith(elsewhere) or (a.startswith("-") and a not in ("-m", "--multirun")) for a in argv):
+        return None  # Hydra writes elsewhere, or only prints (--cfg, --help, ...)
     given = [a.split("=", 1)[1] for a in argv if a.startswith(("paths.log_dir=", "++paths.log_dir="))]
     log_dir = Path(given[-1] if given else os.environ.get("COVIDCT_OUTPUTS") or "outputs")
     if "${" in str(log_dir):

@@ -81,3 +81,24 @@ def test_a_corrupt_run_config_is_one_clear_line(phantom_root: Path, tmp_path: Pa
     (tmp_path / "run" / "run_config.json").write_text('{"half": ')
     with pytest.raises(DataError, match=r"run_config.json cannot be read .*delete that run folder"):
         train(cfg, tmp_path / "run")
+
+
+def test_a_warm_started_run_keeps_its_provenance_across_a_kill(phantom_root: Path, tmp_path: Path):
+    base = [f"data.root={phantom_root}", *FAST, "model._target_=tests.helpers.RecordingJoint"]
+    train(compose_experiment("joint", [*base, "keep_optimizer_state=true"]), tmp_path / "fold0")
+    ckpt = tmp_path / "fold0" / "checkpoints" / "last.ckpt"
+    args = ["+experiment=joint", *base, "fold=1", "trainer.max_epochs=2", f"resume_from={ckpt}", "warm_start=true"]
+    killed = run_cli(args, tmp_path / "out", env={**cli_env(tmp_path / "out"), "COVIDCT_TEST_DIE_AT": "1:0"})
+    assert killed.returncode == 137
+    resumed = run_cli(args, tmp_path / "out")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr
+    (record,) = (tmp_path / "out" / "joint").glob("*/metrics.json")
+    warm = json.loads(record.read_text())["run"]["warm_start"]
+    assert warm["checkpoint"] == str(ckpt) and warm["trained_on"]["fold"] == 0
+
+
+def test_warm_start_false_leaves_the_run_folder_names_as_they_were():
+    from covidct.resume import semantic_config
+
+    assert "warm_start" not in semantic_config(compose_experiment("joint", []))
+    assert semantic_config(compose_experiment("joint", ["warm_start=true"]))["warm_start"] is True

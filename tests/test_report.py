@@ -193,7 +193,7 @@ def test_weighted_auc_and_accuracy_are_the_metrics_of_the_repeated_predictions()
         repeated = np.repeat(np.arange(300), w)
         auc = float(binary_auroc(torch.tensor(probs[repeated]), torch.tensor(labels[repeated])))
         assert weighted_metric("auc", w, labels, probs)[0] == pytest.approx(auc, abs=1e-6)
-        acc = np.mean((probs[repeated] >= 0.5) == labels[repeated])
+        acc = np.mean((probs[repeated] > 0.5) == labels[repeated])
         assert weighted_metric("acc", w, labels, probs)[0] == pytest.approx(acc)
 
 

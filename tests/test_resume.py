@@ -220,6 +220,7 @@ def test_bad_data_gets_a_clear_error_and_writes_no_record(phantom_root: Path, tm
         ("model.lr=nan", "model.lr must be a finite number > 0, got nan"),
         ("model.lr=0", "model.lr must be a finite number > 0, got 0"),
         ("trainer.limit_train_batches=0", "trainer.limit_train_batches must be null .*trains nothing"),
+        ("trainer.limit_train_batches=1.5", r"trainer.limit_train_batches must be null .*fraction in \(0, 1\]"),
         ("data.batch_per_site=40", "fewer than data.batch_per_site=40"),
     ],
 )

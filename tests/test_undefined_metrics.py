@@ -19,6 +19,7 @@ def test_one_class_leaves_auc_recall_and_f1_undefined():
     assert metrics["auc"] is None and metrics["recall"] is None
     assert metrics["acc"] == pytest.approx(2 / 3) and metrics["precision"] == 0.0 and metrics["f1"] == 0.0
     assert binary_metrics([1, 0], [0.1, 0.2])["precision"] is None  # nothing predicted COVID
+    assert binary_metrics([1, 0], [0.5, 0.2])["precision"] is None  # 0.5 is not above torchmetrics' threshold
 
 
 def test_a_test_part_with_one_class_records_null_and_the_report_marks_it(phantom_root: Path, tmp_path: Path, caplog):

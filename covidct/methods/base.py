@@ -48,7 +48,7 @@ LR_SCHEDULES = ("cosine", "step", "constant")
 
 
 def site_metrics() -> MetricCollection:
-    """COVID is the positive class; a probability of 0.5 or more predicts COVID."""
+    """COVID is the positive class; a probability above 0.5 predicts COVID (torchmetrics' threshold)."""
     return MetricCollection(
         {
             "acc": BinaryAccuracy(),

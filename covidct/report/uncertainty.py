@@ -57,11 +57,11 @@ def weighted_metric(metric: str, weights: np.ndarray, labels: np.ndarray, probs:
     """AUC or accuracy of predictions counted `weights` times, for each row of a (B, n) weight matrix.
 
     AUC is the Mann-Whitney probability that a positive outranks a negative (ties count half), as
-    torchmetrics' binary_auroc; accuracy thresholds at 0.5 as the run metrics do.
+    torchmetrics' binary_auroc; accuracy predicts COVID above 0.5 as the run metrics do.
     """
     weights = np.atleast_2d(weights).astype(np.float64)
     if metric == "acc":
-        correct = ((probs >= 0.5).astype(int) == labels).astype(np.float64)
+        correct = ((probs > 0.5).astype(int) == labels).astype(np.float64)
         return (weights * correct).sum(-1) / weights.sum(-1)
     if metric != "auc":
         raise ValueError(f"no weighted form of {metric!r}")
