@@ -32,6 +32,9 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from a lab's group
         os.replace(tmp, path)
+    except OSError as err:  # e.g. a full disk: say where, and leave no temp file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise DataError(f"cannot write {path} ({err.strerror or err}); free space there and rerun.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -89,7 +89,12 @@ def _drop_optimizer_state(folder: Path) -> None:
         checkpoint.pop("optimizer_states", None)
         checkpoint.pop("lr_schedulers", None)
         partial = path.with_name(path.name + ".partial")
-        torch.save(checkpoint, partial)
+        try:
+            torch.save(checkpoint, partial)
+        except OSError as err:  # the record is complete; the whole checkpoint stays, a valid (larger) file
+            partial.unlink(missing_ok=True)
+            log.warning("cannot rewrite %s without its optimizer state (%s): kept whole", path, err.strerror or err)
+            continue
         os.replace(partial, path)
 
 

@@ -387,3 +387,35 @@ def test_a_full_disk_while_caching_names_the_cache_dir(phantom_root: Path, tmp_p
     ):
         train(compose_experiment("joint", overrides), tmp_path / "run")
     assert not list(cache.rglob("*.tmp"))
+
+
+def test_a_full_disk_while_writing_the_record_names_the_file(phantom_root: Path, tmp_path: Path, monkeypatch):
+    import os as os_module
+
+    real_fdopen = os_module.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, *args, **kwargs):
+            self.fh = real_fdopen(fd, *args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        return (
+            FullDisk(fd, mode, *args, **kwargs)
+            if "w" in mode and "b" not in mode
+            else real_fdopen(fd, mode, *args, **kwargs)
+        )
+
+    cfg = compose_experiment("joint", [f"data.root={phantom_root}", *FAST])
+    monkeypatch.setattr("covidct.records.os.fdopen", fdopen)
+    with pytest.raises(DataError, match=r"cannot write .*run_config.json \(No space left on device\); free space"):
+        train(cfg, tmp_path)
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -92,6 +92,7 @@ class SiteMethod(pl.LightningModule):
             {f"{stage}_{site}": site_metrics() for stage in EVAL_STAGES for site in SITES}
         )
         self._sites_seen: dict[str, set[str]] = {stage: set() for stage in EVAL_STAGES}
+        self._classes_seen: dict[str, dict[str, set[int]]] = {stage: {} for stage in EVAL_STAGES}
         self.test_predictions: list[dict[str, Any]] = []
         self.run_identity: dict[str, Any] = {}  # fold, split seed, data fingerprint (set by covidct.run)
         self.test_log_prefix = "test"  # the run tests several checkpoints and logs each under its own prefix
@@ -285,6 +286,7 @@ class SiteMethod(pl.LightningModule):
             mask = site == s
             self.eval_metrics[f"{stage}_{SITES[s]}"].update(prob[mask], label[mask])
             self._sites_seen[stage].add(SITES[s])
+            self._classes_seen[stage].setdefault(SITES[s], set()).update(label[mask].unique().tolist())
         if stage == "test":
             for f, y, s, p in zip(batch["file"], label.tolist(), site.tolist(), prob.tolist()):
                 self.test_predictions.append({"site": SITES[s], "file": f, "label": y, "prob_covid": p})
@@ -299,17 +301,22 @@ class SiteMethod(pl.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, stage: str) -> None:
-        """Log each site's metrics (the run record computes its own from the test predictions)."""
+        """Log each site's metrics (the run record computes its own from the test predictions). A site whose
+        part holds one class has no AUC: it is not logged, nor counted in the mean that selects checkpoints."""
         prefix = self.test_log_prefix if stage == "test" else stage
         aucs = []
         for site in sorted(self._sites_seen[stage]):
             collection = self.eval_metrics[f"{stage}_{site}"]
             values = {name: float(value) for name, value in collection.compute().items()}
             collection.reset()
+            if len(self._classes_seen[stage].get(site, ())) < 2:
+                values.pop("auc")
             for name, value in values.items():
                 self.log(f"{prefix}/{site}/{name}", value, add_dataloader_idx=False, sync_dist=True)
-            aucs.append(values["auc"])
+            if "auc" in values:
+                aucs.append(values["auc"])
         self._sites_seen[stage].clear()
+        self._classes_seen[stage].clear()
         if aucs:
             self.log(
                 f"{prefix}/auc",
