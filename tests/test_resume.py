@@ -248,18 +248,10 @@ def test_a_run_that_stops_training_early_writes_no_record(phantom_root: Path, tm
 
 def test_sigterm_exits_non_zero_and_the_rerun_resumes(phantom_root: Path, tmp_path: Path):
     args = ["+experiment=joint", f"data.root={phantom_root}", *LONG]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "covidct.run", *args],
-        cwd=REPO,
-        env=cli_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    (folder,) = _wait_for_run_folder(tmp_path / "joint", process)
-    _wait_for(folder / "checkpoints" / "last.ckpt", process)
+    process, folder = _start_run(args, tmp_path)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=240)
+    process.wait(timeout=240)
+    stderr = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "error: terminated (SIGTERM)" in stderr and "Traceback" not in stderr
     assert not (folder / "metrics.json").exists()
@@ -268,12 +260,26 @@ def test_sigterm_exits_non_zero_and_the_rerun_resumes(phantom_root: Path, tmp_pa
     assert (folder / "metrics.json").is_file()
 
 
-def _wait_for_run_folder(parent: Path, process: subprocess.Popen, timeout: float = 240) -> list[Path]:
+def _start_run(args: list[str], outputs: Path, timeout: float = 240) -> tuple[subprocess.Popen, Path]:
+    """A CLI run in the background, once its (one) run folder holds its first checkpoint; its stderr goes to
+    OUTPUTS/stderr.txt (a pipe nobody reads could fill and block it)."""
+    outputs.mkdir(parents=True, exist_ok=True)
+    with (outputs / "stderr.txt").open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "covidct.run", *args],
+            cwd=REPO,
+            env=cli_env(outputs),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.time() + timeout
+    parent = outputs / args[0].split("=", 1)[1]  # +experiment=NAME: the run folders' parent
     while not (parent.is_dir() and any(parent.iterdir())):
         assert process.poll() is None and time.time() < deadline, "no run folder appeared"
         time.sleep(0.05)
-    return list(parent.iterdir())
+    (folder,) = parent.iterdir()
+    _wait_for(folder / "checkpoints" / "last.ckpt", process)
+    return process, folder
 
 
 def test_cli_errors_are_one_clear_line(phantom_root: Path, tmp_path: Path):
@@ -320,16 +326,8 @@ def test_slurm_launcher_config():
 
 def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phantom_root: Path, tmp_path: Path):
     args = ["+experiment=joint", f"data.root={phantom_root}", *LONG]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "covidct.run", *args],
-        cwd=REPO,
-        env=cli_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first, folder = _start_run(args, tmp_path)
     try:
-        (folder,) = _wait_for_run_folder(tmp_path / "joint", first)
-        _wait_for(folder / "checkpoints" / "last.ckpt", first)
         second = run_cli(args, tmp_path)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"is in use by another run (pid {first.pid} on" in second.stderr
@@ -342,15 +340,7 @@ def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phan
 
 def test_a_second_run_asked_to_wait_waits_then_skips_the_finished_folder(phantom_root: Path, tmp_path: Path):
     args = ["+experiment=joint", f"data.root={phantom_root}", *LONG]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "covidct.run", *args],
-        cwd=REPO,
-        env=cli_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    (folder,) = _wait_for_run_folder(tmp_path / "joint", first)
-    _wait_for(folder / "checkpoints" / "last.ckpt", first)
+    first, folder = _start_run(args, tmp_path)
     second = run_cli([*args, "wait_for_run_folder=true"], tmp_path)
     first.wait(timeout=300)
     assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
