@@ -40,3 +40,18 @@ def test_a_test_part_with_one_class_records_null_and_the_report_marks_it(phantom
     rows = collect_results([record], [], [0], [643], aggregation="runs")
     cell = next(r for r in rows if (r["experiment"], r["site"], r["metric"]) == ("single", "B", "auc"))
     assert cell["n"] == 0 and cell["undefined"] == 1 and cell["mean"] is None
+
+
+def test_a_one_class_part_logs_no_auc_and_selection_uses_the_other_sites(phantom_root: Path, tmp_path: Path):
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    for image in sorted((root / "covid-ct" / "CT_COVID").iterdir())[1:]:  # site B: val and test parts one class
+        image.unlink()
+    overrides = [f"data.root={root}", *[o for o in FAST if not o.startswith("data.batch_per_site")]]
+    overrides += ["data.batch_per_site=2", "data.group_by=image", "data.val_fraction=0.1", "trainer.max_epochs=2"]
+    test = train(compose_experiment("sepnorm", overrides), tmp_path / "run")
+    (log,) = (tmp_path / "run" / "csv").glob("*/metrics.csv")
+    columns = log.read_text().splitlines()[0].split(",")
+    assert "val/A/auc" in columns and "val/auc" in columns
+    assert "val/B/auc" not in columns and "test/B/auc" not in columns  # torchmetrics would log 0
+    assert "best_val_auc" in test  # selected on site A's validation AUC alone
