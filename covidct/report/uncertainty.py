@@ -204,13 +204,16 @@ def delong_rows(
     """DeLong's paired test of `reference` vs each baseline per site and seed, on the cases both tested in
     that seed (the four folds pooled: every image once). Image level treats slices as independent cases;
     sites with patient ids also get a patient-level test (one pooled prediction per patient), which does not."""
+    by_run: dict[tuple[str, int, str], list[Mapping[str, Any]]] = {}
+    for r in rows:  # grouped once: every (method, seed, site) is read many times below
+        by_run.setdefault((r["experiment"], r["seed"], r["site"]), []).append(r)
     out = []
     for site in sorted({r["site"] for r in rows}):
         levels = ["images", "patients"] if site in patient_sites else ["images"]
         for level in levels:
             for baseline in baselines:
                 for seed in seeds:
-                    cases = {e: _cases(rows, e, seed, site, level, pooling) for e in (reference, baseline)}
+                    cases = {e: _cases(by_run.get((e, seed, site), []), level, pooling) for e in (reference, baseline)}
                     shared = sorted(set(cases[reference]) & set(cases[baseline]))
                     row: dict[str, Any] = {"site": site, "level": level, "baseline": baseline, "seed": seed}
                     row["n_cases"] = len(shared)
@@ -230,11 +233,8 @@ def delong_rows(
     return out
 
 
-def _cases(
-    rows: Sequence[Mapping[str, Any]], experiment: str, seed: int, site: str, level: str, pooling: str
-) -> dict[str, Mapping[str, Any]]:
+def _cases(mine: Sequence[Mapping[str, Any]], level: str, pooling: str) -> dict[str, Mapping[str, Any]]:
     """One seed's test cases of a method and site, by image file or by patient (pooled per fold's run)."""
-    mine = [r for r in rows if r["experiment"] == experiment and r["seed"] == seed and r["site"] == site]
     if level == "images":
         return {r["file"]: r for r in mine}
     return {
