@@ -2,16 +2,18 @@
 and of the data pipeline, measured in one process on one device.
 
 (a) reference: fp32, NCHW, eager, one forward per site per step, plain Adam (the authors' settings);
-(b) fast: training's fast path (`SiteMethod.enable_fast_path`): one sync-free routed forward for both
-    sites, and on GPU bf16 autocast, channels_last, cuDNN autotuning, fused Adam whose divergence
-    guard never waits for the device; variants (`--variants`) add torch.compile and/or the whole step
-    as one CUDA graph (`model.speed.cuda_graph`, methods/graphed.py).
-Both run the full optimizer step of `ours` (CE + contrastive, gradient clipping 2.0) on random images.
+(b) fast: training's fast path (covidct/training, `callbacks.fast_path`): one block-routed forward for both
+    sites, and on GPU bf16 autocast, channels_last, cuDNN autotuning, fused Adam whose divergence guard never
+    waits for the device; variants (`--variants`) add torch.compile and/or the whole step as one CUDA graph.
+Both run the full optimizer step of `ours` as its experiment config builds it (CE + contrastive, Adam,
+the configured gradient clipping) on random images, through the step function training's captured path
+uses (`CapturedStep`), so the bench measures the code that trains.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -26,20 +28,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
+import covidct.resolvers  # noqa: F401  (the config's interpolations)
 from covidct.methods import Ours
-from covidct.methods.divergence import DivergenceGuard
-from covidct.methods.graphed import GraphedTrainingStep
 from covidct.methods.ours import contrastive_loss
-from covidct.models.routing import site_blocks
 from covidct.records import atomic_write_text, git_commit
+from covidct.training import CapturedStep, DivergenceGuard, FastPath, clip_gradients
 
-CLIP = 2.0
+CONF = Path(__file__).resolve().parents[1] / "conf"
 GPU_VARIANTS = "eager,graph,compile:default+graph"
 
 
-def reference_losses(model: Ours, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def ours_as_configured(image_size: int, width: float) -> tuple[Ours, float]:
+    """`experiment=ours` as conf/ builds it, at this size and width; and its gradient clipping value."""
+    overrides = ["experiment=ours", f"data.image_size={image_size}", f"model.backbone.width={width}"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return instantiate(cfg.model, _convert_="all"), float(cfg.trainer.gradient_clip_val)
+
+
+def reference_losses(model: Ours, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The authors' step: one forward per site, embeddings joined for the contrastive term."""
     embeddings, logits = [], []
     for s in batch["site"].unique(sorted=True):
@@ -49,27 +60,19 @@ def reference_losses(model: Ours, batch: dict[str, torch.Tensor]) -> torch.Tenso
         logits.append(model.net.classify(embedding, batch["site"][mask]))
     labels = torch.cat([batch["label"][batch["site"] == s] for s in batch["site"].unique(sorted=True)])
     ce = F.cross_entropy(torch.cat(logits), labels)
-    return ce + model.hparams.alpha * contrastive_loss(torch.cat(embeddings), labels, model.hparams.tau)
+    return {"loss": ce + model.hparams.alpha * contrastive_loss(torch.cat(embeddings), labels, model.hparams.tau)}
 
 
-def random_batch(batch_per_site: int, image_size: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_batch(batch_per_site: int, image_size: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """A training batch as the DataModule delivers it: site A's block, then site B's, declared."""
     generator = torch.Generator().manual_seed(seed)
     n = 2 * batch_per_site
     return {
         "image": torch.randn(n, 3, image_size, image_size, generator=generator).to(device),
         "label": torch.randint(0, 2, (n,), generator=generator).to(device),
         "site": torch.arange(2).repeat_interleave(batch_per_site).to(device),
-        "site_layout": ((0, 1), (batch_per_site, batch_per_site)),  # as the DataModule's collate declares it
+        "site_layout": ((0, 1), (batch_per_site, batch_per_site)),
     }
-
-
-REFERENCE_SPEED = {
-    "channels_last": False,
-    "compile": False,
-    "cudnn_benchmark": False,
-    "fused_optimizer": False,
-    "sync_free_routing": False,
-}
 
 
 Variant = tuple[str | None, bool]  # (torch.compile mode or None, whole step as one CUDA graph)
@@ -97,46 +100,31 @@ def path_name(variant: Variant) -> str:
     return "fast" + ("" if mode is None else f"+compile({mode})") + ("+graph" if graph else "")
 
 
-def build(
+def build_step(
     path: str, device: torch.device, image_size: int, width: float, variant: Variant = (None, False)
-) -> tuple[Ours, torch.optim.Optimizer]:
-    """The reference model, or the fast one exactly as training sets it up (`SiteMethod.enable_fast_path`)."""
+) -> CapturedStep:
+    """The reference step, or the fast one with the switches training applies (`FastPath`)."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = False
-    compile_mode, graph = variant
-    speed = (
-        REFERENCE_SPEED
-        if path == "reference"
-        else {"compile": compile_mode is not None, "compile_mode": compile_mode or "default", "cuda_graph": graph}
-    )
-    model = Ours(backbone={"redesign": True, "width": width, "image_size": image_size}, speed=speed)
+    model, clip_value = ours_as_configured(image_size, width)
     model = model.to(device).train()
-    model.enable_fast_path()
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=1e-4, weight_decay=1e-7, fused=model.uses("fused_optimizer") or None
-    )
-    return model, optimizer
-
-
-def train_step(
-    path: str, model: Ours, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], guard: DivergenceGuard
-) -> torch.Tensor:
-    """One optimizer step as training takes it: loss, divergence guard, backward, clipping, update."""
-    device = batch["image"].device
-    bf16 = path != "reference" and device.type == "cuda"
-    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-        if path == "reference":
-            losses = {"loss": reference_losses(model, batch)}
-        else:
-            with site_blocks(batch["site_layout"]):
-                losses = model.training_losses(batch)
-    guard.check(losses, optimizer, epoch=0, step=0)
-    optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    model.clip_gradients_(CLIP)
-    optimizer.step()
-    guard.poll()
-    return losses["loss"].detach()
+    fused, capture = False, False
+    if path == "reference":
+        losses: Callable[[dict[str, Any]], dict[str, torch.Tensor]] = functools.partial(reference_losses, model)
+    else:
+        compile_mode, graph = variant
+        fast = FastPath(
+            gpu_tuning="auto",
+            cuda_graph=graph,
+            compile=compile_mode is not None,
+            compile_mode=compile_mode or "default",
+        )
+        fast.resolve(device)
+        fast.speed_up(model)
+        fused, capture, losses = fast.fused_optimizer(), fast.active["cuda_graph"], model.training_losses
+    optimizer = model.build_optimizer(model.parameters(), **({"fused": True} if fused else {}))
+    clip = functools.partial(clip_gradients, model.clip_groups(), clip_value, "norm")
+    return CapturedStep(losses, optimizer, clip, DivergenceGuard(), capture=capture)
 
 
 def print_profile(name: str, step: Callable[[], None], device: torch.device, steps: int = 5) -> None:
@@ -171,18 +159,14 @@ def measure_training(
 ) -> dict[str, Any]:
     name = "reference" if path == "reference" else path_name(variant)
     try:
-        model, optimizer = build(path, device, image_size, width, variant)
+        train_step = build_step(path, device, image_size, width, variant)
         batch = random_batch(batch_per_site, image_size, device)
-        guard = DivergenceGuard()
-        graphed = GraphedTrainingStep(model, optimizer, CLIP) if model.uses("cuda_graph") else None
+        bf16 = path != "reference" and device.type == "cuda"
 
         def step() -> torch.Tensor:
-            if graphed is None:
-                return train_step(path, model, optimizer, batch, guard)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                losses, report = graphed(batch)
-            guard.track(report, list(losses), epoch=0, step=0)
-            guard.poll()
+            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                losses = train_step(batch)
+            train_step.guard.poll()
             return losses["loss"]
 
         start = time.perf_counter()
@@ -197,7 +181,7 @@ def measure_training(
             loss = step()
         _sync(device)
         seconds = time.perf_counter() - start
-        guard.poll(wait=True)
+        train_step.guard.poll(wait=True)
         final_loss = loss.item()  # before profiling's steps (a graph's output is overwritten in place)
         if profile:
             print_profile(name, step, device)
@@ -217,7 +201,7 @@ def measure_training(
         # every path trains from the same initialisation on the same batch: a fast path that computed
         # something else would end at another loss (bf16 moves it a little)
         "final_loss": final_loss,
-        **({"graph_captures": graphed.captures} if graphed is not None else {}),
+        **({"graph_captures": train_step.captures} if train_step.capture else {}),
         "peak_memory_mb": (
             torch.cuda.max_memory_allocated(device) / 2**20
             if device.type == "cuda"
@@ -227,7 +211,7 @@ def measure_training(
 
 
 def forward_gflop_per_image(image_size: int, width: float) -> float:
-    model = Ours(backbone={"redesign": True, "width": width, "image_size": image_size}).eval()
+    model = ours_as_configured(image_size, width)[0].eval()
     batch = random_batch(1, image_size, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.net(batch["image"], batch["site"])

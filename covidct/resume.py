@@ -72,10 +72,6 @@ def run_id(*, _root_: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-if not OmegaConf.has_resolver("covidct_run_id"):
-    OmegaConf.register_new_resolver("covidct_run_id", run_id)
-
-
 @dataclass(frozen=True)
 class RunState:
     """A run folder is complete (record present), resumable (a checkpoint), or fresh."""

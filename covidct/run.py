@@ -16,23 +16,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+import covidct.resolvers  # noqa: F401  (the config's interpolations)
 from covidct.config_checks import check_config
-from covidct.errors import CovidCTError, TrainingIncomplete
+from covidct.errors import ConfigError, CovidCTError, TrainingIncomplete
 from covidct.metrics import evaluate
 from covidct.records import git_commit, write_run_record
 from covidct.report.curves import roc_curve
 from covidct.resume import (
     LAST_CHECKPOINT,
-    AtomicCheckpoint,
     check_checkpoint,
     prepare_run_dir,
     read_checkpoint,
     run_dir_lock,
 )
-from covidct.timing import TrainThroughput
 
 log = logging.getLogger("covidct.run")
 
@@ -106,29 +104,23 @@ def make_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     return instantiate(cfg.trainer, precision=precision, **kwargs)
 
 
-def _checkpoint_callbacks(output_dir: Path, validation: bool) -> tuple[AtomicCheckpoint, AtomicCheckpoint | None]:
-    """'last' (saved every epoch, what a rerun resumes from) and, for a run with a validation part, the
-    best validation AUC (mean over sites). Each is one file that replaces itself: checkpoints hold the Adam
-    state, ~0.6 GB at full width."""
-    last = AtomicCheckpoint(
-        dirpath=output_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
-    )
-    if not validation:
-        return last, None
-    best_auc = AtomicCheckpoint(
-        dirpath=output_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        monitor="val/auc",
-        mode="max",
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    return last, best_auc
+def _callbacks(cfg: DictConfig, output_dir: Path, validation: bool, logger: Any) -> dict[str, pl.Callback]:
+    """The configured callbacks (conf/callbacks/), checkpoints in the run's folder; the best-validation
+    checkpoint only for a run with a validation part, the learning-rate monitor only with a logger."""
+    unused = {"best_checkpoint": not validation, "lr_monitor": not logger}
+    callbacks = {}
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or unused.get(name):
+            continue
+        extra = {"dirpath": output_dir / "checkpoints"} if name.endswith("checkpoint") else {}
+        callbacks[name] = _build(node, **extra)
+    if "last_checkpoint" not in callbacks:
+        raise ConfigError("callbacks.last_checkpoint is needed: it is what an interrupted run resumes from.")
+    return callbacks
 
 
 def _test_selections(
-    trainer: pl.Trainer, model: Any, datamodule: Any, best: AtomicCheckpoint | None, output_dir: Path
+    trainer: pl.Trainer, model: Any, datamodule: Any, best: pl.Callback | None, output_dir: Path
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Test every checkpoint a report may select: the last epoch and, with a validation part, the best
     validation AUC. Which one a table shows is chosen at report time (`--select`), not here. Patient-level
@@ -178,7 +170,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         return state.record["test"]
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup("fit")
-    model = _build(cfg.model, _convert_="all")
+    model = _build(cfg.model, sites=datamodule.sites, _convert_="all")
     identity = {
         "fold": cfg.fold,
         "split_seed": cfg.split_seed,
@@ -203,12 +195,12 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if resume_from is not None:
         log.info("resuming from %s", resume_from)
     validation = datamodule.has_validation()
-    last, best = _checkpoint_callbacks(output_dir, validation)
     logger = _logger(cfg, output_dir)
-    throughput = TrainThroughput()
-    callbacks = [last, *([best] if best else []), throughput] + ([LearningRateMonitor("epoch")] if logger else [])
+    callbacks = _callbacks(cfg, output_dir, validation, logger)
     no_validation = {} if validation else {"limit_val_batches": 0}
-    trainer = make_trainer(cfg, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir), **no_validation)
+    trainer = make_trainer(
+        cfg, logger=logger, callbacks=list(callbacks.values()), default_root_dir=str(output_dir), **no_validation
+    )
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.interrupted or trainer.current_epoch < trainer.max_epochs or trainer.global_step == 0:
         raise TrainingIncomplete(
@@ -216,7 +208,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             f"({trainer.global_step} steps): no record written; rerun the same command to resume from "
             f"{output_dir / LAST_CHECKPOINT}."
         )
-    test, predictions = _test_selections(trainer, model, datamodule, best, output_dir)
+    test, predictions = _test_selections(trainer, model, datamodule, callbacks.get("best_checkpoint"), output_dir)
     run = {
         "experiment": cfg.name,
         "fold": cfg.fold,
@@ -236,9 +228,11 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return test
     path = write_run_record(output_dir, test, predictions, run, OmegaConf.to_container(cfg, resolve=True))
-    throughput.write(output_dir)
-    for epoch in throughput.epochs:
-        log.info("epoch %d: %.1f s training, %.1f img/s", epoch["epoch"], epoch["seconds"], epoch["img_per_s"])
+    throughput = callbacks.get("throughput")
+    if throughput is not None:
+        throughput.write(output_dir)
+        for epoch in throughput.epochs:
+            log.info("epoch %d: %.1f s training, %.1f img/s", epoch["epoch"], epoch["seconds"], epoch["img_per_s"])
     if not cfg.keep_optimizer_state:
         _drop_optimizer_state(output_dir / "checkpoints")
     _finish_logger(logger, test, predictions)
@@ -295,7 +289,14 @@ def writable_log_dir_problem(argv: list[str]) -> str | None:
     return None
 
 
+def accept_appended_experiment(argv: list[str]) -> list[str]:
+    """`+experiment=NAME`, the form earlier versions documented, means `experiment=NAME` (the defaults list
+    holds `experiment: null`, which Hydra would otherwise refuse to append to)."""
+    return [a[1:] if a.startswith("+experiment=") else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = accept_appended_experiment(sys.argv[1:])
     problem = writable_log_dir_problem(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)

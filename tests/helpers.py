@@ -8,13 +8,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
 
-from covidct.methods import Joint
+from covidct.methods import Joint, MSNet
 
 REPO = Path(__file__).resolve().parents[1]
 # CPU-sized settings for wiring tests on phantom data.
@@ -32,11 +34,17 @@ FAST = [
 ]
 
 
-def compose_experiment(name: str, overrides: list[str]) -> DictConfig:
-    import covidct.run  # noqa: F401  (registers the run-folder resolver)
+def compose_experiment(name: str, overrides: list[str], config_dir: Path = REPO / "conf") -> DictConfig:
+    """The config `python -m covidct.run experiment=NAME ...` runs with (Hydra's own state set as the CLI sets it,
+    so `name` comes from the chosen experiment)."""
+    import covidct.resolvers  # noqa: F401  (the config's interpolations)
 
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"+experiment={name}", *overrides])
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def cli_env(outputs: Path) -> dict[str, str]:
@@ -68,6 +76,19 @@ class DivergingJoint(Joint):
         if self.global_step >= self.diverge_at_step:
             losses["loss"] = losses["loss"] * float("nan")
         return losses
+
+
+class RecordingMSNet(MSNet):
+    """MS-Net that writes down, per epoch, the distinct transfer weights its loss read (in this process)."""
+
+    weights_seen: ClassVar[dict[int, list[float]]] = {}
+
+    def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        seen = self.weights_seen.setdefault(self.current_epoch, [])
+        weight = float(self.transfer_weight)
+        if weight not in seen:
+            seen.append(weight)
+        return super().training_losses(batch)
 
 
 class StoppingJoint(Joint):
@@ -120,3 +141,28 @@ class RequeueableRun:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
+
+
+TINY_MODEL = ["data.image_size=64", "model.backbone.width=0.125"]
+
+
+def tiny_method(experiment: str, *overrides: str, **kwargs: Any) -> Any:
+    """An experiment's method as its config builds it, narrow and at 64 px, on the two paper sites."""
+    cfg = compose_experiment(experiment, [*TINY_MODEL, *overrides])
+    return instantiate(cfg.model, _convert_="all", **kwargs)
+
+
+def two_site_batch(batch_per_site: int = 4, image_size: int = 64, device: str = "cpu", seed: int = 0) -> dict:
+    """A training batch as the DataModule delivers it: site A's block, then site B's, declared as such."""
+    generator = torch.Generator().manual_seed(seed)
+    n = 2 * batch_per_site
+    return {
+        "image": torch.randn(n, 3, image_size, image_size, generator=generator).to(device),
+        "label": torch.randint(0, 2, (n,), generator=generator).to(device),
+        "site": torch.arange(2).repeat_interleave(batch_per_site).to(device),
+        "site_layout": ((0, 1), (batch_per_site, batch_per_site)),
+    }
+
+
+def grads(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])

@@ -19,7 +19,7 @@ def _copy(phantom_root: Path, where: Path) -> Path:
 
 def test_an_interrupted_run_refuses_to_resume_on_changed_data(phantom_root: Path, tmp_path: Path):
     root = _copy(phantom_root, tmp_path / "data")
-    args = ["+experiment=joint", f"data.root={root}", *FAST, "trainer.max_epochs=2"]
+    args = ["experiment=joint", f"data.root={root}", *FAST, "trainer.max_epochs=2"]
     args += ["model._target_=tests.helpers.RecordingJoint"]
     env = {**cli_env(tmp_path / "out"), "COVIDCT_TEST_DIE_AT": "1:0"}
     killed = run_cli(args, tmp_path / "out", env=env)
@@ -87,7 +87,7 @@ def test_a_warm_started_run_keeps_its_provenance_across_a_kill(phantom_root: Pat
     base = [f"data.root={phantom_root}", *FAST, "model._target_=tests.helpers.RecordingJoint"]
     train(compose_experiment("joint", [*base, "keep_optimizer_state=true"]), tmp_path / "fold0")
     ckpt = tmp_path / "fold0" / "checkpoints" / "last.ckpt"
-    args = ["+experiment=joint", *base, "fold=1", "trainer.max_epochs=2", f"resume_from={ckpt}", "warm_start=true"]
+    args = ["experiment=joint", *base, "fold=1", "trainer.max_epochs=2", f"resume_from={ckpt}", "warm_start=true"]
     killed = run_cli(args, tmp_path / "out", env={**cli_env(tmp_path / "out"), "COVIDCT_TEST_DIE_AT": "1:0"})
     assert killed.returncode == 137
     resumed = run_cli(args, tmp_path / "out")

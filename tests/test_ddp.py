@@ -8,7 +8,7 @@ from tests.helpers import FAST, run_cli
 
 
 def test_ddp_two_cpu_processes_write_a_run_record(phantom_root: Path, tmp_path: Path):
-    result = run_cli(["+experiment=ours", f"data.root={phantom_root}", "trainer=ddp", *FAST], tmp_path)
+    result = run_cli(["experiment=ours", f"data.root={phantom_root}", "trainer=ddp", *FAST], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (record_path,) = tmp_path.glob("ours/*/metrics.json")
     record = json.loads(record_path.read_text())

@@ -11,7 +11,7 @@ from tests.helpers import run_cli
 def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path: Path):
     result = run_cli(
         [
-            "+experiment=ours",
+            "+experiment=ours",  # the form earlier versions documented: still accepted
             "fold=0,1",
             f"data.root={real_data}",
             "data.image_size=64",
@@ -50,7 +50,7 @@ def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path
 
 
 def test_missing_data_root_is_one_clear_line(tmp_path: Path):
-    result = run_cli(["+experiment=ours", f"data.root={tmp_path / 'nowhere'}", "trainer.max_epochs=1"], tmp_path)
+    result = run_cli(["experiment=ours", f"data.root={tmp_path / 'nowhere'}", "trainer.max_epochs=1"], tmp_path)
     assert result.returncode == 2
     assert "error: data root" in result.stderr and "covidct.data download" in result.stderr
     assert "Traceback" not in result.stderr
@@ -58,13 +58,13 @@ def test_missing_data_root_is_one_clear_line(tmp_path: Path):
 
 def test_a_data_root_that_is_a_file_is_one_clear_line(tmp_path: Path):
     (tmp_path / "data.zip").write_bytes(b"PK")
-    result = run_cli(["+experiment=ours", f"data.root={tmp_path / 'data.zip'}", "trainer.max_epochs=1"], tmp_path)
+    result = run_cli(["experiment=ours", f"data.root={tmp_path / 'data.zip'}", "trainer.max_epochs=1"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is a file, not a directory" in result.stderr
 
 
 def test_a_log_dir_under_a_file_is_one_clear_line(tmp_path: Path):
     (tmp_path / "afile").write_text("x")
-    result = run_cli(["+experiment=ours", f"data.root={tmp_path}"], tmp_path / "afile" / "out")
+    result = run_cli(["experiment=ours", f"data.root={tmp_path}"], tmp_path / "afile" / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "lies under" in result.stderr and "which is a file: choose a folder" in result.stderr

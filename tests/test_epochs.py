@@ -21,7 +21,7 @@ def _fit(phantom_root: Path, outputs: Path, seen: Path, extra: list[str] = (), d
     env = {**cli_env(outputs), "COVIDCT_TEST_SEEN": str(seen)}
     if die_at:
         env["COVIDCT_TEST_DIE_AT"] = die_at
-    return run_cli(["+experiment=joint", f"data.root={phantom_root}", *ARGS, *extra], outputs, env=env)
+    return run_cli(["experiment=joint", f"data.root={phantom_root}", *ARGS, *extra], outputs, env=env)
 
 
 def _draws(batches: list[dict]) -> Counter:

@@ -41,7 +41,7 @@ MIN_CE_DROP = 0.08
 
 @pytest.mark.parametrize("experiment", ["joint", "ours"])
 def test_training_on_the_real_data_learns(experiment: str, real_data: Path, tmp_path: Path):
-    result = run_cli([f"+experiment={experiment}", f"data.root={real_data}", *SETTINGS], tmp_path)
+    result = run_cli([f"experiment={experiment}", f"data.root={real_data}", *SETTINGS], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (folder,) = (tmp_path / experiment).iterdir()
     (log,) = folder.glob("csv/version_*/metrics.csv")

@@ -3,10 +3,9 @@ import math
 import pytest
 import torch
 
-from covidct.methods import Joint, Ours, SepNorm, Single, contrastive_loss
+from covidct.methods import contrastive_loss
 from covidct.models import SiteBatchNorm
-
-TINY = {"redesign": True, "width": 0.125, "image_size": 64}
+from tests.helpers import tiny_method
 
 
 def _batch(n_per_site: int = 4) -> dict:
@@ -37,7 +36,7 @@ def test_contrastive_loss_edge_cases():
 
 
 def test_projection_head_is_trained_by_the_contrastive_term_only():
-    model = Ours(backbone=TINY, tau=0.05, alpha=1.0)
+    model = tiny_method("ours", tau=0.05, alpha=1.0)
     batch = _batch()
     model.training_losses(batch)["ce"].backward()
     assert all(p.grad is None for p in model.projection.parameters())
@@ -51,7 +50,7 @@ def test_projection_head_is_trained_by_the_contrastive_term_only():
 def test_total_loss_weights_the_contrastive_term_by_alpha():
     batch = _batch()
     torch.manual_seed(1)
-    losses = Ours(backbone=TINY, alpha=0.3).training_losses(batch)
+    losses = tiny_method("ours", alpha=0.3).training_losses(batch)
     assert losses["loss"].item() == pytest.approx(losses["ce"].item() + 0.3 * losses["contrastive"].item(), rel=1e-5)
 
 
@@ -59,13 +58,13 @@ def test_joint_shares_norms_and_sepnorm_separates_them():
     def norms(model):
         return [m for m in model.modules() if isinstance(m, SiteBatchNorm)]
 
-    assert norms(Joint(backbone=TINY)) and all(n.num_sites == 1 for n in norms(Joint(backbone=TINY)))
-    assert all(n.num_sites == 2 for n in norms(SepNorm(backbone=TINY)))
-    assert all(n.num_sites == 2 for n in norms(Ours(backbone=TINY)))
+    assert norms(tiny_method("joint")) and all(n.num_sites == 1 for n in norms(tiny_method("joint")))
+    assert all(n.num_sites == 2 for n in norms(tiny_method("sepnorm")))
+    assert all(n.num_sites == 2 for n in norms(tiny_method("ours")))
 
 
 def test_single_networks_are_independent():
-    model = Single(backbone=TINY, sites=["A", "B"])
+    model = tiny_method("single")
     batch = _batch()
     only_a = {k: v[batch["site"] == 0] for k, v in batch.items()}
     model.training_losses(only_a)["loss"].backward()
@@ -74,7 +73,7 @@ def test_single_networks_are_independent():
 
 
 def test_single_clips_gradients_per_network():
-    model = Single(backbone=TINY, sites=["A", "B"])
+    model = tiny_method("single")
     for net, scale in ((model.nets["A"], 100.0), (model.nets["B"], 0.001)):
         for p in net.parameters():
             p.grad = torch.full_like(p, scale)
@@ -87,7 +86,7 @@ def test_single_clips_gradients_per_network():
 
 
 def test_single_routes_each_site_to_its_own_network():
-    model = Single(backbone=TINY, sites=["A", "B"]).eval()
+    model = tiny_method("single").eval()
     batch = _batch(2)
     together = model.logits(batch["image"], batch["site"])
     with torch.no_grad():

@@ -50,7 +50,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_record(phantom_root: Path, tmp_path: Path):
-    args = ["+experiment=ours", f"data.root={phantom_root}", *LONG]
+    args = ["experiment=ours", f"data.root={phantom_root}", *LONG]
     straight = run_cli(args, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     (reference,) = (tmp_path / "straight" / "ours").iterdir()
@@ -81,7 +81,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_record(phantom_root:
 
 
 def test_rerun_multirun_skips_finished_runs_and_a_changed_config_gets_a_new_folder(phantom_root: Path, tmp_path: Path):
-    args = ["+experiment=joint", f"data.root={phantom_root}", *FAST, "fold=0,1", "-m"]
+    args = ["experiment=joint", f"data.root={phantom_root}", *FAST, "fold=0,1", "-m"]
     first = run_cli(args, tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     records = sorted((tmp_path / "joint").glob("*/metrics.json"))
@@ -93,7 +93,7 @@ def test_rerun_multirun_skips_finished_runs_and_a_changed_config_gets_a_new_fold
     assert (again.stdout + again.stderr).count("skipping") == 2
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in records] == stamps
 
-    changed = run_cli(["+experiment=joint", f"data.root={phantom_root}", *FAST, "fold=0", "model.lr=3e-4"], tmp_path)
+    changed = run_cli(["experiment=joint", f"data.root={phantom_root}", *FAST, "fold=0", "model.lr=3e-4"], tmp_path)
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert len(list((tmp_path / "joint").glob("*/metrics.json"))) == 3
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in records] == stamps
@@ -247,7 +247,7 @@ def test_a_run_that_stops_training_early_writes_no_record(phantom_root: Path, tm
 
 
 def test_sigterm_exits_non_zero_and_the_rerun_resumes(phantom_root: Path, tmp_path: Path):
-    args = ["+experiment=joint", f"data.root={phantom_root}", *LONG]
+    args = ["experiment=joint", f"data.root={phantom_root}", *LONG]
     process, folder = _start_run(args, tmp_path)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=240)
@@ -273,7 +273,7 @@ def _start_run(args: list[str], outputs: Path, timeout: float = 240) -> tuple[su
             stderr=stderr,
         )
     deadline = time.time() + timeout
-    parent = outputs / args[0].split("=", 1)[1]  # +experiment=NAME: the run folders' parent
+    parent = outputs / args[0].split("=", 1)[1]  # experiment=NAME: the run folders' parent
     while not (parent.is_dir() and any(parent.iterdir())):
         assert process.poll() is None and time.time() < deadline, "no run folder appeared"
         time.sleep(0.05)
@@ -284,13 +284,13 @@ def _start_run(args: list[str], outputs: Path, timeout: float = 240) -> tuple[su
 
 def test_cli_errors_are_one_clear_line(phantom_root: Path, tmp_path: Path):
     root = _broken_copy(phantom_root, tmp_path, "corrupt image")
-    corrupt = run_cli(["+experiment=ours", f"data.root={root}", *FAST, "data.num_workers=2"], tmp_path / "out")
+    corrupt = run_cli(["experiment=ours", f"data.root={root}", *FAST, "data.num_workers=2"], tmp_path / "out")
     assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr
     assert "error: cannot read image" in corrupt.stderr and "img002.png" in corrupt.stderr
-    not_integer = run_cli(["+experiment=ours", f"data.root={root}", "fold=abc"], tmp_path / "out")
+    not_integer = run_cli(["experiment=ours", f"data.root={root}", "fold=abc"], tmp_path / "out")
     assert not_integer.returncode == 2 and "Traceback" not in not_integer.stderr
     assert "error: fold must be an integer in 0..3, got 'abc'" in not_integer.stderr
-    unknown = run_cli(["+experiment=ourz", f"data.root={root}"], tmp_path / "out")
+    unknown = run_cli(["experiment=ourz", f"data.root={root}"], tmp_path / "out")
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
     assert "Could not find 'experiment/ourz'" in unknown.stderr and "ours" in unknown.stderr
     assert not list((tmp_path / "out").rglob("metrics.json"))
@@ -318,14 +318,14 @@ def test_slurm_launcher_config():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=ours", "hydra/launcher=slurm"], return_hydra_config=True)
+        cfg = compose("config", overrides=["experiment=ours", "hydra/launcher=slurm"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0 and launcher.gpus_per_node == 1
 
 
 def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phantom_root: Path, tmp_path: Path):
-    args = ["+experiment=joint", f"data.root={phantom_root}", *LONG]
+    args = ["experiment=joint", f"data.root={phantom_root}", *LONG]
     first, folder = _start_run(args, tmp_path)
     try:
         second = run_cli(args, tmp_path)
@@ -339,7 +339,7 @@ def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phan
 
 
 def test_a_second_run_asked_to_wait_waits_then_skips_the_finished_folder(phantom_root: Path, tmp_path: Path):
-    args = ["+experiment=joint", f"data.root={phantom_root}", *LONG]
+    args = ["experiment=joint", f"data.root={phantom_root}", *LONG]
     first, folder = _start_run(args, tmp_path)
     second = run_cli([*args, "wait_for_run_folder=true"], tmp_path)
     first.wait(timeout=300)

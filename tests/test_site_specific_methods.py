@@ -1,13 +1,13 @@
 """Series/Parallel Adapter and MS-Net: each mechanism against its definition."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from covidct.methods import MSNet, ParallelAdapter, SeriesAdapter
 from covidct.models.adapters import AdaptedConv, SiteConv1x1
-from covidct.models.routing import site_blocks
-
-TINY = {"redesign": True, "width": 0.125, "image_size": 64}
+from covidct.run import train
+from tests.helpers import FAST, RecordingMSNet, compose_experiment, tiny_method
 
 
 def _batch(sites: list[int]) -> dict:
@@ -30,10 +30,10 @@ def _site_b_state(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("declared", [False, True], ids=["indexed", "blocks"])
-@pytest.mark.parametrize("method", [SeriesAdapter, ParallelAdapter])
-def test_a_step_on_site_a_leaves_site_b_untouched(method, declared):
+@pytest.mark.parametrize("experiment", ["series_adapter", "parallel_adapter"])
+def test_a_step_on_site_a_leaves_site_b_untouched(experiment, declared):
     """With indexed routing, and with the block routing of DataModule batches (here one block, site A)."""
-    model = method(backbone=TINY)
+    model = tiny_method(experiment)
     adapters = [m for m in model.modules() if isinstance(m, SiteConv1x1)]
     assert len(adapters) == 16 + 4  # every depthwise 3x3 and every upper-branch conv
     for adapter in adapters:  # leave the zero init, so a step on A would show up anywhere it leaked
@@ -44,8 +44,10 @@ def test_a_step_on_site_a_leaves_site_b_untouched(method, declared):
     assert before and site_a_before
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-7)
     model.train()
-    with site_blocks(((0,), (6,)) if declared else None):
-        model.training_losses(_batch([0] * 6))["loss"].backward()
+    batch = _batch([0] * 6)
+    if declared:
+        batch["site_layout"] = ((0,), (6,))
+    model.training_losses(batch)["loss"].backward()
     optimizer.step()
     after = _site_b_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before), "site B's adapter or BN changed"
@@ -85,36 +87,44 @@ def test_series_adapter_is_a_residual_on_the_shared_output_through_an_inner_site
 
 
 def test_msnet_auxiliary_heads_see_only_their_own_site():
-    model = MSNet(backbone=TINY, kt_warmup_epochs=0)
+    model = tiny_method("msnet", kt_warmup_epochs=0)
     model.training_losses(_batch([0] * 6))["loss"].backward()
     assert all(p.grad is None for p in model.aux_heads[1].parameters())
     assert all(p.grad is not None for p in model.aux_heads[0].linears.parameters())
 
 
 def test_msnet_transfer_term_passes_no_gradient_into_auxiliary_heads():
-    model = MSNet(backbone=TINY, kt_warmup_epochs=0)
+    model = tiny_method("msnet", kt_warmup_epochs=0)
     losses = model.training_losses(_batch([0, 0, 0, 1, 1, 1]))
     losses["transfer"].backward()
     assert all(p.grad is None for p in model.aux_heads.parameters())
     assert model.net.classifier.linears[0].weight.grad is not None
 
 
-def test_msnet_transfer_switches_on_after_warmup():
+def test_msnet_loss_weights_the_transfer_term_by_its_buffer():
     batch = _batch([0, 0, 0, 1, 1, 1])
     torch.manual_seed(1)
-    warm = MSNet(backbone=TINY, kt_warmup_epochs=0, kt_weight=0.5)
-    losses = warm.training_losses(batch)
+    model = tiny_method("msnet")
+    losses = model.training_losses(batch)  # before any epoch: warm-up, no transfer
+    assert losses["loss"].item() == pytest.approx((losses["ce"] + losses["aux_A"] + losses["aux_B"]).item(), rel=1e-5)
+    model.transfer_weight.fill_(0.5)
+    losses = model.training_losses(batch)
     aux = losses["aux_A"] + losses["aux_B"]
     expected = 0.5 * losses["ce"] + 0.5 * losses["transfer"] + aux
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-    cold = MSNet(backbone=TINY, kt_warmup_epochs=5)
-    cold.load_state_dict(warm.state_dict())
-    losses = cold.training_losses(batch)
-    assert losses["loss"].item() == pytest.approx((losses["ce"] + losses["aux_A"] + losses["aux_B"]).item(), rel=1e-5)
+
+
+def test_msnet_transfer_switches_on_after_warmup_in_training(phantom_root: Path, tmp_path: Path):
+    """Through the real loop: the weight the loss read in each epoch (a buffer a captured step reads too)."""
+    RecordingMSNet.weights_seen.clear()
+    overrides = [f"data.root={phantom_root}", *FAST, "trainer.max_epochs=3", "model.kt_warmup_epochs=2"]
+    overrides += ["model._target_=tests.helpers.RecordingMSNet", "model.kt_weight=0.3"]
+    train(compose_experiment("msnet", overrides), tmp_path)
+    assert RecordingMSNet.weights_seen == {0: [0.0], 1: [0.0], 2: [pytest.approx(0.3)]}
 
 
 def test_msnet_tests_with_the_universal_head():
-    model = MSNet(backbone=TINY).eval()
+    model = tiny_method("msnet").eval()
     batch = _batch([0, 1, 0, 1])
     with torch.no_grad():
         assert torch.equal(model.logits(batch["image"], batch["site"]), model.net(batch["image"], batch["site"]))

@@ -38,8 +38,11 @@ class SiteImageDataset(Dataset):
     drawn sample's augmentation is reproducible whatever the worker; evaluation items are plain indices.
     """
 
-    def __init__(self, samples: Sequence[Sample], kind: str, cache: DecodedImageCache, augment: CropFlip):
+    def __init__(
+        self, samples: Sequence[Sample], kind: str, cache: DecodedImageCache, augment: CropFlip, sites: Sequence[str]
+    ):
         self.samples = list(samples)
+        self.site_ids = {site: i for i, site in enumerate(sites)}  # a site's index is its place in data.sites
         self.kind = kind
         self.cache = cache
         self.augment = augment
@@ -57,7 +60,7 @@ class SiteImageDataset(Dataset):
         return {
             "image": torch.from_numpy(image),  # uint8 CHW, normalised on the device (on_after_batch_transfer)
             "label": sample.label,
-            "site": site_index(sample.site),
+            "site": self.site_ids[sample.site],
             "file": sample.name,
         }
 
@@ -193,6 +196,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             "train",
             self.cache,
             CropFlip("train", self.image_size),
+            self.sites,
         )
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -204,7 +208,8 @@ class TwoSiteDataModule(pl.LightningDataModule):
         for site in self.sites:
             if not self.splits[site][part]:
                 continue
-            dataset = SiteImageDataset(self.splits[site][part], "eval", self.cache, CropFlip("eval", self.image_size))
+            augment = CropFlip("eval", self.image_size)
+            dataset = SiteImageDataset(self.splits[site][part], "eval", self.cache, augment, self.sites)
             loaders.append(self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False))
         return loaders
 

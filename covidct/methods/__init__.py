@@ -1,9 +1,15 @@
-"""Methods of Table I, each a small LightningModule over `SiteMethod`."""
+"""Methods of Table I, each a small LightningModule over `SiteMethod`.
+
+A method is found by the class path its checkpoints store (`SiteMethod.checkpoint_identity`) and its
+experiment's `model._target_`: a new method needs its file and an experiment YAML, no list to edit.
+"""
 
 from pathlib import Path
 
+from hydra.utils import get_class
+
 from covidct.errors import ConfigError
-from covidct.methods.base import SiteMethod
+from covidct.methods.base import SiteMethod, method_path
 from covidct.methods.joint import Joint
 from covidct.methods.msnet import MSNet
 from covidct.methods.ours import Ours, contrastive_loss
@@ -13,24 +19,28 @@ from covidct.methods.series_adapter import SeriesAdapter
 from covidct.methods.single import Single
 from covidct.resume import read_checkpoint
 
-METHODS: dict[str, type[SiteMethod]] = {
-    cls.__name__: cls for cls in (Single, Joint, SepNorm, SeriesAdapter, ParallelAdapter, MSNet, Ours)
-}
+
+def method_class(path: str) -> type[SiteMethod]:
+    """The method class at `path` (module.Class), or a clear error naming what was found."""
+    try:
+        cls = get_class(path)
+    except Exception as err:  # hydra wraps import and attribute errors alike
+        raise ConfigError(f"method {path!r} cannot be imported ({err}).") from None
+    if not (isinstance(cls, type) and issubclass(cls, SiteMethod)):
+        raise ConfigError(f"{path!r} is not a covidct method (a subclass of covidct.methods.SiteMethod).")
+    return cls
 
 
 def load_method(checkpoint_path: str | Path, map_location: str = "cpu") -> SiteMethod:
     """Rebuild the trained module of a covidct checkpoint, whatever its method, with its weights."""
     path = Path(checkpoint_path)
     identity = read_checkpoint(path).get("covidct") or {}
-    method = METHODS.get(identity.get("method", ""))
-    if method is None:
+    if "." not in identity.get("method", ""):
         raise ConfigError(f"{path} is not a covidct checkpoint of a known method (found {identity or 'none'}).")
-    return method.load_from_checkpoint(path, map_location=map_location).eval()
+    return method_class(identity["method"]).load_from_checkpoint(path, map_location=map_location).eval()
 
 
 __all__ = [
-    "METHODS",
-    "load_method",
     "Joint",
     "MSNet",
     "Ours",
@@ -40,4 +50,7 @@ __all__ = [
     "Single",
     "SiteMethod",
     "contrastive_loss",
+    "load_method",
+    "method_class",
+    "method_path",
 ]

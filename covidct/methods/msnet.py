@@ -16,35 +16,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidct.data.sources import SITES
 from covidct.methods.sepnorm import SepNorm
 from covidct.models import classifier_head
-from covidct.models.routing import site_rows
+from covidct.models.routing import batch_sites, site_rows
 
 
 class MSNet(SepNorm):
     def __init__(self, kt_weight: float = 0.5, kt_warmup_epochs: int = 10, **kwargs: Any):
         super().__init__(**kwargs)
-        self.aux_heads = nn.ModuleList(classifier_head(self.net.embedding_dim, num_sites=1) for _ in SITES)
+        self.aux_heads = nn.ModuleList(classifier_head(self.net.embedding_dim, num_sites=1) for _ in self.sites)
+        # the transfer term's weight: 0 during warm-up; a buffer, so a captured step reads its current value
+        self.register_buffer("transfer_weight", torch.zeros(()), persistent=False)
+
+    def on_train_epoch_start(self) -> None:
+        on = self.current_epoch >= self.hparams.kt_warmup_epochs
+        self.transfer_weight.fill_(self.hparams.kt_weight if on else 0.0)
 
     def training_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        site, label = batch["site"], batch["label"]
-        embedding = self.net.features(batch["image"], site)
+        sites, label = batch_sites(batch), batch["label"]
+        embedding = self.net.features(batch["image"], sites)
         losses: dict[str, torch.Tensor] = {}
         aux_prediction = torch.empty_like(label)
-        for s, rows in site_rows(embedding, site):
-            aux_logits = self.aux_heads[s](embedding[rows], site[rows])
-            losses[f"aux_{SITES[s]}"] = F.cross_entropy(aux_logits, label[rows])
+        for s, rows in site_rows(sites, len(label)):
+            aux_logits = self.aux_heads[s](embedding[rows], sites)
+            losses[f"aux_{self.sites[s]}"] = F.cross_entropy(aux_logits, label[rows])
             aux_prediction[rows] = aux_logits.detach().argmax(dim=1)
-        universal_logits = self.net.classify(embedding, site)
+        universal_logits = self.net.classify(embedding, sites)
         supervised = F.cross_entropy(universal_logits, label)
         transfer = F.cross_entropy(universal_logits, aux_prediction)
-        weight = self.hparams.kt_weight if self.transfer_on() else 0.0
+        weight = self.transfer_weight
         universal = (1 - weight) * supervised + weight * transfer
         return {"loss": universal + sum(losses.values()), "ce": supervised, "transfer": transfer, **losses}
-
-    def transfer_on(self) -> bool:
-        return self.current_epoch >= self.hparams.kt_warmup_epochs
-
-    def graph_key(self) -> tuple[Any, ...]:
-        return (self.transfer_on(),)

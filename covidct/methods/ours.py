@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from covidct.data.sources import SITES
 from covidct.methods.sepnorm import SepNorm
 from covidct.models import projection_head
+from covidct.models.routing import batch_sites
 
 
 def contrastive_loss(z: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
@@ -37,11 +37,11 @@ class Ours(SepNorm):
 
     def __init__(self, tau: float = 0.05, alpha: float = 1.0, **kwargs: Any):
         super().__init__(**kwargs)
-        self.projection = projection_head(self.net.embedding_dim, num_sites=len(SITES))
+        self.projection = projection_head(self.net.embedding_dim, num_sites=self.net.num_sites)
 
     def training_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        site = batch["site"]
-        embedding = self.net.features(batch["image"], site)
-        ce = F.cross_entropy(self.net.classify(embedding, site), batch["label"])
-        con = contrastive_loss(self.projection(embedding, site), batch["label"], self.hparams.tau)
+        sites = batch_sites(batch)
+        embedding = self.net.features(batch["image"], sites)
+        ce = F.cross_entropy(self.net.classify(embedding, sites), batch["label"])
+        con = contrastive_loss(self.projection(embedding, sites), batch["label"], self.hparams.tau)
         return {"loss": ce + self.hparams.alpha * con, "ce": ce, "contrastive": con}

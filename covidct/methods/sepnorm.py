@@ -1,4 +1,7 @@
-"""SepNorm: Joint with domain-specific BatchNorm (DSBN): every BN layer has one copy per site."""
+"""SepNorm: Joint with domain-specific BatchNorm (DSBN): every BN layer has one copy per site.
+
+What makes it SepNorm is its backbone's `num_sites` (conf/model/sepnorm.yaml); the class names the row.
+"""
 
 from __future__ import annotations
 
@@ -6,4 +9,4 @@ from covidct.methods.joint import Joint
 
 
 class SepNorm(Joint):
-    norm_per_site = True
+    pass

@@ -2,41 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidct.data.sources import SITES
 from covidct.methods.base import SiteMethod
-from covidct.models.routing import site_rows
+from covidct.models.routing import SiteBlocks, Sites, batch_sites, site_rows
 
 
 class Single(SiteMethod):
-    """Nothing is shared; gradients are clipped per network, so the two runs stay independent."""
+    """Nothing is shared; gradients are clipped per network, so the networks stay independent."""
 
-    def __init__(self, sites: Sequence[str] = SITES, **kwargs: Any):
+    def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self.sites = [str(s) for s in sites]
         self.nets = nn.ModuleDict({site: self.make_backbone() for site in self.sites})
 
-    def _routed(self, image: torch.Tensor, site: torch.Tensor):
-        for s, rows in site_rows(image, site):
-            if SITES[s] in self.nets:
-                yield SITES[s], rows, self.nets[SITES[s]](image[rows], site[rows])
+    def _routed(self, image: torch.Tensor, sites: Sites) -> Iterator[tuple[str, Any, torch.Tensor]]:
+        for s, rows in site_rows(sites, len(image)):
+            name = self.sites[s]
+            yield name, rows, self.nets[name](image[rows], SiteBlocks.single(0))
 
     def training_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         losses = {
             f"ce_{name}": F.cross_entropy(logits, batch["label"][rows])
-            for name, rows, logits in self._routed(batch["image"], batch["site"])
+            for name, rows, logits in self._routed(batch["image"], batch_sites(batch))
         }
         return {"loss": sum(losses.values()), **losses}
 
-    def logits(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+    def logits(self, image: torch.Tensor, sites: Sites) -> torch.Tensor:
         out = image.new_zeros(len(image), 2)
-        for _, rows, logits in self._routed(image, site):
+        for _, rows, logits in self._routed(image, sites):
             out[rows] = logits.to(out.dtype)
         return out
 

@@ -10,21 +10,16 @@ sample goes through its own site's adapter, in training and at test time.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from covidct.models.norms import SiteBatchNorm
-from covidct.models.routing import SiteRouted, declared_layout, route_by_blocks, route_by_site
+from covidct.models.routing import Sites, route
 
 ADAPTER_MODES = ("none", "series", "parallel")
 
 
-class SiteConv1x1(SiteRouted):
-    """One 1x1 convolution per site; each sample is routed to its site's convolution.
-
-    Sync-free, all sites' convolutions run as one convolution on every sample and each sample keeps its
-    own site's output (num_sites times the adapter's arithmetic, no host sync).
-    """
+class SiteConv1x1(nn.Module):
+    """One 1x1 convolution per site; each sample goes through its own site's convolution."""
 
     def __init__(self, c_in: int, c_out: int, num_sites: int, stride: int = 1):
         super().__init__()
@@ -32,18 +27,10 @@ class SiteConv1x1(SiteRouted):
         for conv in self.convs:
             nn.init.zeros_(conv.weight)  # start as the identity residual: the shared path alone
 
-    def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sites: Sites) -> torch.Tensor:
         if len(self.convs) == 1:
             return self.convs[0](x)
-        layout = declared_layout(x)
-        if layout is not None:
-            return route_by_blocks(x, self.convs, layout)
-        if not self.sync_free:
-            return route_by_site(x, site, self.convs)
-        weight = torch.cat([conv.weight for conv in self.convs])  # (S * C_out, C_in, 1, 1)
-        y = F.conv2d(x, weight, stride=self.convs[0].stride)
-        y = y.unflatten(1, (len(self.convs), -1))  # (N, S, C_out, H, W)
-        return y[torch.arange(len(x), device=x.device), site]
+        return route(x, sites, self.convs)
 
 
 class AdaptedConv(nn.Module):
@@ -64,10 +51,10 @@ class AdaptedConv(nn.Module):
         else:
             self.adapter = None
 
-    def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sites: Sites) -> torch.Tensor:
         if self.mode == "series":
             y = self.conv(x)
-            return y + self.adapter(self.inner_norm(y, site), site)
+            return y + self.adapter(self.inner_norm(y, sites), sites)
         if self.mode == "parallel":
-            return self.conv(x) + self.adapter(x, site)
+            return self.conv(x) + self.adapter(x, sites)
         return self.conv(x)

@@ -22,6 +22,7 @@ from torch import nn
 from covidct.models.adapters import AdaptedConv
 from covidct.models.heads import SiteMLP, classifier_head
 from covidct.models.norms import NormAct, SiteBatchNorm
+from covidct.models.routing import Sites
 
 STAGE_CHANNELS = (64, 256, 512, 1024, 2048)
 STAGE_BLOCKS = (3, 4, 6, 3)
@@ -44,10 +45,10 @@ class PEPX(nn.Module):
         self.adapter_norm = SiteBatchNorm(three_quarters, num_sites) if adapter != "none" else None
         self.project_out = nn.Sequential(nn.Conv2d(three_quarters, half, 1), nn.Conv2d(half, c_out, 1))
 
-    def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        x = self.depthwise(self.project_in(x), site)
+    def forward(self, x: torch.Tensor, sites: Sites) -> torch.Tensor:
+        x = self.depthwise(self.project_in(x), sites)
         if self.adapter_norm is not None:
-            x = self.adapter_norm(x, site)
+            x = self.adapter_norm(x, sites)
         return self.project_out(x)
 
 
@@ -66,7 +67,7 @@ def _trunk_output_side(image_size: int) -> int:
 class CovidNet(nn.Module):
     """Backbone plus classifier; `features` gives the pooled embedding that the projection head uses."""
 
-    channels_last_input = False  # set with channels_last weights (SiteMethod.enable_fast_path)
+    channels_last_input = False  # set with channels_last weights (covidct.training.FastPath)
 
     def __init__(
         self,
@@ -107,13 +108,13 @@ class CovidNet(nn.Module):
             self.embedding_dim = ch[4] * side**2
         self.classifier: SiteMLP = classifier_head(self.embedding_dim, num_classes, num_sites, norm=redesign)
 
-    def features(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, sites: Sites) -> torch.Tensor:
         """Pooled, flattened embedding of the last PEPX block's output (as in the authors' code)."""
         if self.channels_last_input:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = F.max_pool2d(self.stem_norm(self.stem(x), site), 2)
+        x = F.max_pool2d(self.stem_norm(self.stem(x), sites), 2)
         block_input = x
-        shortcut = self.upper_norms[0](self.upper[0](x, site), site)
+        shortcut = self.upper_norms[0](self.upper[0](x, sites), sites)
         for k, stage in enumerate(self.stages):
             last_stage = k + 1 == len(self.stages)
             # block j > 0 reads shortcut + outputs[0] + ... + outputs[j-1]: kept as a running sum rather than
@@ -121,19 +122,19 @@ class CovidNet(nn.Module):
             outputs: list[torch.Tensor] = []
             running = shortcut
             for j, block in enumerate(stage):
-                outputs.append(block(block_input if j == 0 else running, site))
+                outputs.append(block(block_input if j == 0 else running, sites))
                 if not (last_stage and j + 1 == len(stage)):
                     running = running + outputs[-1]
             if not last_stage:
-                next_shortcut = F.max_pool2d(self.upper_norms[k + 1](self.upper[k + 1](running, site), site), 2)
+                next_shortcut = F.max_pool2d(self.upper_norms[k + 1](self.upper[k + 1](running, sites), sites), 2)
                 pooled = [F.max_pool2d(t, 2) for t in [*outputs, shortcut]]
                 block_input = sum(pooled[1:], start=pooled[0])
                 shortcut = next_shortcut
         return torch.flatten(self.pool(outputs[-1]), 1)
 
-    def classify(self, embedding: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        return self.classifier(embedding, site)
+    def classify(self, embedding: torch.Tensor, sites: Sites) -> torch.Tensor:
+        return self.classifier(embedding, sites)
 
-    def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sites: Sites) -> torch.Tensor:
         """Logits (no Sigmoid) for cross-entropy."""
-        return self.classify(self.features(x, site), site)
+        return self.classify(self.features(x, sites), sites)

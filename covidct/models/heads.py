@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from covidct.models.norms import NormAct
+from covidct.models.routing import Sites
 
 
 class SiteMLP(nn.Module):
@@ -34,10 +35,10 @@ class SiteMLP(nn.Module):
             in_dim = out_dim
         self.out_dim = in_dim
 
-    def forward(self, x: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sites: Sites) -> torch.Tensor:
         for linear, norm_act in zip(self.linears, self.norm_acts):
             x = linear(x)
-            x = norm_act(x, site) if isinstance(norm_act, NormAct) else x
+            x = norm_act(x, sites) if isinstance(norm_act, NormAct) else x
         return x
 
 

@@ -1,105 +1,86 @@
 """Per-sample routing to a site's own module, the mechanism behind DSBN and site adapters.
 
-Three implementations compute the same function; the first that applies is used:
-- blocks: the batch declares (`site_blocks`) that it holds one contiguous run per site, as every batch
-  of the DataModule does (16 of A then 16 of B; eval batches hold one site). Each site's module runs on
-  its slice: exact compute, static shapes, no host sync, the same gradients as indexed routing;
-- sync-free (`model.speed.sync_free_routing`): masks instead of indices, for mixed batches that
-  declare nothing, with static shapes and no host sync. Site parameters of a site absent from a batch
-  get zero gradients rather than none;
-- indexed: each site's module runs on `index_select`ed samples; finding the indices (`nonzero`) waits
-  for the device, once per routed layer.
+A routed layer is told, with its input, where each sample comes from (`Sites`):
+- `SiteBlocks`: the batch holds one contiguous run per site, as every DataModule batch does (16 of A then
+  16 of B; evaluation batches hold one site). Each site's module runs on its slice: static shapes and no
+  host sync, which a compiled or captured step needs;
+- a tensor of site indices, for batches that declare nothing (e.g. images gathered by hand): each site's
+  module runs on its `index_select`ed samples; finding them (`nonzero`) waits for the device once per site.
+Both compute the same function, with the same gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-SiteLayout = tuple[tuple[int, ...], tuple[int, ...]]  # (site of each block, size of each block)
-_layout: SiteLayout | None = None
 
+class SiteBlocks(NamedTuple):
+    """Sites of a batch of contiguous runs: `sites[i]` for the next `sizes[i]` samples.
 
-@contextmanager
-def site_blocks(layout: SiteLayout | None) -> Iterator[None]:
-    """Declare the block layout of the batch that the enclosed forward passes process."""
-    global _layout
-    previous, _layout = _layout, layout
-    try:
-        yield
-    finally:
-        _layout = previous
-
-
-def declared_layout(x: torch.Tensor) -> SiteLayout | None:
-    """The declared layout if it describes x's batch (not, e.g., a subset of one site's rows).
-
-    A one-site layout holds for any part of the batch too, and is read without its size, so a compiled
-    model is not specialised to each evaluation batch size.
+    A one-site batch is described without its size, so it holds for any part of the batch, and a
+    compiled model is not specialised to each evaluation batch size.
     """
-    if _layout is None:
-        return None
-    sites, sizes = _layout
-    if len(sites) == 1:
-        return sites, (x.shape[0],)
-    return _layout if x.shape[0] == sum(sizes) else None
+
+    sites: tuple[int, ...]
+    sizes: tuple[int, ...] = ()
+
+    @classmethod
+    def single(cls, site: int) -> SiteBlocks:
+        return cls((site,))
 
 
-def site_rows(x: torch.Tensor, site: torch.Tensor) -> Iterator[tuple[int, slice | torch.Tensor]]:
-    """(site, its rows of x) for each site in the batch: the declared blocks' slices (no host sync),
-    else indices found with `nonzero` (one host sync per site)."""
-    layout = declared_layout(x)
-    if layout is not None:
+Sites = SiteBlocks | torch.Tensor
+
+
+def batch_sites(batch: Mapping[str, Any]) -> Sites:
+    """How a batch's samples route: its declared blocks (the DataModule's collate) if any, else its site tensor."""
+    layout = batch.get("site_layout")
+    return SiteBlocks(*layout) if layout is not None else batch["site"]
+
+
+def site_rows(sites: Sites, batch_size: int) -> Iterator[tuple[int, slice | torch.Tensor]]:
+    """(site, its rows) for each site of a batch: slices of declared blocks, else indices found with `nonzero`."""
+    if isinstance(sites, SiteBlocks):
+        if len(sites.sites) == 1:
+            yield sites.sites[0], slice(0, batch_size)
+            return
+        if sum(sites.sizes) != batch_size:
+            raise ValueError(f"site blocks {sites} do not describe a batch of {batch_size}")
         start = 0
-        for s, size in zip(*layout):
-            yield s, slice(start, start + size)
+        for site, size in zip(sites.sites, sites.sizes):
+            yield site, slice(start, start + size)
             start += size
         return
-    for s in site.unique(sorted=True).tolist():
-        yield s, (site == s).nonzero(as_tuple=True)[0]
+    for site in sites.unique(sorted=True).tolist():
+        yield site, (sites == site).nonzero(as_tuple=True)[0]
 
 
-def route_by_blocks(x: torch.Tensor, modules: Sequence[nn.Module], layout: SiteLayout) -> torch.Tensor:
-    """modules[s] on each site block of x (a layout from `declared_layout(x)`)."""
-    sites, sizes = layout
-    if len(sites) == 1:
-        return modules[sites[0]](x)
-    return torch.cat([modules[s](chunk) for s, chunk in zip(sites, x.split(list(sizes)))])
+def samples_per_site(sites: Sites) -> list[int]:
+    """How many samples each site present has (a host sync for a site tensor)."""
+    if isinstance(sites, SiteBlocks):
+        return list(sites.sizes)
+    return [n for n in torch.bincount(sites).tolist() if n]
 
 
-class SiteRouted(nn.Module):
-    """Base of the modules that route samples by site; `sync_free` picks the implementation."""
-
-    sync_free: bool = False
-
-
-def use_sync_free_routing(model: nn.Module, enabled: bool = True) -> None:
-    """Switch every site-routed layer of `model` to (or from) the sync-free implementation."""
-    for module in model.modules():
-        if isinstance(module, SiteRouted):
-            module.sync_free = enabled
-
-
-def route_by_site(x: torch.Tensor, site: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor:
-    """modules[s] applied to the samples whose site is s, results back in batch order.
+def route(x: torch.Tensor, sites: Sites, modules: Sequence[nn.Module]) -> torch.Tensor:
+    """modules[s] applied to the samples of site s, results back in batch order.
 
     Each module sees only its own site's samples, so batch statistics never mix sites.
     """
+    if isinstance(sites, SiteBlocks):
+        if len(sites.sites) == 1:
+            return modules[sites.sites[0]](x)
+        if sum(sites.sizes) != x.shape[0]:
+            raise ValueError(f"site blocks {sites} do not describe a batch of {x.shape[0]}")
+        return torch.cat([modules[s](chunk) for s, chunk in zip(sites.sites, x.split(list(sites.sizes)))])
     out = None
-    for s, module in enumerate(modules):
-        index = (site == s).nonzero(as_tuple=True)[0]
-        if index.numel() == 0:
-            continue
-        y = module(x.index_select(0, index))
+    for s, index in site_rows(sites, x.shape[0]):
+        y = modules[s](x.index_select(0, index))
         if out is None:
             out = y.new_zeros((x.shape[0], *y.shape[1:]))
         out = out.index_copy(0, index, y)
     return modules[0](x) if out is None else out
-
-
-def site_one_hot(site: torch.Tensor, num_sites: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N, num_sites) indicator of each sample's site; a sync-free stand-in for index lists."""
-    return (site[:, None] == torch.arange(num_sites, device=site.device)).to(dtype)

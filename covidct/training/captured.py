@@ -3,51 +3,49 @@
 At the paper's batch of 16+16 a GPU runs a step's few thousand kernels faster than Python can launch
 them, so the step is bound by the host. A captured graph launches all of them with one call. This needs
 a step with static shapes, no host syncs and no Python state that changes from step to step: batches
-declare their site layout, routing is sync-free, the divergence flag stays on the device, the optimizer
-is fused and capturable with its learning rate in a device tensor (so schedulers still change it), and a
-method whose loss reads other Python state names it in `SiteMethod.graph_key`.
+declare their site blocks (models/routing.py), the divergence flag stays on the device, the optimizer is
+fused and capturable with its learning rate in a device tensor (so schedulers still change it), and
+whatever else a loss reads lives in tensors updated in place (e.g. MS-Net's transfer weight, a buffer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
-from covidct.models.routing import site_blocks
+from covidct.training.divergence import DivergenceGuard, is_fused
 
-if TYPE_CHECKING:
-    from covidct.methods.base import SiteMethod
-
+Batch = Mapping[str, Any]
+LossFunction = Callable[[Batch], dict[str, torch.Tensor]]
 GraphKey = tuple[Any, ...]
 GRAPH_INPUTS = ("image", "label", "site")
 
 
-class GraphedTrainingStep:
-    """Runs `method`'s optimizer steps eagerly until `warmup` consecutive batches share a key (site
-    layout, shapes and `method.graph_key()`), then captures one and replays it for every batch with
-    that key.
+class CapturedStep:
+    """One optimizer step of `losses(batch)["loss"]`, eager until `warmup` consecutive batches share a key
+    (site layout and shapes), then captured once and replayed for every batch with that key.
 
     A batch with another key runs eagerly, with the same numerics; the graph is recaptured once a new
-    key has held for `warmup` steps (e.g. when MS-Net switches on its transfer term). A batch that
-    declares no site layout always runs eagerly: Single and MS-Net would route it with host syncs.
-    Gradients are written, not accumulated, by both. Off CUDA every step runs eagerly, which is how
-    the CPU tests run the same code. Returns each step's detached loss terms and its divergence report.
+    key has held for `warmup` steps. A batch that declares no site layout always runs eagerly: routing it
+    needs host syncs. Gradients are written, not accumulated, by both. Off CUDA (or with capture=False)
+    every step runs eagerly, which is how the CPU tests and the eager bench run the same code. Returns
+    each step's detached loss terms.
     """
 
     def __init__(
         self,
-        method: SiteMethod,
+        losses: LossFunction,
         optimizer: torch.optim.Optimizer,
-        clip_value: float | None,
-        clip_algorithm: str | None = "norm",
+        clip: Callable[[], None],
+        guard: DivergenceGuard,
+        capture: bool = True,
         warmup: int = 3,
     ):
-        self.method, self.optimizer = method, optimizer
-        self.clip_value, self.clip_algorithm = clip_value, clip_algorithm
+        self.losses, self.optimizer, self.clip, self.guard = losses, optimizer, clip, guard
         self.warmup = warmup
-        self.capture = next(method.parameters()).is_cuda
+        self.capture = capture and optimizer.param_groups[0]["params"][0].is_cuda
         self.captures = 0  # how many graphs were captured (tests and the bench read it)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: GraphKey | None = None
@@ -56,11 +54,21 @@ class GraphedTrainingStep:
         self._candidate: GraphKey | None = None
         self._streak = 0
 
-    def key(self, batch: Mapping[str, Any]) -> GraphKey:
-        shapes = tuple((tuple(batch[k].shape), batch[k].dtype) for k in GRAPH_INPUTS)
-        return (batch.get("site_layout"), shapes, self.method.graph_key())
+    def release(self) -> None:
+        """Free the graph's memory pool (at the end of a fit)."""
+        self._graph = self._static = self._graph_key = None
 
-    def __call__(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    @staticmethod
+    def key(batch: Batch) -> GraphKey:
+        shapes = tuple((tuple(batch[k].shape), batch[k].dtype) for k in GRAPH_INPUTS)
+        return (batch.get("site_layout"), shapes)
+
+    def __call__(self, batch: Batch, epoch: int = 0, step: int = 0) -> dict[str, torch.Tensor]:
+        losses, report = self._run(batch)
+        self.guard.track(report, list(losses), epoch, step, skipped=is_fused(self.optimizer))
+        return losses
+
+    def _run(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         key = self.key(batch)
         if self._graph is not None and key == self._graph_key:
             inputs, losses, report, _ = self._static
@@ -72,10 +80,10 @@ class GraphedTrainingStep:
         self._candidate = key
         if self.capture and self._streak > self.warmup and key[0] is not None:
             self._capture(batch, key)
-            return self(batch)
+            return self._run(batch)
         return self._eager(batch)
 
-    def _eager(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _eager(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         if not self.capture:
             return self._step(batch)
         # on a side stream, as CUDA graph warm-up must run (lazy library state is set up outside capture)
@@ -86,7 +94,7 @@ class GraphedTrainingStep:
         torch.cuda.current_stream().wait_stream(stream)
         return out
 
-    def _capture(self, batch: Mapping[str, Any], key: GraphKey) -> None:
+    def _capture(self, batch: Batch, key: GraphKey) -> None:
         self._graph = self._static = None  # frees the previous graph's memory pool
         make_capturable(self.optimizer)  # here, after Lightning has restored a resumed optimizer's state
         inputs = {**batch, **{name: batch[name].clone() for name in GRAPH_INPUTS}}
@@ -99,10 +107,10 @@ class GraphedTrainingStep:
         self._static = (inputs, losses, report, self.optimizer.found_inf)
         self.captures += 1
 
-    def _step(self, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _step(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The step as automatic optimization takes it; Lightning's autocast is kept, minus its cast
         cache, which graph capture cannot use."""
-        method, optimizer = self.method, self.optimizer
+        optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)  # backward then writes fresh gradients, inside a graph too
         device = batch["image"].device.type
         autocast = torch.autocast(
@@ -111,11 +119,11 @@ class GraphedTrainingStep:
             enabled=torch.is_autocast_enabled(device),
             cache_enabled=False,
         )
-        with autocast, site_blocks(batch.get("site_layout")):
-            losses = method.training_losses(batch)
-        report = method.divergence_guard.flag(losses, optimizer)
+        with autocast:
+            losses = self.losses(batch)
+        report = self.guard.flag(losses, optimizer)
         losses["loss"].backward()
-        method.clip_gradients_(self.clip_value, self.clip_algorithm)
+        self.clip()
         optimizer.step()
         return {name: value.detach() for name, value in losses.items()}, report
 
