@@ -29,8 +29,8 @@ INTEGER_OPTIONS: dict[str, tuple[int, int | None, bool]] = {
 }
 # key -> (lower bound, bound included): a number above it, finite
 NUMBER_OPTIONS: dict[str, tuple[float, bool]] = {
-    "model.lr": (0.0, False),
-    "model.weight_decay": (0.0, True),
+    "model.optimizer.lr": (0.0, False),
+    "model.optimizer.weight_decay": (0.0, True),
     "model.tau": (0.0, False),
     "model.alpha": (0.0, True),
     "data.val_fraction": (0.0, True),

@@ -138,7 +138,13 @@ def test_wandb_logger_offline(phantom_root: Path, tmp_path: Path, monkeypatch):
 
 def test_ours_learns_the_phantom_signal(phantom_root: Path, tmp_path: Path):
     """Labels, sites and the eval path are wired right: a clear signal is learned on both sites."""
-    overrides = [f"data.root={phantom_root}", *FAST, "data.batch_per_site=8", "trainer.max_epochs=4", "model.lr=1e-3"]
+    overrides = [
+        f"data.root={phantom_root}",
+        *FAST,
+        "data.batch_per_site=8",
+        "trainer.max_epochs=4",
+        "model.optimizer.lr=1e-3",
+    ]
     cfg = compose_experiment("ours", [o for o in overrides if not o.startswith("trainer.limit_train_batches")])
     results = train(cfg, tmp_path)["last"]["images"]
     assert results["A"]["auc"] >= 0.95 and results["B"]["auc"] >= 0.95, results

@@ -93,7 +93,9 @@ def test_rerun_multirun_skips_finished_runs_and_a_changed_config_gets_a_new_fold
     assert (again.stdout + again.stderr).count("skipping") == 2
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in records] == stamps
 
-    changed = run_cli(["experiment=joint", f"data.root={phantom_root}", *FAST, "fold=0", "model.lr=3e-4"], tmp_path)
+    changed = run_cli(
+        ["experiment=joint", f"data.root={phantom_root}", *FAST, "fold=0", "model.optimizer.lr=3e-4"], tmp_path
+    )
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert len(list((tmp_path / "joint").glob("*/metrics.json"))) == 3
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in records] == stamps
@@ -114,8 +116,8 @@ def test_same_seed_same_record_and_another_seed_other_numbers(phantom_root: Path
 def test_a_folder_of_another_config_is_refused_and_left_untouched(phantom_root: Path, tmp_path: Path):
     train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST]), tmp_path)
     before = (tmp_path / "metrics.json").read_bytes()
-    with pytest.raises(ConfigError, match=r"holds a run of another configuration \(differs in: model.lr\)"):
-        train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "model.lr=0.1"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"holds a run of another configuration \(differs in: model.optimizer.lr\)"):
+        train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "model.optimizer.lr=0.1"]), tmp_path)
     assert (tmp_path / "metrics.json").read_bytes() == before
     # the same config (even with another data root or worker count) skips and returns the record
     again = train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "data.num_workers=1"]), tmp_path)
@@ -127,7 +129,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(phantom_r
     """Unfused, the loss is read every step; fused (the sync-free GPU path) the update is skipped on the
     device and the host learns of it by the epoch's end at the latest: the same step is named either way."""
     overrides = [f"data.root={phantom_root}", *FAST, "trainer.max_epochs=3", "trainer.limit_train_batches=3"]
-    overrides += [f"model.speed.fused_optimizer={fused}", f"model.speed.sync_free_routing={fused}"]
+    overrides += [f"callbacks.fast_path.gpu_tuning={fused}"]
     overrides += ["model._target_=tests.helpers.DivergingJoint", "+model.diverge_at_step=4"]
     cfg = compose_experiment("joint", overrides)
     with pytest.raises(TrainingDiverged, match=r"non-finite at epoch 1, step 4 \(loss=nan") as raised:
@@ -217,8 +219,8 @@ def test_bad_data_gets_a_clear_error_and_writes_no_record(phantom_root: Path, tm
         ("data.sites=[C]", r"data.sites must name one or more of A, B"),
         ("model.tau=0", "model.tau must be a finite number > 0, got 0"),
         ("model.alpha=-1", "model.alpha must be a finite number >= 0, got -1"),
-        ("model.lr=nan", "model.lr must be a finite number > 0, got nan"),
-        ("model.lr=0", "model.lr must be a finite number > 0, got 0"),
+        ("model.optimizer.lr=nan", "model.optimizer.lr must be a finite number > 0, got nan"),
+        ("model.optimizer.lr=0", "model.optimizer.lr must be a finite number > 0, got 0"),
         ("trainer.limit_train_batches=0", "trainer.limit_train_batches must be null .*trains nothing"),
         ("trainer.limit_train_batches=1.5", r"trainer.limit_train_batches must be null .*fraction in \(0, 1\]"),
         ("data.batch_per_site=40", "fewer than data.batch_per_site=40"),

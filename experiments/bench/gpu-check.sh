@@ -6,7 +6,7 @@
 # 2. make bench: reference vs fast (eager; whole step as one CUDA graph; compiled trunk inside that graph),
 #    profiles, data pipeline, 4 concurrent runs of the fastest path;
 # 3. real training of `ours` (fold 0, 224 px) through the CLI, two epochs each (the second is steady-state):
-#    the default fast path (CUDA graph on), then with model.speed.compile=true.
+#    the default fast path (CUDA graph on), then with callbacks.fast_path.compile=true.
 # BENCH_ARGS / RUN_ARGS add arguments (a CPU dry run uses small sizes).
 set -uo pipefail
 data=${1:?usage: gpu-check.sh DATA_ROOT OUT_DIR}
@@ -39,5 +39,5 @@ train() {  # name timeout overrides...
   cat "$runs/$name"/*/timing.json 2>/dev/null
 }
 train train-default "${TRAIN_TIMEOUT:-120}" trainer.max_epochs=2
-train train-compiled "${TRAIN_TIMEOUT:-180}" trainer.max_epochs=2 model.speed.compile=true
+train train-compiled "${TRAIN_TIMEOUT:-180}" trainer.max_epochs=2 callbacks.fast_path.compile=true
 section done
