@@ -64,7 +64,8 @@ def parse_table1(name: str, block: Any, where: str) -> Experiment:
         raise ConfigError(f"{where}: table1 must be a mapping with keys row, label, paper; got {block!r}")
     unknown = sorted(set(block) - set(TABLE1_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: table1 has unknown key(s) {', '.join(map(str, unknown))}; allowed: row, label, paper")
+        keys = ", ".join(map(str, unknown))
+        raise ConfigError(f"{where}: table1 has unknown key(s) {keys}; allowed: row, label, paper")
     missing = [key for key in ("row", "label") if key not in block]
     if missing:
         raise ConfigError(f"{where}: table1 lacks {' and '.join(missing)} (row: a positive integer, label: a name)")

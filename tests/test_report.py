@@ -15,10 +15,11 @@ from PIL import Image
 from scipy import stats
 from torchmetrics.functional.classification import binary_auroc
 
+from covidct.experiments import table1_experiments
 from covidct.metrics import RECORD_METRICS, binary_metrics, pool_by_patient
 from covidct.report.__main__ import main as report_main
 from covidct.report.render import build_report, render_files
-from covidct.report.table1 import TABLE1_ROWS, DuplicateRunError, collect_results, paired_ttests
+from covidct.report.table1 import DuplicateRunError, collect_results, paired_ttests
 from covidct.report.uncertainty import bootstrap_interval, delong_test, reliability_bins, weighted_metric
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -37,7 +38,7 @@ def fake_records() -> list[dict]:
     """Records of the new layout: parallel_adapter has no runs and msnet misses one, so the table must mark
     both; fold 0 of every method also has a best-validation result (a little lower)."""
     records = []
-    for i, experiment in enumerate(TABLE1_ROWS):
+    for i, experiment in enumerate(e.name for e in table1_experiments()):
         if experiment == "parallel_adapter":
             continue
         for f in FOLDS:
@@ -114,7 +115,7 @@ def test_runs_aggregation_is_mean_and_sample_std_over_folds_and_seeds():
     assert cell["n"] == cell["expected"] == 4 and cell["mean"] == pytest.approx(statistics.fmean(values))
     assert cell["std"] == pytest.approx(statistics.stdev(values))
     assert (cell["paper_mean"], cell["paper_std"]) == (75.02, 1.14)
-    assert len(rows) == 9 * 2 * len(RECORD_METRICS)
+    assert len(rows) == len(table1_experiments()) * 2 * len(RECORD_METRICS)
     assert all(r["n"] == 0 and r["mean"] is None for r in rows if r["experiment"] == "parallel_adapter")
     assert all(r["n"] == 3 for r in rows if r["experiment"] == "msnet")
 
