@@ -114,7 +114,7 @@ def load_experiments(config_dirs: Iterable[str | Path] = ()) -> list[Experiment]
             if path.stem not in found:
                 found[path.stem] = (read_experiment(path), path)
     by_row: dict[int, Path] = {}
-    for experiment, path in sorted(found.values(), key=lambda item: str(item[1])):
+    for experiment, path in found.values():  # in search order: a later folder's file is the one named
         if experiment.row is None:
             continue
         if experiment.row in by_row:
