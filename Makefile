@@ -18,7 +18,7 @@ SPLIT_SEED_ARG := $(if $(filter per-seed,$(SPLIT_SEED)),'split_seed=$${seed}',sp
 SWEEP := $(PROTOCOL)$(if $(filter-out 0,$(SPLIT_SEED)),-split$(SPLIT_SEED))
 OUT ?= experiments/table1-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
 RUNS ?= outputs/table1-$(SWEEP)
-TABLE1 := single_covidnet,single,joint_covidnet,joint,series_adapter,parallel_adapter,msnet,sepnorm,ours
+TABLE1 = $(or $(shell $(PY) -m covidct.experiments),$(error no Table I experiments from $(PY) -m covidct.experiments))
 ifeq ($(PROTOCOL),smoke)
 FOLDS ?= 0
 SEEDS ?= 643

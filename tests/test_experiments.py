@@ -1,19 +1,29 @@
-"""Every experiment composes, wires its overrides through, and fast-runs on phantom data."""
+"""Every experiment of the registry composes, wires its overrides through, and fast-runs on phantom data; the
+registry itself (Table I's rows from each experiment's `table1` block) and its errors."""
 
+import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
+from covidct.data.sources import SITES
+from covidct.errors import ConfigError
+from covidct.experiments import Experiment, load_experiments, table1_experiments
 from covidct.methods import Joint, MSNet, Ours, ParallelAdapter, SepNorm, SeriesAdapter, Single
-from covidct.metrics import RECORD_METRICS
+from covidct.metrics import METRIC_NAMES, RECORD_METRICS
+from covidct.report.table1 import REFERENCE
 from covidct.run import make_trainer, train
 from tests.helpers import FAST, compose_experiment
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = [e.name for e in load_experiments()]  # the registry: Table I's by row, then the others
+# What some experiments must wire up (method class, redesigned backbone, LR schedule); an experiment not
+# named here is still composed and fast-run.
 EXPECTED = {
     "single_covidnet": (Single, False, "step"),
     "single": (Single, True, "cosine"),
@@ -27,8 +37,81 @@ EXPECTED = {
 }
 
 
-def test_all_table_rows_have_an_experiment():
-    assert set(EXPECTED) <= set(EXPERIMENTS) and len(EXPECTED) == 9
+def test_the_registry_is_every_experiment_file_and_table1_its_rows_in_order():
+    assert sorted(EXPERIMENTS) == sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    assert set(EXPECTED) <= set(EXPERIMENTS)
+    rows = table1_experiments()
+    assert [e.row for e in rows] == sorted(e.row for e in rows) and len({e.row for e in rows}) == len(rows)
+    assert len({e.label for e in rows}) == len(rows) and REFERENCE in {e.name for e in rows}
+    assert EXPERIMENTS[: len(rows)] == [e.name for e in rows]  # those without a row come after
+    paper = list(csv.DictReader((REPO / "experiments" / "paper_table1.csv").open()))
+    for e in rows:  # the paper's values for every site and metric the paper reports
+        have = {(p["site"], p["metric"]) for p in paper if p["experiment"] == e.paper}
+        assert e.paper is None or have == {(s, m) for s in SITES for m in METRIC_NAMES}, e
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    (folder / "experiment").mkdir(parents=True, exist_ok=True)
+    path = folder / "experiment" / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("table1", "message"),
+    [
+        ("table1: [9, x]", "table1 must be a mapping with keys row, label, paper"),
+        ("table1:\n  label: X", "table1 lacks row (row: a positive integer"),
+        ("table1:\n  row: nine\n  label: X", "table1.row must be a positive integer, got 'nine'"),
+        ("table1:\n  row: 0\n  label: X", "table1.row must be a positive integer, got 0"),
+        ("table1:\n  row: true\n  label: X", "table1.row must be a positive integer, got True"),
+        ("table1:\n  row: 11\n  label: ''", "table1.label must be a non-empty string"),
+        ("table1:\n  row: 11\n  label: X\n  paper: 3", "table1.paper must be a key of"),
+        ("table1:\n  row: 11\n  label: X\n  papers: x", "table1 has unknown key(s) papers"),
+        ("table1:\n  row: 9\n  label: X", "table1.row 9 is also the row of " + str(REPO / "conf/experiment/ours.yaml")),
+    ],
+)
+def test_a_malformed_table1_block_names_the_file_and_what_is_wrong(tmp_path: Path, table1: str, message: str):
+    path = _write(tmp_path, "mine", f"# @package _global_\nname: mine\n{table1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiments([tmp_path])
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_an_experiment_whose_name_is_not_its_file_is_refused(tmp_path: Path):
+    path = _write(tmp_path, "mine", "name: yours\n")
+    with pytest.raises(ConfigError, match="name is 'yours' but the file is mine.yaml") as err:
+        load_experiments([tmp_path])
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_extra_config_dirs_add_experiments_and_the_cli_lists_them(tmp_path: Path):
+    _write(tmp_path, "mine", "name: mine\ntable1:\n  row: 10\n  label: Mine\n  paper: null\n")
+    _write(tmp_path, "sketch", "name: sketch\n")  # no table1 block: after Table I
+    _write(tmp_path, "ours", "name: ours\ntable1:\n  row: 1\n  label: shadowed\n")  # the repo's comes first
+    found = load_experiments([f"file://{tmp_path}"])
+    assert found[-2:] == [Experiment("mine", 10, "Mine", None), Experiment("sketch")]
+    assert [e.name for e in found[:-2]] == EXPERIMENTS and next(e for e in found if e.name == "ours").row != 1
+
+    def cli(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "covidct.experiments", *args], cwd=REPO, capture_output=True, text=True, check=True
+        )
+        return result.stdout.strip()
+
+    names = [e.name for e in table1_experiments()]
+    assert cli() == ",".join(names)  # what `make table1` sweeps
+    assert cli("--config-dir", str(tmp_path)) == ",".join([*names, "mine"])
+    assert cli("--all", "--config-dir", str(tmp_path)) == ",".join([*EXPERIMENTS, "mine", "sketch"])
+    bad = tmp_path / "bad"
+    _write(bad, "broken", "table1: 3\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "covidct.experiments", "--config-dir", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "broken.yaml: table1 must be a mapping" in result.stderr
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

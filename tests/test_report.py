@@ -15,10 +15,12 @@ from PIL import Image
 from scipy import stats
 from torchmetrics.functional.classification import binary_auroc
 
+from covidct.errors import ConfigError
+from covidct.experiments import table1_experiments
 from covidct.metrics import RECORD_METRICS, binary_metrics, pool_by_patient
 from covidct.report.__main__ import main as report_main
 from covidct.report.render import build_report, render_files
-from covidct.report.table1 import TABLE1_ROWS, DuplicateRunError, collect_results, paired_ttests
+from covidct.report.table1 import DuplicateRunError, collect_results, paired_ttests
 from covidct.report.uncertainty import bootstrap_interval, delong_test, reliability_bins, weighted_metric
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -37,7 +39,7 @@ def fake_records() -> list[dict]:
     """Records of the new layout: parallel_adapter has no runs and msnet misses one, so the table must mark
     both; fold 0 of every method also has a best-validation result (a little lower)."""
     records = []
-    for i, experiment in enumerate(TABLE1_ROWS):
+    for i, experiment in enumerate(e.name for e in table1_experiments()):
         if experiment == "parallel_adapter":
             continue
         for f in FOLDS:
@@ -103,6 +105,79 @@ def test_golden_files(name: str):
     assert text == (GOLDEN / name).read_text()
 
 
+# Beyond Table I: a new method whose records carry its row 10 (no paper values), and an ad-hoc experiment
+# whose records' config has no table1 block at all (nor has the registry an entry for it).
+EXTRA = {
+    "new_method": {"name": "new_method", "table1": {"row": 10, "label": "New method (row 10)", "paper": None}},
+    "adhoc": {"name": "adhoc", "seed": 643},
+}
+
+
+def extra_records() -> list[dict]:
+    """fake_records and two runs (fold x seed) of each experiment of EXTRA, the sweep's folds and seeds."""
+    records = fake_records()[:-1]
+    for i, (experiment, config) in enumerate(EXTRA.items(), start=len(table1_experiments())):
+        for f in FOLDS:
+            for k, s in enumerate(SEEDS):
+                images = {site: {m: level(i, f, k, j, site) for j, m in enumerate(RECORD_METRICS)} for site in "AB"}
+                patients = {"B": {m: v - 0.02 for m, v in images["B"].items()}}
+                test = {"last": {"checkpoint": "checkpoints/last.ckpt", "images": images, "patients": patients}}
+                run = {"experiment": experiment, "fold": f, "seed": s, "group_by": "patient", "split_seed": 0}
+                records.append({"test": test, "run": run, "config": config})
+    return records
+
+
+def extra_report() -> dict:
+    records = extra_records()
+    return build_report(records, [row for r in records for row in fake_predictions(r)], PAPER, FOLDS, SEEDS, "last")
+
+
+@pytest.mark.parametrize("name", ["table1.md", "table1.csv"])
+def test_experiments_without_a_paper_row_follow_table1_and_are_not_dropped(name: str):
+    text = render_files(extra_report(), PROVENANCE)[name]
+    if os.environ.get("UPDATE_GOLDEN"):
+        (GOLDEN / "extra" / name).write_text(text)
+    assert text == (GOLDEN / "extra" / name).read_text()
+    names = [e.name for e in table1_experiments()]
+    if name == "table1.csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        order = list(dict.fromkeys(r["experiment"] for r in rows))
+        assert order == [*names, "new_method", "adhoc"]
+        extra = [r for r in rows if r["experiment"] in EXTRA]
+        assert {r["method"] for r in extra} == {"New method (row 10)", "adhoc"}
+        assert extra and all(r["n"] == r["expected"] for r in extra)  # every run of theirs counted
+        assert all(not r["paper_mean"] for r in extra)  # no paper values of their own
+        # Table I's own rows are those of the report without the extras, unchanged
+        golden = (GOLDEN / "table1.csv").read_text().splitlines()
+        assert [line for line in text.splitlines() if line.split(",")[3] not in EXTRA] == golden
+    else:
+        table = text.split("### Site A")[1].split("###")[0]
+        assert table.index("SepNorm + Contrastive (ours)") < table.index("New method (row 10)") < table.index("| adhoc")
+        assert "experiments without a Table I row (adhoc)" in text
+        assert "| A | auc | New method (row 10) |" in text and "| A | auc | adhoc |" in text  # t-tests against ours
+
+
+def test_a_records_own_table1_block_decides_its_row_and_label():
+    records = fake_records()
+    for record in records:
+        if record["run"]["experiment"] == "single":  # relabelled and moved below ours by its records
+            record["config"] = {"table1": {"row": 12, "label": "Single, relabelled", "paper": "single"}}
+    rows = collect_results(records, PAPER, FOLDS, SEEDS)
+    order = list(dict.fromkeys((r["experiment"], r["method"]) for r in rows))
+    assert order[-1] == ("single", "Single, relabelled") and len(order) == len(table1_experiments())
+    assert _cell(rows, "single", "A", "acc")["paper_mean"] is not None  # its paper key still finds the paper's
+
+
+def test_records_that_disagree_on_a_row_or_hold_a_malformed_one_are_refused():
+    records = fake_records()
+    records[0]["config"] = {"table1": {"row": 3, "label": "Single (COVID-Net)", "paper": "single_covidnet"}}
+    with pytest.raises(ConfigError, match="run records of single_covidnet disagree on its Table I row"):
+        collect_results(records, PAPER, FOLDS, SEEDS)
+    records[0]["config"] = {"table1": {"row": "first", "label": "Single (COVID-Net)"}}
+    with pytest.raises(ConfigError, match=r"config.table1\): table1.row must be a positive integer, got 'first'"):
+        collect_results(records, PAPER, FOLDS, SEEDS)
+
+
 def _cell(rows: list[dict], experiment: str, site: str, metric: str) -> dict:
     return next(r for r in rows if (r["experiment"], r["site"], r["metric"]) == (experiment, site, metric))
 
@@ -114,7 +189,7 @@ def test_runs_aggregation_is_mean_and_sample_std_over_folds_and_seeds():
     assert cell["n"] == cell["expected"] == 4 and cell["mean"] == pytest.approx(statistics.fmean(values))
     assert cell["std"] == pytest.approx(statistics.stdev(values))
     assert (cell["paper_mean"], cell["paper_std"]) == (75.02, 1.14)
-    assert len(rows) == 9 * 2 * len(RECORD_METRICS)
+    assert len(rows) == len(table1_experiments()) * 2 * len(RECORD_METRICS)
     assert all(r["n"] == 0 and r["mean"] is None for r in rows if r["experiment"] == "parallel_adapter")
     assert all(r["n"] == 3 for r in rows if r["experiment"] == "msnet")
 

@@ -1,11 +1,15 @@
-"""`make table1` end to end on phantom data: all nine rows, every output, and a rerun that runs nothing."""
+"""`make table1` end to end on phantom data: every row of the registry's Table I, every output, and a rerun
+that runs nothing."""
 
 import csv
 import os
 import subprocess
 from pathlib import Path
 
+from covidct.experiments import table1_experiments
 from tests.helpers import REPO
+
+METHODS = [e.name for e in table1_experiments()]  # what `make table1` sweeps
 
 
 def make_table1(phantom_root: Path, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -39,7 +43,8 @@ def test_make_table1_smoke_then_rerun_runs_nothing(phantom_root: Path, tmp_path:
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "table1.csv").open()))
     # both aggregations; image level on both sites, patient level on site B; five metrics and ECE
-    assert len(rows) == 2 * 9 * (2 + 1) * 6
+    assert len(rows) == 2 * len(METHODS) * (2 + 1) * 6
+    assert list(dict.fromkeys(r["experiment"] for r in rows)) == METHODS
     assert {(r["aggregation"], r["level"]) for r in rows} == {
         (a, lv) for a in ("paper", "runs") for lv in ("images", "patients")
     }
@@ -54,17 +59,17 @@ def test_make_table1_smoke_then_rerun_runs_nothing(phantom_root: Path, tmp_path:
         ("B", "patients", "patient"),
     }
     delong = list(csv.DictReader((out / "delong.csv").open()))
-    # ours vs 8 baselines, 1 seed: site A's images, site B's images and patients
+    # ours vs every other method, 1 seed: site A's images, site B's images and patients
     assert {(r["site"], r["level"]) for r in delong} == {("A", "images"), ("B", "images"), ("B", "patients")}
-    assert len(delong) == 3 * 8
+    assert len(delong) == 3 * (len(METHODS) - 1)
     records = sorted((tmp_path / "runs").glob("*/*/metrics.json"))
-    assert len(records) == 9
+    assert len(records) == len(METHODS)
     stamps = [p.stat().st_mtime_ns for p in records]
     written = {name: (out / name).read_bytes() for name in outputs}
 
     second = make_table1(phantom_root, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert (second.stdout + second.stderr).count("skipping") == 9
+    assert (second.stdout + second.stderr).count("skipping") == len(METHODS)
     assert [p.stat().st_mtime_ns for p in records] == stamps
     assert {name: (out / name).read_bytes() for name in outputs} == written  # byte-identical
 

@@ -16,7 +16,7 @@ from covidct.metrics import PATIENT_POOLINGS
 from covidct.records import METRICS_FILE, PREDICTIONS_FILE, atomic_write_text, read_predictions
 from covidct.report.curves import plot_reliability, plot_rocs
 from covidct.report.render import build_report, render_files
-from covidct.report.table1 import SELECTIONS, TABLE1_ROWS, TABLE_COLUMNS, DuplicateRunError, select_records
+from covidct.report.table1 import SELECTIONS, TABLE_COLUMNS, DuplicateRunError, select_records
 
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table1.csv"
 TIMING_FILE = "timing.json"
@@ -86,6 +86,7 @@ def write_report(
     except DuplicateRunError as err:
         raise ConfigError(f"{runs}: {err}") from err
     report = build_report(records, run_predictions(selected), paper, folds, seeds, selection, pooling)
+    methods = report["methods"]  # every row of the table, Table I's and those after it
     finished = sorted(r["_finished_at"] for r in selected if r.get("_finished_at"))
     provenance = {
         "protocol": protocol,
@@ -93,8 +94,8 @@ def write_report(
         "run commits": ", ".join(sorted({r["run"].get("git_commit", "unknown") for r in selected})) or "none",
         "device": ", ".join(sorted({r["run"].get("device", "unknown") for r in selected})) or "none",
         "date": finished[-1] if finished else "unknown",  # the newest record's: reruns give the same file
-        "runs": f"{len(selected)} of {len(TABLE1_ROWS) * len(folds) * len(seeds)} "
-        f"(9 methods x folds {folds} x seeds {seeds})",
+        "runs": f"{len(selected)} of {len(methods) * len(folds) * len(seeds)} "
+        f"({len(methods)} methods x folds {folds} x seeds {seeds})",
         "group_by": ", ".join(sorted({r["run"].get("group_by", "?") for r in selected})) or "none",
         "split_seed": ", ".join(sorted({str(r["run"].get("split_seed", "?")) for r in selected})) or "none",
         "patient pooling": report["patient_pooling"],
@@ -110,9 +111,9 @@ def write_report(
         atomic_write_text(out / name, text)
     images = {}
     for site in SITES:
-        rocs = {TABLE1_ROWS[e]: curve for (e, s), curve in report["rocs"].items() if s == site}
+        rocs = {methods[e]: curve for (e, s), curve in report["rocs"].items() if s == site}
         images[f"roc_{site}"] = plot_rocs(rocs, f"Site {site}: pooled test predictions", out / f"roc_{site}.png")
-        bins = {TABLE1_ROWS[e]: b for (e, s), b in report["reliability"].items() if s == site}
+        bins = {methods[e]: b for (e, s), b in report["reliability"].items() if s == site}
         images[f"reliability_{site}"] = plot_reliability(
             bins, f"Site {site}: reliability of pooled test predictions", out / f"reliability_{site}.png"
         )

@@ -10,13 +10,13 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from covidct.experiments import Experiment
 from covidct.metrics import evaluate
 from covidct.report.curves import roc_curve
 from covidct.report.table1 import (
     AGGREGATIONS,
     LEVELS,
     REFERENCE,
-    TABLE1_ROWS,
     TABLE_COLUMNS,
     TTEST_COLUMNS,
     collect_results,
@@ -27,6 +27,7 @@ from covidct.report.table1 import (
     provenance_lines,
     results_markdown,
     select_records,
+    table_methods,
     to_csv,
     to_latex,
     ttests_markdown,
@@ -77,11 +78,15 @@ def build_report(
     seeds: Sequence[int],
     selection: str,
     pooling: str = "mean",
+    experiments: Sequence[Experiment] | None = None,
 ) -> dict[str, Any]:
     """Every table of the report. `predictions` are prediction rows with experiment, fold and seed added;
-    `pooling` pools a patient's slice probabilities (mean or max) for the patient-level results."""
+    `pooling` pools a patient's slice probabilities (mean or max) for the patient-level results;
+    `experiments` is the registry for records without `config.table1` (default: the repo's). `methods`
+    maps every row's experiment to its label, in the table's order."""
     records = repool_patients(records, predictions, selection, pooling)
     chosen = select_records(records, folds, seeds)
+    methods = {e.name: e.method for e in table_methods(chosen.values(), experiments)}
     keys = {(r["run"]["experiment"], int(r["run"]["fold"]), int(r["run"]["seed"])) for r in chosen.values()}
     rows = [
         p
@@ -91,30 +96,35 @@ def build_report(
     patient_sites = sorted(
         {site for r in chosen.values() for site in r.get("test", {}).get(selection, {}).get("patients", {})}
     )
-    experiments = [e for e in TABLE1_ROWS if any(r["experiment"] == e for r in rows)]
+    with_predictions = {r["experiment"] for r in rows}
+    with_runs = [e for e in methods if e in with_predictions]
+    baselines = [e for e in methods if e != REFERENCE]
     by_method_site = {
         (e, site): [r for r in rows if r["experiment"] == e and r["site"] == site]
-        for e in experiments
+        for e in with_runs
         for site in sorted({r["site"] for r in rows})
     }
     return {
         "selection": selection,
         "tables": {
-            (aggregation, level): collect_results(records, paper, folds, seeds, selection, aggregation, level)
+            (aggregation, level): collect_results(
+                records, paper, folds, seeds, selection, aggregation, level, experiments=experiments
+            )
             for aggregation in AGGREGATIONS
             for level in LEVELS
         },
-        "ttests": {a: paired_ttests(records, folds, seeds, selection, a) for a in AGGREGATIONS},
+        "ttests": {
+            a: paired_ttests(records, folds, seeds, selection, a, experiments=experiments) for a in AGGREGATIONS
+        },
+        "methods": methods,
         "intervals": [
-            {"selection": selection, **row} for row in confidence_intervals(rows, experiments, patient_sites, pooling)
+            {"selection": selection, **row} for row in confidence_intervals(rows, with_runs, patient_sites, pooling)
         ],
         "delong": [
             {"selection": selection, **row}
-            for row in delong_rows(
-                rows, REFERENCE, [e for e in TABLE1_ROWS if e != REFERENCE], seeds, patient_sites, pooling
-            )
+            for row in delong_rows(rows, REFERENCE, baselines, seeds, patient_sites, pooling)
         ]
-        if REFERENCE in experiments
+        if REFERENCE in with_runs
         else [],
         "rocs": {
             key: roc_curve([r["label"] for r in items], [r["prob_covid"] for r in items])
@@ -132,7 +142,7 @@ def build_report(
     }
 
 
-def intervals_markdown(intervals: Sequence[Mapping[str, Any]]) -> list[str]:
+def intervals_markdown(intervals: Sequence[Mapping[str, Any]], methods: Mapping[str, str]) -> list[str]:
     if not intervals:
         return []
     out = [
@@ -146,7 +156,7 @@ def intervals_markdown(intervals: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
     header = ["method", "site", "level", "metric", "estimate", "95% CI", "unit", "units", "predictions"]
     rows = [
-        [TABLE1_ROWS[r["experiment"]], r["site"], r["level"], r["metric"], fmt(r["estimate"])]
+        [methods.get(r["experiment"], r["experiment"]), r["site"], r["level"], r["metric"], fmt(r["estimate"])]
         + ["n/a" if r["low"] is None else f"{fmt(r['low'])} – {fmt(r['high'])}"]
         + [r["unit"], r["n_units"], r["n_predictions"]]
         for r in intervals
@@ -154,7 +164,7 @@ def intervals_markdown(intervals: Sequence[Mapping[str, Any]]) -> list[str]:
     return [*out, *markdown_table(header, rows), ""]
 
 
-def delong_markdown(delong: Sequence[Mapping[str, Any]]) -> list[str]:
+def delong_markdown(delong: Sequence[Mapping[str, Any]], methods: Mapping[str, str]) -> list[str]:
     if not delong:
         return []
     out = [
@@ -167,7 +177,7 @@ def delong_markdown(delong: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
     header = ["site", "level", "baseline", "seed", "cases", "AUC ours", "AUC baseline", "diff (pp)", "z", "p"]
     rows = [
-        [r["site"], r["level"], TABLE1_ROWS[r["baseline"]], r["seed"], r["n_cases"], fmt(r["auc_ours"])]
+        [r["site"], r["level"], methods.get(r["baseline"], r["baseline"]), r["seed"], r["n_cases"], fmt(r["auc_ours"])]
         + [fmt(r["auc_baseline"]), fmt(r["diff"]), fmt(r["z"], 3), p_value(r["p"])]
         for r in delong
     ]
@@ -200,8 +210,8 @@ def to_markdown(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> str
     for aggregation in ("paper", "runs"):
         title = f"Patient level (slice probabilities pooled by {pooling}), aggregation `{aggregation}`"
         out += results_markdown(tables[(aggregation, "patients")], title)
-    out += intervals_markdown(report["intervals"])
-    out += delong_markdown(report["delong"])
+    out += intervals_markdown(report["intervals"], report["methods"])
+    out += delong_markdown(report["delong"], report["methods"])
     out += ["## Provenance", "", *provenance_lines(provenance), ""]
     return "\n".join(out)
 

@@ -8,6 +8,11 @@ Two aggregations of the runs of a method and site:
 - `paper`, as the paper reports: per seed, the 4-fold estimate (the mean of that seed's folds); then
   mean and sample std over seeds, t-tests paired by seed (n = seeds). A seed missing a fold is left out.
 - `runs`: mean and sample std over every fold x seed run, t-tests paired by (fold, seed) (n = runs).
+
+The rows (which methods, their labels and order, their paper key) come from the records themselves: each
+run record's `config.table1` (its experiment's `table1` block), or for records without one (older
+records) the experiment registry (`covidct.experiments`). Table I's rows are sorted by row and always
+shown (a method with no runs is a visible gap); an experiment without a row follows them, under its name.
 """
 
 from __future__ import annotations
@@ -23,20 +28,11 @@ from scipy import stats
 
 from covidct.data.folds import SITE_A_FOLD_NOTE
 from covidct.data.sources import SITES
+from covidct.errors import ConfigError
+from covidct.experiments import Experiment, parse_table1, registry, sort_experiments
 from covidct.metrics import ECE_BINS, METRIC_NAMES, RECORD_METRICS
 
-# Table I's rows in the paper's order: experiment name -> the paper's method label.
-TABLE1_ROWS: dict[str, str] = {
-    "single_covidnet": "Single (COVID-Net)",
-    "single": "Single (Redesign)",
-    "joint_covidnet": "Joint (COVID-Net)",
-    "joint": "Joint (Redesign)",
-    "series_adapter": "Series Adapter",
-    "parallel_adapter": "Parallel Adapter",
-    "msnet": "MS-Net",
-    "sepnorm": "SepNorm",
-    "ours": "SepNorm + Contrastive (ours)",
-}
+# The method the t-tests and DeLong's test compare every other row with (the paper's method), by name.
 REFERENCE = "ours"
 SELECTIONS = ("last", "best_val_auc")
 AGGREGATIONS = ("paper", "runs")
@@ -78,12 +74,13 @@ def _key(record: Mapping[str, Any]) -> tuple[str, int, int]:
 def select_records(
     records: Iterable[Mapping[str, Any]], folds: Sequence[int], seeds: Sequence[int]
 ) -> dict[tuple[str, int, int], Mapping[str, Any]]:
-    """The records of the Table I sweep, one per (experiment, fold, seed); others are ignored."""
-    wanted = {(e, f, s) for e in TABLE1_ROWS for f in folds for s in seeds}
+    """The records of the sweep's folds and seeds, one per (experiment, fold, seed), of every experiment
+    (those without a Table I row too); records of other folds or seeds are ignored."""
+    wanted = {(f, s) for f in folds for s in seeds}
     chosen: dict[tuple[str, int, int], Mapping[str, Any]] = {}
     for record in records:
         key = _key(record)
-        if key not in wanted:
+        if key[1:] not in wanted:
             continue
         if key in chosen:
             raise DuplicateRunError(
@@ -92,6 +89,37 @@ def select_records(
             )
         chosen[key] = record
     return chosen
+
+
+def record_experiment(record: Mapping[str, Any], known: Mapping[str, Experiment]) -> Experiment:
+    """A record's experiment and Table I row: its own `config.table1` where its config holds one (null: no
+    row), else the registry's entry (`known`), else no row."""
+    name = record["run"]["experiment"]
+    config = record.get("config") or {}
+    if "table1" in config:
+        where = record.get("_dir") or f"run record of {name} fold={record['run'].get('fold')}"
+        return parse_table1(name, config["table1"], f"{where} (config.table1)")
+    return known.get(name, Experiment(name))
+
+
+def table_methods(
+    records: Iterable[Mapping[str, Any]], experiments: Sequence[Experiment] | None = None
+) -> list[Experiment]:
+    """The table's rows in order: every Table I experiment of the registry `experiments` (default: the
+    repo's) and every experiment the records hold, as `record_experiment` says; Table I's by row, then the
+    others by name. Records of one experiment that disagree on its row are a ConfigError."""
+    known = {e.name: e for e in (registry() if experiments is None else experiments)}
+    methods = {e.name: e for e in known.values() if e.in_table1}
+    seen: dict[str, Experiment] = {}
+    for record in records:
+        experiment = record_experiment(record, known)
+        if seen.setdefault(experiment.name, experiment) != experiment:
+            raise ConfigError(
+                f"the run records of {experiment.name} disagree on its Table I row: {seen[experiment.name]} and "
+                f"{experiment}; rerun the older runs (or report them apart)"
+            )
+        methods[experiment.name] = experiment
+    return sort_experiments(methods.values())
 
 
 def site_metrics(record: Mapping[str, Any], selection: str, level: str, site: str) -> Mapping[str, float] | None:
@@ -154,30 +182,35 @@ def collect_results(
     selection: str = "last",
     aggregation: str = "paper",
     level: str = "images",
+    experiments: Sequence[Experiment] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (experiment, site, metric): mean and sample std in %, with n and the expected n.
+    """One row per (experiment, site, metric): mean and sample std in %, with n and the expected n; the
+    experiments in `table_methods` order (`experiments`: the registry for records without `config.table1`).
 
     Rows with no runs stay in the table with n = 0 and empty statistics, so a gap is visible. The paper's
-    values sit beside image-level rows (the paper reports no patient-level results).
+    values (by the experiment's `paper` key) sit beside image-level rows (the paper reports no patient-level
+    results). Each row also says its Table I `row` (None: none; not a CSV column).
     """
     chosen = select_records(records, folds, seeds)
     paper_values = {(p["experiment"], p["site"], p["metric"]): p for p in paper} if level == "images" else {}
     expected = expected_count(folds, seeds, aggregation)
     rows = []
-    for experiment, method in TABLE1_ROWS.items():
+    for method in table_methods(chosen.values(), experiments):
+        experiment = method.name
         for site in level_sites(chosen, selection, level):
             for metric in RECORD_METRICS:
                 values = list(
                     cell_values(chosen, experiment, site, metric, folds, seeds, selection, aggregation, level).values()
                 )
-                reference = paper_values.get((experiment, site, metric), {})
+                reference = paper_values.get((method.paper, site, metric), {}) if method.paper else {}
                 rows.append(
                     {
                         "selection": selection,
                         "aggregation": aggregation,
                         "level": level,
                         "experiment": experiment,
-                        "method": method,
+                        "method": method.method,
+                        "row": method.row,
                         "site": site,
                         "metric": metric,
                         "n": len(values),
@@ -199,15 +232,18 @@ def paired_ttests(
     selection: str = "last",
     aggregation: str = "paper",
     metrics: Sequence[str] = TTEST_METRICS,
+    experiments: Sequence[Experiment] | None = None,
 ) -> list[dict[str, Any]]:
-    """Paired t-tests of `ours` against each baseline per site and metric (image level), paired by seed
-    (`paper`) or by (fold, seed) (`runs`)."""
+    """Paired t-tests of `ours` (REFERENCE) against each other row of the table (`table_methods` order) per
+    site and metric (image level), paired by seed (`paper`) or by (fold, seed) (`runs`)."""
     chosen = select_records(records, folds, seeds)
+    methods = table_methods(chosen.values(), experiments)
     rows = []
     for site in SITES:
         for metric in metrics:
             ours = cell_values(chosen, REFERENCE, site, metric, folds, seeds, selection, aggregation)
-            for baseline in TABLE1_ROWS:
+            for method in methods:
+                baseline = method.name
                 if baseline == REFERENCE:
                     continue
                 theirs = cell_values(chosen, baseline, site, metric, folds, seeds, selection, aggregation)
@@ -225,6 +261,7 @@ def paired_ttests(
                         "site": site,
                         "metric": metric,
                         "baseline": baseline,
+                        "baseline_method": method.method,  # its label (not a CSV column)
                         "n_pairs": len(pairs),
                         "mean_diff": statistics.fmean(diffs) if diffs else None,
                         "t": t,
@@ -291,6 +328,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
     cells = _by_cell(rows)
     first = rows[0]
     with_paper = any(r["paper_mean"] is not None for r in rows)
+    methods = _methods(rows)
     out = [
         f"## {title}",
         "",
@@ -300,13 +338,16 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
         f"left out of the cell. ECE: expected calibration error ({ECE_BINS} bins; lower is better).",
         "",
     ]
+    extra = [method for experiment, (method, row) in methods.items() if row is None]
+    if extra:
+        out += [f"After Table I's rows: experiments without a Table I row ({', '.join(extra)}).", ""]
     for site in dict.fromkeys(r["site"] for r in rows):
         out += [f"### Site {site}", ""]
         header = ["method", "n"]
         for m in RECORD_METRICS:
             header += [METRIC_LABELS[m]] + (["paper"] if with_paper and m in METRIC_NAMES else [])
         lines = []
-        for experiment, method in TABLE1_ROWS.items():
+        for experiment, (method, _) in methods.items():
             head = cells[(experiment, site, RECORD_METRICS[0])]
             values = [method, f"{head['n']}/{head['expected']}"]
             for m in RECORD_METRICS:
@@ -318,6 +359,11 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
     return out
 
 
+def _methods(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, int | None]]:
+    """The table's experiments in its order: name -> (label, Table I row or None)."""
+    return {r["experiment"]: (r["method"], r.get("row")) for r in rows}
+
+
 def ttests_markdown(ttests: Sequence[Mapping[str, Any]]) -> list[str]:
     if not ttests:
         return []
@@ -325,8 +371,8 @@ def ttests_markdown(ttests: Sequence[Mapping[str, Any]]) -> list[str]:
     pairs = "seed" if first["aggregation"] == "paper" else "fold and seed"
     header = ["site", "metric", "baseline", "pairs", "mean diff (ours - baseline, pp)", "t", "p"]
     rows = [
-        [t["site"], t["metric"], TABLE1_ROWS[t["baseline"]], t["n_pairs"], fmt(t["mean_diff"]), fmt(t["t"], 3)]
-        + [p_value(t["p"])]
+        [t["site"], t["metric"], t.get("baseline_method", t["baseline"]), t["n_pairs"], fmt(t["mean_diff"])]
+        + [fmt(t["t"], 3), p_value(t["p"])]
         for t in ttests
     ]
     title = f"## Paired t-tests, aggregation `{first['aggregation']}`: ours vs each baseline (pairs by {pairs})"
@@ -347,7 +393,10 @@ def to_latex(rows: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]) -
         "Method & " + " & ".join(METRIC_LABELS[m] for _, m in columns) + " \\\\",
         "\\midrule",
     ]
-    for experiment, method in TABLE1_ROWS.items():
+    methods = _methods(rows)
+    for k, (experiment, (method, row)) in enumerate(methods.items()):
+        if row is None and k > 0 and list(methods.values())[k - 1][1] is not None:
+            out.append("\\midrule")  # experiments without a Table I row follow the paper's rows
         values = []
         for site, metric in columns:
             row = cells[(experiment, site, metric)]

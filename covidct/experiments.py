@@ -1,0 +1,167 @@
+"""The experiment registry: every `conf/experiment/<name>.yaml` and its Table I row, in one place.
+
+Each experiment file may declare its row of Table I:
+
+    table1:
+      row: 9                              # its position (1, 2, ...): rows are sorted by it
+      label: SepNorm + Contrastive (ours) # the method's name in the tables
+      paper: ours                         # its rows in experiments/paper_table1.csv (null: none)
+
+An experiment without a `table1` block (or with `table1: null`) runs like any other and is reported after
+Table I's rows, under its name. The Makefile's sweep (`make table1`), the report's fallback for run records
+that predate `config.table1`, and the tests all read this registry; nothing else lists the methods.
+
+`python -m covidct.experiments` prints the Table I experiments comma-separated, in row order (what
+`make table1` sweeps); `--all` prints every experiment; `--config-dir DIR` adds the experiments of another
+config folder (as `hydra.searchpath` does; the repo's `conf/` comes first and wins a name both define).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from covidct.errors import ConfigError, CovidCTError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TABLE1_KEYS = ("row", "label", "paper")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: its name (the file's stem, `+experiment=NAME`) and its Table I row, label and paper key
+    (all None for an experiment without a row)."""
+
+    name: str
+    row: int | None = None
+    label: str | None = None
+    paper: str | None = None
+
+    @property
+    def in_table1(self) -> bool:
+        return self.row is not None
+
+    @property
+    def method(self) -> str:
+        """The name shown in the tables: the label, or the experiment's name where it has none."""
+        return self.label if self.label is not None else self.name
+
+
+def parse_table1(name: str, block: Any, where: str) -> Experiment:
+    """An experiment from its `table1` block (None: no row); `where` names the block's source in errors."""
+    if block is None:
+        return Experiment(name)
+    if isinstance(block, DictConfig):
+        block = OmegaConf.to_container(block, resolve=False)
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{where}: table1 must be a mapping with keys row, label, paper; got {block!r}")
+    unknown = sorted(set(block) - set(TABLE1_KEYS))
+    if unknown:
+        keys = ", ".join(map(str, unknown))
+        raise ConfigError(f"{where}: table1 has unknown key(s) {keys}; allowed: row, label, paper")
+    missing = [key for key in ("row", "label") if key not in block]
+    if missing:
+        raise ConfigError(f"{where}: table1 lacks {' and '.join(missing)} (row: a positive integer, label: a name)")
+    row, label, paper = block["row"], block["label"], block.get("paper")
+    if isinstance(row, bool) or not isinstance(row, int) or row < 1:
+        raise ConfigError(f"{where}: table1.row must be a positive integer, got {row!r}")
+    if not isinstance(label, str) or not label.strip():
+        raise ConfigError(f"{where}: table1.label must be a non-empty string, got {label!r}")
+    if paper is not None and (not isinstance(paper, str) or not paper.strip()):
+        raise ConfigError(
+            f"{where}: table1.paper must be a key of experiments/paper_table1.csv (or null), got {paper!r}"
+        )
+    return Experiment(name, row, label, paper)
+
+
+def read_experiment(path: Path) -> Experiment:
+    """One experiment file's entry; ConfigError (naming the file) where its `table1` block is malformed."""
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml's and OmegaConf's errors alike
+        raise ConfigError(f"{path}: not a readable experiment config ({err})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: an experiment config must be a mapping")
+    name = cfg.get("name", path.stem)
+    if name != path.stem:
+        raise ConfigError(
+            f"{path}: name is {name!r} but the file is {path.stem}.yaml; run records and +experiment=NAME "
+            "must agree, so make them the same"
+        )
+    return parse_table1(path.stem, cfg.get("table1"), str(path))
+
+
+def _config_dir(entry: str | Path) -> Path:
+    text = str(entry)
+    return Path(text.removeprefix("file://"))
+
+
+def load_experiments(config_dirs: Iterable[str | Path] = ()) -> list[Experiment]:
+    """Every experiment of the repo's `conf/` and of `config_dirs` (folders holding an `experiment/` folder,
+    optionally as `file://DIR`, like `hydra.searchpath` entries): the Table I ones sorted by row, then the
+    others by name. A name found twice keeps its first definition (the repo's). Two experiments claiming one
+    row are a ConfigError."""
+    found: dict[str, tuple[Experiment, Path]] = {}
+    for folder in (CONF, *(_config_dir(d) for d in config_dirs)):
+        for path in sorted((folder / "experiment").glob("*.yaml")):
+            if path.stem not in found:
+                found[path.stem] = (read_experiment(path), path)
+    by_row: dict[int, Path] = {}
+    for experiment, path in found.values():  # in search order: a later folder's file is the one named
+        if experiment.row is None:
+            continue
+        if experiment.row in by_row:
+            raise ConfigError(
+                f"{path}: table1.row {experiment.row} is also the row of {by_row[experiment.row]}; "
+                "give each experiment its own row"
+            )
+        by_row[experiment.row] = path
+    return sort_experiments(e for e, _ in found.values())
+
+
+def sort_experiments(experiments: Iterable[Experiment]) -> list[Experiment]:
+    """Table I's experiments by row (then name), then those without a row by name."""
+    return sorted(experiments, key=lambda e: (e.row is None, e.row or 0, e.name))
+
+
+@lru_cache(maxsize=1)
+def registry() -> tuple[Experiment, ...]:
+    """The repo's experiments (read once per process)."""
+    return tuple(load_experiments())
+
+
+def table1_experiments(experiments: Sequence[Experiment] | None = None) -> list[Experiment]:
+    """The experiments with a Table I row, in row order (default: the repo's)."""
+    return [e for e in (registry() if experiments is None else experiments) if e.in_table1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m covidct.experiments", description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="every experiment, not only Table I's (those after)")
+    parser.add_argument(
+        "--config-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another config folder whose experiment/*.yaml count too (repeatable; as hydra.searchpath)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        experiments = load_experiments(args.config_dir)
+    except CovidCTError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    chosen = experiments if args.all else table1_experiments(experiments)
+    print(",".join(e.name for e in chosen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
