@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from covidct.atomic import atomic_write
 from covidct.config_checks import check_config
 from covidct.errors import CovidCTError, TrainingIncomplete
 from covidct.metrics import evaluate
@@ -88,14 +90,10 @@ def _drop_optimizer_state(folder: Path) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         checkpoint.pop("optimizer_states", None)
         checkpoint.pop("lr_schedulers", None)
-        partial = path.with_name(path.name + ".partial")
         try:
-            torch.save(checkpoint, partial)
+            atomic_write(path, partial(torch.save, checkpoint))
         except OSError as err:  # the record is complete; the whole checkpoint stays, a valid (larger) file
-            partial.unlink(missing_ok=True)
             log.warning("cannot rewrite %s without its optimizer state (%s): kept whole", path, err.strerror or err)
-            continue
-        os.replace(partial, path)
 
 
 def make_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
