@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from covidct.atomic import atomic_write
+from covidct.cli import cli_errors
 from covidct.config_checks import check_config
 from covidct.errors import CovidCTError, TrainingIncomplete
 from covidct.metrics import evaluate
@@ -249,28 +250,26 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return test
 
 
-def _user_message(err: CovidCTError) -> str:
-    """Errors raised in DataLoader workers arrive wrapped in the worker's traceback; keep the message."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+@cli_errors
+def _train_here(cfg: DictConfig) -> int:
+    """Train into Hydra's run folder; the exit status (Hydra ignores a task's return value)."""
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except CovidCTError as err:
-        print(f"error: {_user_message(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
     except SIGTERMException:  # Lightning's own exits with status 0, which would pass a sweep as finished
         print(
             "error: terminated (SIGTERM): no record written, the last epoch's checkpoint is kept; rerun the same "
             "command to resume.",
             file=sys.stderr,
         )
-        raise SystemExit(128 + signal.SIGTERM) from None
+        return 128 + signal.SIGTERM
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    status = _train_here(cfg)
+    if status:
+        raise SystemExit(status)
 
 
 def writable_log_dir_problem(argv: list[str]) -> str | None:
