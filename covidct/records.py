@@ -20,6 +20,7 @@ from covidct.errors import ConfigError, DataError
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
+TIMING_FILE = "timing.json"  # throughput and finishing time, beside the record (`covidct.timing`)
 PREDICTION_COLUMNS = ("selection", "site", "file", "patient", "label", "prob_covid")
 
 
@@ -87,4 +88,5 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """A run folder's metrics.json as written; OSError or ValueError (JSON) when it cannot be read."""
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())
