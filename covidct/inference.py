@@ -39,7 +39,7 @@ def method_class(identity: Mapping[str, Any]) -> type[SiteMethod] | None:
     return METHODS.get(identity.get("method", ""))
 
 
-def rebuild_method(path: Path, checkpoint: Mapping[str, Any], device: torch.device) -> SiteMethod:
+def _trained_method(path: Path, checkpoint: Mapping[str, Any], device: torch.device) -> SiteMethod:
     """The trained module of a read checkpoint (`path` names it in errors), in eval mode on `device`."""
     identity = checkpoint.get("covidct") or {}
     cls = method_class(identity)
@@ -57,7 +57,7 @@ class TrainedModel:
         self.device = resolve_device(device)
         self.checkpoint = Path(ckpt)
         checkpoint = read_checkpoint(self.checkpoint)
-        self.method = rebuild_method(self.checkpoint, checkpoint, self.device)
+        self.method = _trained_method(self.checkpoint, checkpoint, self.device)
         data = checkpoint.get("datamodule_hyper_parameters")
         if not data:
             raise ConfigError(
