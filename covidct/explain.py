@@ -31,11 +31,15 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from covidct.data.sources import COVID, SITE_LAYOUTS, SITES, site_index
-from covidct.errors import ConfigError, CovidCTError, DataError
+from covidct.atomic import atomic_write_text
+from covidct.cli import cli_errors, parse_args
+from covidct.data.sources import COVID, SITE_LAYOUTS, SITES
+from covidct.errors import ConfigError, DataError
+from covidct.inference import TrainedModel
 from covidct.methods import SiteMethod
-from covidct.predict import TrainedModel, parse_args
-from covidct.records import PREDICTIONS_FILE, atomic_write_text, read_predictions
+from covidct.metrics import predicts_covid
+from covidct.models.routing import SiteBlocks
+from covidct.records import PREDICTIONS_FILE, read_predictions
 
 USAGE = (
     "python -m covidct.explain ckpt=PATH [site=A|B|both] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR] "
@@ -63,10 +67,10 @@ class SiteBound(nn.Module):
     def __init__(self, method: SiteMethod, site: str):
         super().__init__()
         self.method = method
-        self.site = site_index(site)
+        self.sites = SiteBlocks.single(method.sites.index(site))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.logits(x, torch.full((len(x),), self.site, dtype=torch.long, device=x.device))
+        return self.method.logits(x, self.sites)
 
 
 def grad_cam(method: SiteMethod, site: str, images: torch.Tensor) -> np.ndarray:
@@ -90,8 +94,8 @@ def true_label(file: str) -> int:
 
 
 def is_correct(prob_covid: float, label: int) -> bool:
-    """The evaluation's decision rule (torchmetrics'): P(COVID) > 0.5 predicts COVID."""
-    return (prob_covid > 0.5) == (label == COVID)
+    """Judged by the evaluation's decision rule, so the figure agrees with the run's accuracy."""
+    return predicts_covid(prob_covid) == (label == COVID)
 
 
 def selection_of(checkpoint: Path) -> str:
@@ -214,19 +218,16 @@ def explain(
     return written
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """0: grids written; 2: bad arguments, checkpoint, predictions or images."""
-    try:
-        args: ExplainArgs = parse_args(ExplainArgs, argv, USAGE)
-        if args.site not in ("both", *SITES):
-            raise ConfigError(f"site must be one of {', '.join(SITES)} or both, got {args.site!r}.")
-        sites = None if args.site == "both" else [args.site]
-        written = explain(
-            args.ckpt, sites, args.n, args.files, args.data_root, args.predictions, args.out, args.device, args.seed
-        )
-    except CovidCTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    args: ExplainArgs = parse_args(ExplainArgs, argv, USAGE)
+    if args.site not in ("both", *SITES):
+        raise ConfigError(f"site must be one of {', '.join(SITES)} or both, got {args.site!r}.")
+    sites = None if args.site == "both" else [args.site]
+    written = explain(
+        args.ckpt, sites, args.n, args.files, args.data_root, args.predictions, args.out, args.device, args.seed
+    )
     for png in written:
         tiles = json.loads(png.with_suffix(".json").read_text())["tiles"]
         wrong = sum(not tile["correct"] for tile in tiles)

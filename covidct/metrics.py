@@ -24,13 +24,19 @@ METRIC_NAMES = ("acc", "f1", "recall", "precision", "auc")  # Table I's
 ECE_BINS = 15
 RECORD_METRICS = (*METRIC_NAMES, "ece")  # and the expected calibration error, per site
 PATIENT_POOLINGS = ("mean", "max")
+DECISION_THRESHOLD = 0.5  # P(COVID) above it predicts COVID: torchmetrics' default, so the logged metrics agree
+
+
+def predicts_covid(prob_covid: float) -> bool:
+    """The decision rule of every metric (torchmetrics': preds > threshold)."""
+    return prob_covid > DECISION_THRESHOLD
 
 
 def undefined_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str, str]:
     """The metrics a set of predictions leaves undefined, with why (torchmetrics would report 0 for them)."""
     positives = sum(1 for y in labels if y == 1)
     negatives = len(labels) - positives
-    predicted = sum(1 for p in probs if p > 0.5)  # torchmetrics: preds > threshold
+    predicted = sum(1 for p in probs if predicts_covid(p))
     why: dict[str, str] = {}
     if positives == 0 or negatives == 0:
         why["auc"] = f"only {'non-COVID' if positives == 0 else 'COVID'} cases: AUC needs both classes"
@@ -50,10 +56,10 @@ def binary_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str, f
     target = torch.tensor(list(labels), dtype=torch.long)
     undefined = undefined_metrics(labels, probs)
     values = {
-        "acc": lambda: binary_accuracy(preds, target),
-        "f1": lambda: binary_f1_score(preds, target),
-        "recall": lambda: binary_recall(preds, target),
-        "precision": lambda: binary_precision(preds, target),
+        "acc": lambda: binary_accuracy(preds, target, threshold=DECISION_THRESHOLD),
+        "f1": lambda: binary_f1_score(preds, target, threshold=DECISION_THRESHOLD),
+        "recall": lambda: binary_recall(preds, target, threshold=DECISION_THRESHOLD),
+        "precision": lambda: binary_precision(preds, target, threshold=DECISION_THRESHOLD),
         "auc": lambda: binary_auroc(preds, target),
         "ece": lambda: binary_calibration_error(preds, target, n_bins=ECE_BINS, norm="l1"),
     }

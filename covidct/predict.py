@@ -13,23 +13,21 @@ import csv
 import io
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
-from covidct.data.sources import IMAGE_SUFFIXES, SITES, load_image, site_index
-from covidct.data.transforms import deterministic_resize, normalize_images, to_chw_uint8
-from covidct.errors import ConfigError, CovidCTError, DataError
-from covidct.methods import SiteMethod, load_method
-from covidct.records import atomic_write_text
+from covidct.atomic import atomic_write_text
+from covidct.cli import cli_errors, parse_args
+from covidct.data.sources import IMAGE_SUFFIXES
+from covidct.errors import ConfigError, DataError
+from covidct.inference import TrainedModel
+from covidct.metrics import DECISION_THRESHOLD
 
 CSV_COLUMNS = ("file", "prob_covid", "prediction", "error")
-DEVICES = ("auto", "cpu", "cuda")
 USAGE = (
     "python -m covidct.predict ckpt=PATH images=DIR site=A|B [out=predictions.csv] [batch_size=32] "
     "[device=cpu|cuda|auto] [threshold=0.5]"
@@ -44,94 +42,7 @@ class PredictArgs:
     out: str = "predictions.csv"
     batch_size: int = 32
     device: str = "auto"
-    threshold: float = 0.5
-
-
-def parse_args(schema: type, argv: Sequence[str] | None, usage: str) -> Any:
-    """key=value arguments over a dataclass of defaults; unknown, missing or mistyped keys become ConfigErrors."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    valid = ", ".join(f.name for f in fields(schema))
-    loose = [arg for arg in argv if "=" not in arg]
-    if loose:
-        raise ConfigError(f"arguments are key=value, got {loose[0]!r}. Usage: {usage}")
-    try:
-        given = OmegaConf.from_cli(argv)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse the arguments: {str(err).splitlines()[0]}") from None
-    unknown = sorted(set(given) - {f.name for f in fields(schema)})
-    if unknown:
-        raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; valid ones are {valid}.")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(schema), given)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid value for {err.full_key}: {str(err).splitlines()[0]}") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"missing required argument(s) {', '.join(missing)}. Usage: {usage}")
-    return OmegaConf.to_object(cfg)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {name!r}.")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda, but no CUDA GPU is visible; use device=cpu or device=auto.")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-class TrainedModel:
-    """A checkpoint's method together with the preprocessing and sites it was trained with.
-
-    The preprocessing comes from the DataModule hyperparameters stored in the checkpoint, so a model is
-    never fed images sized or normalised differently from its evaluation during training.
-    """
-
-    def __init__(self, ckpt: str | Path, device: str = "auto"):
-        self.device = resolve_device(device)
-        self.checkpoint = Path(ckpt)
-        self.method: SiteMethod = load_method(self.checkpoint, map_location=str(self.device))
-        data = torch.load(self.checkpoint, map_location="cpu", mmap=True, weights_only=False).get(
-            "datamodule_hyper_parameters"
-        )
-        if not data:
-            raise ConfigError(
-                f"{self.checkpoint} holds no data settings (datamodule_hyper_parameters), so its image size and "
-                "normalisation are unknown; it predates their recording. Retrain it with the current code."
-            )
-        self.image_size = int(data["image_size"])
-        self.data_root = Path(str(data["root"])).expanduser()
-        trained = [str(s) for s in data["sites"]]
-        per_site_networks = getattr(self.method, "sites", None)
-        self.sites = tuple(s for s in SITES if s in trained and (per_site_networks is None or s in per_site_networks))
-        self._resize = deterministic_resize("eval", self.image_size)
-        self.mean, self.std = tuple(data["mean"]), tuple(data["std"])
-
-    def check_site(self, site: str) -> int:
-        """The site's index, if the model has a trained branch for it; an untrained one would give noise."""
-        index = site_index(site)
-        if site not in self.sites:
-            raise ConfigError(
-                f"{self.checkpoint} was trained for site(s) {', '.join(self.sites)} only, not site {site}: "
-                f"choose site={' or site='.join(self.sites)}."
-            )
-        return index
-
-    def load(self, path: Path) -> np.ndarray:
-        """Decoded and resized HxWx3 uint8: what the evaluation cache holds for this image."""
-        return self._resize(load_image(path))
-
-    def batch(self, resized: Sequence[np.ndarray]) -> torch.Tensor:
-        """Normalised NCHW float tensor on the model's device."""
-        images = torch.from_numpy(np.stack([to_chw_uint8(image) for image in resized])).to(self.device)
-        return normalize_images(images, self.mean, self.std)  # as the DataModule does after transfer
-
-    def prob_covid(self, images: torch.Tensor, site: str) -> np.ndarray:
-        """P(COVID) from the site's branch, computed as in the test step of training."""
-        site_tensor = torch.full((len(images),), self.check_site(site), dtype=torch.long, device=images.device)
-        with torch.inference_mode():
-            return self.method.logits(images, site_tensor).float().softmax(-1)[:, 1].cpu().numpy()
+    threshold: float = DECISION_THRESHOLD
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -150,7 +61,7 @@ def predict_folder(
     site: str,
     batch_size: int = 32,
     device: str = "auto",
-    threshold: float = 0.5,
+    threshold: float = DECISION_THRESHOLD,
 ) -> list[dict[str, Any]]:
     """One row per image file: file, prob_covid, prediction and error (set, with no prob, if unreadable).
 
@@ -190,16 +101,13 @@ def write_predictions(rows: Sequence[dict[str, Any]], path: Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """0: predictions written; 1: no image could be read; 2: bad arguments, checkpoint or folder."""
-    try:
-        args: PredictArgs = parse_args(PredictArgs, argv, USAGE)
-        rows = predict_folder(args.ckpt, args.images, args.site, args.batch_size, args.device, args.threshold)
-        out = Path(args.out)
-        write_predictions(rows, out)
-    except CovidCTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    args: PredictArgs = parse_args(PredictArgs, argv, USAGE)
+    rows = predict_folder(args.ckpt, args.images, args.site, args.batch_size, args.device, args.threshold)
+    out = Path(args.out)
+    write_predictions(rows, out)
     unreadable = [row for row in rows if row["error"]]
     for row in unreadable:
         print(f"unreadable: {row['file']}: {row['error']}", file=sys.stderr)

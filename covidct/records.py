@@ -11,39 +11,17 @@ import io
 import json
 import os
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from covidct.atomic import atomic_write_text
 from covidct.errors import ConfigError, DataError
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
+TIMING_FILE = "timing.json"  # throughput and finishing time, beside the record (`covidct.timing`)
 PREDICTION_COLUMNS = ("selection", "site", "file", "patient", "label", "prob_covid")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a killed run never leaves a half-written record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from a lab's group
-        os.replace(tmp, path)
-    except OSError as err:  # e.g. a full disk: say where, and leave no temp file behind
-        Path(tmp).unlink(missing_ok=True)
-        raise DataError(f"cannot write {path} ({err.strerror or err}); free space there and rerun.") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def git_commit() -> str:
@@ -110,4 +88,5 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """A run folder's metrics.json as written; OSError or ValueError (JSON) when it cannot be read."""
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())

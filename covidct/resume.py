@@ -25,8 +25,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from covidct.atomic import atomic_write, atomic_write_text
 from covidct.errors import ConfigError, DataError
-from covidct.records import METRICS_FILE, atomic_write_text, read_run_record
+from covidct.records import METRICS_FILE, read_run_record
 
 log = logging.getLogger("covidct.resume")
 RUN_IDENTITY_KEY = "covidct_run"  # a checkpoint's fold, split seed, grouping and data fingerprint
@@ -258,15 +259,18 @@ class AtomicCheckpoint(ModelCheckpoint):
     the checkpoint a rerun resumes from."""
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        partial = f"{filepath}.partial"
+        if not trainer.is_global_zero:  # writes nothing on the other ranks, but they must join its barrier
+            super()._save_checkpoint(trainer, filepath)
+            return
+
+        def save(temp: Path) -> None:
+            super(AtomicCheckpoint, self)._save_checkpoint(trainer, str(temp))
+
         try:
-            super()._save_checkpoint(trainer, partial)
-        except OSError as err:  # e.g. a full disk: a left-over partial file would only keep it full
-            Path(partial).unlink(missing_ok=True)
+            atomic_write(Path(filepath), save)
+        except OSError as err:  # e.g. a full disk
             raise DataError(
                 f"cannot write checkpoint {filepath} ({err.strerror or err}); a checkpoint of this run takes about "
                 f"{_size_of_last(filepath)}: free that much space and rerun to resume."
             ) from None
-        if trainer.is_global_zero:
-            os.replace(partial, filepath)
         self._last_checkpoint_saved = filepath

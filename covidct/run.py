@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import covidct.resolvers  # noqa: F401  (the config's interpolations)
+from covidct.atomic import atomic_write
+from covidct.cli import cli_errors
 from covidct.config_checks import check_config
 from covidct.errors import ConfigError, CovidCTError, TrainingIncomplete
 from covidct.metrics import evaluate
@@ -86,14 +89,10 @@ def _drop_optimizer_state(folder: Path) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         checkpoint.pop("optimizer_states", None)
         checkpoint.pop("lr_schedulers", None)
-        partial = path.with_name(path.name + ".partial")
         try:
-            torch.save(checkpoint, partial)
+            atomic_write(path, partial(torch.save, checkpoint))
         except OSError as err:  # the record is complete; the whole checkpoint stays, a valid (larger) file
-            partial.unlink(missing_ok=True)
             log.warning("cannot rewrite %s without its optimizer state (%s): kept whole", path, err.strerror or err)
-            continue
-        os.replace(partial, path)
 
 
 def make_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
@@ -245,28 +244,26 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return test
 
 
-def _user_message(err: CovidCTError) -> str:
-    """Errors raised in DataLoader workers arrive wrapped in the worker's traceback; keep the message."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+@cli_errors
+def _train_here(cfg: DictConfig) -> int:
+    """Train into Hydra's run folder; the exit status (Hydra ignores a task's return value)."""
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except CovidCTError as err:
-        print(f"error: {_user_message(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
     except SIGTERMException:  # Lightning's own exits with status 0, which would pass a sweep as finished
         print(
             "error: terminated (SIGTERM): no record written, the last epoch's checkpoint is kept; rerun the same "
             "command to resume.",
             file=sys.stderr,
         )
-        raise SystemExit(128 + signal.SIGTERM) from None
+        return 128 + signal.SIGTERM
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    status = _train_here(cfg)
+    if status:
+        raise SystemExit(status)
 
 
 def writable_log_dir_problem(argv: list[str]) -> str | None:

@@ -12,7 +12,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from covidct.records import atomic_write_text
+from covidct.atomic import atomic_write_text
+from covidct.records import TIMING_FILE
 
 
 class TrainThroughput(pl.Callback):
@@ -47,7 +48,7 @@ class TrainThroughput(pl.Callback):
             )
 
     def write(self, output_dir: Path) -> Path:
-        path = Path(output_dir) / "timing.json"
+        path = Path(output_dir) / TIMING_FILE
         finished = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         atomic_write_text(path, json.dumps({"finished_at": finished, "train_epochs": self.epochs}, indent=2) + "\n")
         return path

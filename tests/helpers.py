@@ -52,10 +52,14 @@ def cli_env(outputs: Path) -> dict[str, str]:
 
 
 def run_cli(
-    args: list[str], outputs: Path, timeout: int = 900, env: dict[str, str] | None = None
+    args: list[str],
+    outputs: Path,
+    timeout: int = 900,
+    env: dict[str, str] | None = None,
+    module: str = "covidct.run",
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "covidct.run", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=env or cli_env(outputs),
         capture_output=True,

@@ -22,18 +22,18 @@ from tests.helpers import FAST, compose_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = [e.name for e in load_experiments()]  # the registry: Table I's by row, then the others
-# What some experiments must wire up (method class, redesigned backbone, LR schedule); an experiment not
-# named here is still composed and fast-run.
+# What some experiments must wire up (method class, redesigned backbone, norms per site, adapter, LR schedule);
+# an experiment not named here is still composed and fast-run.
 EXPECTED = {
-    "single_covidnet": (Single, False, "step"),
-    "single": (Single, True, "cosine"),
-    "joint_covidnet": (Joint, False, "step"),
-    "joint": (Joint, True, "cosine"),
-    "series_adapter": (SeriesAdapter, True, "cosine"),
-    "parallel_adapter": (ParallelAdapter, True, "cosine"),
-    "msnet": (MSNet, True, "cosine"),
-    "sepnorm": (SepNorm, True, "cosine"),
-    "ours": (Ours, True, "cosine"),
+    "single_covidnet": (Single, False, 1, "none", "StepLR"),
+    "single": (Single, True, 1, "none", "CosineAnnealingLR"),
+    "joint_covidnet": (Joint, False, 1, "none", "StepLR"),
+    "joint": (Joint, True, 1, "none", "CosineAnnealingLR"),
+    "series_adapter": (SeriesAdapter, True, 2, "series", "CosineAnnealingLR"),
+    "parallel_adapter": (ParallelAdapter, True, 2, "parallel", "CosineAnnealingLR"),
+    "msnet": (MSNet, True, 2, "none", "CosineAnnealingLR"),
+    "sepnorm": (SepNorm, True, 2, "none", "CosineAnnealingLR"),
+    "ours": (Ours, True, 2, "none", "CosineAnnealingLR"),
 }
 
 
@@ -119,8 +119,10 @@ def test_experiment_composes_and_fast_runs(name: str, phantom_root: Path, tmp_pa
     cfg = compose_experiment(name, [f"data.root={phantom_root}", *FAST])
     assert cfg.name == name
     if name in EXPECTED:
-        method, redesign, schedule = EXPECTED[name]
-        assert cfg.model.backbone.redesign is redesign and cfg.model.lr_schedule == schedule
+        method, redesign, num_sites, adapter, schedule = EXPECTED[name]
+        backbone = cfg.model.backbone
+        assert (backbone.redesign, backbone.num_sites, backbone.adapter) == (redesign, num_sites, adapter)
+        assert cfg.model.scheduler._target_.endswith(schedule)
         assert type(instantiate(cfg.model, _convert_="all")) is method
     results = train(cfg, tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())

@@ -20,8 +20,10 @@ from covidct import predict as predict_module
 from covidct.data.sources import SITE_LAYOUTS
 from covidct.errors import ConfigError
 from covidct.explain import choose, explain, grad_cam
+from covidct.inference import TrainedModel
 from covidct.methods import Ours, Single
-from covidct.predict import TrainedModel, predict_folder
+from covidct.predict import predict_folder
+from covidct.records import read_predictions
 from tests.helpers import FAST, REPO, compose_experiment
 
 
@@ -55,14 +57,6 @@ def ckpt(run: Path) -> Path:
     return run / "checkpoints" / "last.ckpt"
 
 
-def recorded(run: Path) -> list[dict]:
-    """The run's test predictions, made by the evaluation dataloader during training."""
-    with (run / "predictions.csv").open(newline="") as fh:
-        return [
-            {**row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])} for row in csv.DictReader(fh)
-        ]
-
-
 def read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
@@ -89,7 +83,7 @@ def test_predict_matches_the_evaluation_path(
     run_name: str, phantom_root: Path, tmp_path: Path, request: pytest.FixtureRequest
 ):
     run = request.getfixturevalue(run_name)
-    expected = recorded(run)
+    expected = read_predictions(run)
     assert expected
     for site in sorted({row["site"] for row in expected}):
         site_rows = [row for row in expected if row["site"] == site]
@@ -173,7 +167,7 @@ def test_cli_entry_point_prints_errors_without_traceback(tmp_path: Path):
 def test_explain_writes_a_grid_per_site_with_misclassified_images(ours_run: Path):
     written = explain(ckpt(ours_run), n=4, device="cpu")
     assert written == [ours_run / "gradcam" / "gradcam_A.png", ours_run / "gradcam" / "gradcam_B.png"]
-    expected = recorded(ours_run)
+    expected = read_predictions(ours_run)
     for png in written:
         with Image.open(png) as image:
             image.verify()

@@ -362,7 +362,7 @@ def test_a_full_disk_while_checkpointing_names_the_path_and_leaves_no_partial(
     monkeypatch.setattr(pl.Trainer, "save_checkpoint", full_disk)
     with pytest.raises(DataError, match=r"cannot write checkpoint .*last.ckpt \(No space left on device\).*free"):
         train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST]), tmp_path)
-    assert not list(tmp_path.rglob("*.partial")) and not (tmp_path / "metrics.json").exists()
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "metrics.json").exists()
 
 
 def test_a_full_disk_while_caching_names_the_cache_dir(phantom_root: Path, tmp_path: Path, monkeypatch):

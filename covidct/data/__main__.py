@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from covidct.cli import cli_errors
 from covidct.data.check import check_data, format_report
 from covidct.data.download import (
     DEFAULT_BASE_URL,
@@ -20,8 +21,7 @@ from covidct.data.download import (
     download_site_b,
     missing_data_message,
 )
-from covidct.data.sources import SITES
-from covidct.errors import CovidCTError
+from covidct.data.sources import GROUPINGS, SITES
 
 
 def _add_root(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +82,7 @@ def _check_command(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_root(parser)
     parser.add_argument("--split-seed", type=int, default=0, help="fold assignment to test duplicates against")
-    parser.add_argument("--group-by", choices=("patient", "image"), default="patient", help="as data.group_by")
+    parser.add_argument("--group-by", choices=GROUPINGS, default="patient", help="as data.group_by")
     parser.add_argument("--batch-per-site", type=int, default=16, help="as data.batch_per_site")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
@@ -104,14 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; project errors print as one line instead of a traceback."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except CovidCTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return args.run(args)
 
 
 if __name__ == "__main__":

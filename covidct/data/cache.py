@@ -12,13 +12,13 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from covidct.atomic import atomic_write
 from covidct.data.sources import load_image
 from covidct.data.transforms import deterministic_resize
 from covidct.errors import DataError
@@ -72,24 +72,18 @@ class DecodedImageCache:
 
     def _fill(self, path: Path, kind: str, entry: Path) -> np.ndarray:
         image = self._resizers[kind](load_image(path))
-        tmp = None
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
+
+        def save(temp: Path) -> None:
+            with temp.open("wb") as fh:  # np.save given a path would add '.npy' to the temp file's name
                 np.save(fh, image)
-            os.replace(tmp, entry)
+
+        try:
+            atomic_write(entry, save)
         except OSError as err:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
             raise DataError(
                 f"cannot write the decode cache in {self.cache_dir} ({err.strerror or err}; an entry needs about "
                 f"{image.nbytes // 1024} KiB): free space there, or set data.cache_dir (env COVIDCT_CACHE) elsewhere."
             ) from None
-        except BaseException:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-            raise
         return image
 
 

@@ -18,13 +18,14 @@ from PIL import Image
 
 from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, SITE_A_FOLD_NOTE, assign_groups
 from covidct.data.sources import (
-    _PAPER_PREFIX,
     PATIENTS_CSV,
     SITE_LAYOUTS,
-    _read_patient_ids,
+    check_grouping,
     file_digest,
     list_images,
     load_image,
+    paper_prefix,
+    read_patient_ids,
     scan_site,
 )
 from covidct.errors import ConfigError, DataError
@@ -160,7 +161,7 @@ def _patient_coverage(root: Path, images: list[tuple[Path, int]]) -> PatientCove
         coverage.error = f"{root / PATIENTS_CSV} is missing."
         return coverage
     try:
-        patients = _read_patient_ids(root)
+        patients = read_patient_ids(root)
     except DataError as err:
         coverage.error = str(err)
         return coverage
@@ -175,8 +176,7 @@ def _patient_coverage(root: Path, images: list[tuple[Path, int]]) -> PatientCove
             patients_of[folder].add(patients[name].split(":", 1)[1])
         else:
             coverage.unmapped[folder] += 1
-            match = _PAPER_PREFIX.match(p.name)
-            prefix = f"{folder}/{match.group(1) if match else p.stem}"
+            prefix = f"{folder}/{paper_prefix(p.name)}"
             coverage.unmapped_by_prefix[prefix] = coverage.unmapped_by_prefix.get(prefix, 0) + 1
     coverage.patients = {folder: len(ids) for folder, ids in patients_of.items()}
     coverage.missing_files = sorted(f"{SITE_LAYOUTS['B'].folder}/{name}" for name in patients if name not in names)
@@ -240,8 +240,7 @@ def check_data(
     workers: int | None = None,
 ) -> DataReport:
     """Check everything training on `root` depends on; structural errors of one site do not stop the other's check."""
-    if group_by not in ("patient", "image"):
-        raise ConfigError(f"group_by must be 'patient' or 'image', got {group_by!r}.")
+    check_grouping(group_by)
     if batch_per_site < 1:
         raise ConfigError(f"batch_per_site must be positive, got {batch_per_site}.")
     workers = (os.cpu_count() or 1) if workers is None else workers

@@ -18,6 +18,7 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from covidct.atomic import atomic_write
 from covidct.data.sources import IMAGE_SUFFIXES, PATIENTS_CSV, SITE_LAYOUTS
 from covidct.errors import DataError
 
@@ -45,26 +46,21 @@ def _has_images(folder: Path) -> bool:
 
 
 def _fetch(url: str, dest: Path) -> None:
-    """Download to a temporary file beside `dest` and rename, so an interrupted run leaves no half file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
+    """Download atomically, so an interrupted run leaves no half file."""
+
+    def download(temp: Path) -> None:
         request = urllib.request.Request(url, headers={"User-Agent": "covidct-downloader"})
         # A fresh opener reads the proxy settings of the environment at call time.
-        with (
-            os.fdopen(fd, "wb") as out,
-            urllib.request.build_opener().open(request, timeout=_TIMEOUT_S) as resp,
-        ):
+        with temp.open("wb") as out, urllib.request.build_opener().open(request, timeout=_TIMEOUT_S) as resp:
             shutil.copyfileobj(resp, out)
-        os.replace(tmp, dest)
+
+    try:
+        atomic_write(dest, download)
     except urllib.error.HTTPError as err:
         raise DataError(f"downloading {url} failed: HTTP {err.code} {err.reason}") from err
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         reason = getattr(err, "reason", None) or err
         raise DataError(f"downloading {url} failed: {reason}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _archive_members(archive: Path) -> list[zipfile.ZipInfo]:

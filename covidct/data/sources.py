@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from covidct.errors import DataError
+from covidct.errors import ConfigError, DataError
 
 log = logging.getLogger("covidct.data")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -46,6 +46,7 @@ SITE_LAYOUTS: dict[str, SiteLayout] = {
 }
 SITES: tuple[str, ...] = tuple(SITE_LAYOUTS)
 PATIENTS_CSV = Path("covid-ct/Meta/patients.csv")
+GROUPINGS = ("patient", "image")  # data.group_by: what folds keep on one side of a split
 # Site-B images missing from patients.csv come from two source papers; the paper prefix stands in for a patient.
 _PAPER_PREFIX = re.compile(r"^(.*?-p\d+)")
 
@@ -135,7 +136,22 @@ def file_digest(path: Path) -> str:
         raise DataError(f"cannot read {path} ({err.strerror or err}); fix its permissions or remove it.") from None
 
 
-def _read_patient_ids(root: Path) -> dict[str, str]:
+def check_grouping(group_by: str) -> None:
+    """Refuse an unknown data.group_by; public so `data check` refuses it before decoding every image."""
+    if group_by not in GROUPINGS:
+        raise ConfigError(f"data.group_by must be 'patient' or 'image', got {group_by!r}.")
+
+
+def paper_prefix(file_name: str) -> str:
+    """The source-paper prefix that groups a site-B image missing from patients.csv. Public so `data check`
+    reports the very groups the folds fall back on."""
+    match = _PAPER_PREFIX.match(file_name)
+    return match.group(1) if match else Path(file_name).stem
+
+
+def read_patient_ids(root: Path) -> dict[str, str]:
+    """Site B's patients.csv as '<class folder>/<file>' -> '<class folder>:<patient_id>' (an id names a patient
+    within its class folder only). Public so `data check` measures the mapping the folds use."""
     path = root / PATIENTS_CSV
     if not path.is_file():
         raise DataError(
@@ -170,7 +186,7 @@ def _optional_patient_ids(root: Path) -> dict[str, str]:
         log.warning("%s is missing: no patient-level results for site B", root / PATIENTS_CSV)
         return {}
     try:
-        return _read_patient_ids(root)
+        return read_patient_ids(root)
     except DataError as err:
         log.warning("no patient-level results for site B: %s", err)
         return {}
@@ -183,8 +199,7 @@ def scan_site(root: Path, site: str, group_by: str = "patient") -> list[Sample]:
     Site B uses patients.csv, falling back to the source-paper prefix for unmapped images. Patient ids are
     read for patient-level results with either grouping (image-level folds do without a patients.csv).
     """
-    if group_by not in ("patient", "image"):
-        raise DataError(f"data.group_by must be 'patient' or 'image', got {group_by!r}.")
+    check_grouping(group_by)
     root = Path(root)
     items = list_images(root, site)
     if group_by == "image":
@@ -201,15 +216,14 @@ def scan_site(root: Path, site: str, group_by: str = "patient") -> list[Sample]:
             group = first_of_digest.setdefault(file_digest(p), name)
             samples.append(Sample(site, p, y, f"A:{group}"))
         return samples
-    patients = _read_patient_ids(root)
+    patients = read_patient_ids(root)
     samples = []
     for p, y in items:
         name = f"{p.parent.name}/{p.name}"
         patient = patients.get(name, "")
         group = patient
         if not patient:
-            match = _PAPER_PREFIX.match(p.name)
-            group = f"{p.parent.name}:paper:{match.group(1) if match else p.stem}"
+            group = f"{p.parent.name}:paper:{paper_prefix(p.name)}"
         samples.append(Sample(site, p, y, f"B:{group}", patient))
     return samples
 

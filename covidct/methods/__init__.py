@@ -4,8 +4,6 @@ A method is found by the class path its checkpoints store (`SiteMethod.checkpoin
 experiment's `model._target_`: a new method needs its file and an experiment YAML, no list to edit.
 """
 
-from pathlib import Path
-
 from hydra.utils import get_class
 
 from covidct.errors import ConfigError
@@ -17,7 +15,6 @@ from covidct.methods.parallel_adapter import ParallelAdapter
 from covidct.methods.sepnorm import SepNorm
 from covidct.methods.series_adapter import SeriesAdapter
 from covidct.methods.single import Single
-from covidct.resume import read_checkpoint
 
 
 def method_class(path: str) -> type[SiteMethod]:
@@ -31,15 +28,6 @@ def method_class(path: str) -> type[SiteMethod]:
     return cls
 
 
-def load_method(checkpoint_path: str | Path, map_location: str = "cpu") -> SiteMethod:
-    """Rebuild the trained module of a covidct checkpoint, whatever its method, with its weights."""
-    path = Path(checkpoint_path)
-    identity = read_checkpoint(path).get("covidct") or {}
-    if "." not in identity.get("method", ""):
-        raise ConfigError(f"{path} is not a covidct checkpoint of a known method (found {identity or 'none'}).")
-    return method_class(identity["method"]).load_from_checkpoint(path, map_location=map_location).eval()
-
-
 __all__ = [
     "Joint",
     "MSNet",
@@ -50,7 +38,6 @@ __all__ = [
     "Single",
     "SiteMethod",
     "contrastive_loss",
-    "load_method",
     "method_class",
     "method_path",
 ]

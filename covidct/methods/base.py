@@ -46,7 +46,7 @@ def site_metrics() -> MetricCollection:
 
 
 def method_path(cls: type) -> str:
-    """Where a method class lives: what checkpoints store to rebuild it (covidct.methods.load_method)."""
+    """Where a method class lives: what checkpoints store to rebuild it (covidct.inference)."""
     return f"{cls.__module__}.{cls.__qualname__}"
 
 

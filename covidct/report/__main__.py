@@ -10,16 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from covidct.atomic import atomic_write_text
+from covidct.cli import cli_errors
 from covidct.data.sources import SITES
-from covidct.errors import ConfigError, CovidCTError, DataError
+from covidct.errors import ConfigError, DataError
 from covidct.metrics import PATIENT_POOLINGS
-from covidct.records import METRICS_FILE, PREDICTIONS_FILE, atomic_write_text, read_predictions
+from covidct.records import METRICS_FILE, PREDICTIONS_FILE, TIMING_FILE, read_predictions, read_run_record
 from covidct.report.curves import plot_reliability, plot_rocs
 from covidct.report.render import build_report, render_files
 from covidct.report.table1 import SELECTIONS, TABLE_COLUMNS, DuplicateRunError, select_records
 
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table1.csv"
-TIMING_FILE = "timing.json"
 
 
 def load_run_records(runs: Path, skip_broken: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
@@ -30,7 +31,7 @@ def load_run_records(runs: Path, skip_broken: bool = False) -> tuple[list[dict[s
     records, broken = [], []
     for path in sorted(Path(runs).rglob(METRICS_FILE)):
         try:
-            record = json.loads(path.read_text())
+            record = read_run_record(path.parent)
             if not isinstance(record, dict) or "run" not in record or "test" not in record:
                 raise ValueError("no 'run' and 'test' sections (half-written, or from an older covidct)")
             if not (path.parent / PREDICTIONS_FILE).is_file():
@@ -137,6 +138,7 @@ def _log_to_wandb(rows: list[dict[str, Any]], images: dict[str, Path], provenanc
     run.finish()
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidct.report", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, required=True, help="folder holding run folders (searched recursively)")
@@ -165,23 +167,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--wandb", action="store_true", help="also log the table and ROC curves to W&B")
     args = parser.parse_args(argv)
-    try:
-        if not args.runs.is_dir():
-            raise ConfigError(f"runs folder {args.runs} does not exist; run the sweep first (make table1).")
-        path = write_report(
-            args.runs,
-            args.out,
-            args.protocol,
-            _int_list(args.folds),
-            _int_list(args.seeds),
-            args.select,
-            args.patient_pooling,
-            args.wandb,
-            args.skip_broken,
-        )
-    except CovidCTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if not args.runs.is_dir():
+        raise ConfigError(f"runs folder {args.runs} does not exist; run the sweep first (make table1).")
+    path = write_report(
+        args.runs,
+        args.out,
+        args.protocol,
+        _int_list(args.folds),
+        _int_list(args.seeds),
+        args.select,
+        args.patient_pooling,
+        args.wandb,
+        args.skip_broken,
+    )
     print(f"wrote {path} and its companions in {args.out}")
     return 0
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from covidct.metrics import ECE_BINS, patient_of, pool_by_patient
+from covidct.metrics import DECISION_THRESHOLD, ECE_BINS, patient_of, pool_by_patient
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
@@ -57,11 +57,11 @@ def weighted_metric(metric: str, weights: np.ndarray, labels: np.ndarray, probs:
     """AUC or accuracy of predictions counted `weights` times, for each row of a (B, n) weight matrix.
 
     AUC is the Mann-Whitney probability that a positive outranks a negative (ties count half), as
-    torchmetrics' binary_auroc; accuracy predicts COVID above 0.5 as the run metrics do.
+    torchmetrics' binary_auroc; accuracy predicts COVID above DECISION_THRESHOLD as the run metrics do.
     """
     weights = np.atleast_2d(weights).astype(np.float64)
     if metric == "acc":
-        correct = ((probs > 0.5).astype(int) == labels).astype(np.float64)
+        correct = ((probs > DECISION_THRESHOLD).astype(int) == labels).astype(np.float64)
         return (weights * correct).sum(-1) / weights.sum(-1)
     if metric != "auc":
         raise ValueError(f"no weighted form of {metric!r}")
