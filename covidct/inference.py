@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from covidct.data.sources import load_image
+from covidct.data.sources import load_image, site_index
 from covidct.data.transforms import deterministic_resize, normalize_images, to_chw_uint8
 from covidct.errors import ConfigError
 from covidct.methods import SiteMethod, method_class
@@ -66,6 +66,7 @@ class TrainedModel:
 
     def check_site(self, site: str) -> int:
         """The site's index, if the model has a trained branch for it; an untrained one would give noise."""
+        site_index(site)  # a site no dataset has: says which exist
         if site not in self.sites:
             raise ConfigError(
                 f"{self.checkpoint} was trained for site(s) {', '.join(self.sites)} only, not site {site}: "

@@ -74,4 +74,5 @@ def test_a_toy_tenth_method_trains_records_and_is_reported(phantom_root: Path, t
     )
     assert report.returncode == 0, report.stderr[-3000:]
     table = (tables / "table1.md").read_text()
-    assert "toy" in table and table.index("SepNorm + Contrastive (ours)") < table.index("toy")
+    assert "| toy |" in table, table  # its own row, labelled by its name, after the paper's rows
+    assert table.index("| SepNorm + Contrastive (ours) |") < table.index("| toy |")

@@ -193,9 +193,9 @@ def test_explain_binds_the_site(ours_run: Path, single_b_run: Path, tmp_path: Pa
     seen: list[list[int]] = []
     logits = Ours.logits
 
-    def spy(self, image, site):
-        seen.append(site.unique().tolist())
-        return logits(self, image, site)
+    def spy(self, image, sites):
+        seen.append(list(sites.sites))  # the declared one-site block of the bound site
+        return logits(self, image, sites)
 
     monkeypatch.setattr(Ours, "logits", spy)
     explain(ckpt(ours_run), ["B"], n=2, out=tmp_path / "ours", device="cpu")
