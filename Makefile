@@ -68,6 +68,11 @@ bench: setup
 test: setup
 	$(PY) -m pytest -q $(ARGS)
 
+## the fast loop: no slow, real-data or GPU tests (under 3 minutes on 2 CPU cores)
+.PHONY: test-fast
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not real_data and not gpu" $(ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -19,10 +19,19 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def in_ci() -> bool:
+    """CI sets CI=true (`.ci/run` does): there a test that cannot run is a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
+    """The shared copy of both sites. Missing: the test skips, or in CI fails (errors at set-up)."""
     if not (SHARED_DATA / "sars-cov-2").is_dir():
-        pytest.fail(f"the real data is expected at {SHARED_DATA} (set COVIDCT_SHARED_DATA to override)")
+        message = f"the real data is not at {SHARED_DATA}; set COVIDCT_SHARED_DATA to its folder"
+        if in_ci():
+            pytest.fail(f"{message} (CI=true: the real-data tests must run)", pytrace=False)
+        pytest.skip(message)
     return SHARED_DATA
 
 
@@ -31,6 +40,26 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.phantoms import make_phantom_root
 
     return make_phantom_root(tmp_path_factory.mktemp("phantoms"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by it
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`real_data` on every test that requests the fixture, directly or through another fixture."""
+    for item in items:
+        if "real_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
+
+
+@pytest.hookimpl(trylast=True)  # after deselection: torch is imported only when a gpu test is left
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A `gpu` test (marked in its file) skips where there is no CUDA device."""
+    gpu_items = [item for item in session.items if item.get_closest_marker("gpu")]
+    if gpu_items:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu_items:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -147,6 +147,7 @@ def deterministic_cudnn():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("experiment", ["ours", "single", "msnet"])
 def test_replayed_graph_trains_as_the_eager_step_does(deterministic_cudnn, experiment):
@@ -177,6 +178,7 @@ def test_replayed_graph_trains_as_the_eager_step_does(deterministic_cudnn, exper
         step.guard.poll(wait=True)
 
 
+@pytest.mark.gpu
 @cuda
 def test_the_contrastive_loss_captures():
     z, labels = torch.randn(8, 4, device="cuda"), torch.tensor([0, 1] * 4, device="cuda")
