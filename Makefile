@@ -46,12 +46,12 @@ $(VENV)/.installed: pyproject.toml
 ## the paper's method on fold 0 with the data under DATA (default: $COVIDCT_DATA or data/)
 train: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
-	$(PY) -m covidct.run +experiment=ours fold=0 data.root="$(DATA)" $(ARGS)
+	$(PY) -m covidct.run experiment=ours fold=0 data.root="$(DATA)" $(ARGS)
 
 ## every missing run of the Table I sweep (finished ones are skipped), then the tables
 table1: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
-	$(PY) -m covidct.run -m +experiment=$(TABLE1) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
+	$(PY) -m covidct.run -m experiment=$(TABLE1) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
 		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
 	$(MAKE) --no-print-directory table1-collect
 
