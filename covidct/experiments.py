@@ -36,7 +36,7 @@ TABLE1_KEYS = ("row", "label", "paper")
 
 @dataclass(frozen=True)
 class Experiment:
-    """One experiment: its name (the file's stem, `+experiment=NAME`) and its Table I row, label and paper key
+    """One experiment: its name (the file's stem, `experiment=NAME`) and its Table I row, label and paper key
     (all None for an experiment without a row)."""
 
     name: str
@@ -92,7 +92,7 @@ def read_experiment(path: Path) -> Experiment:
     name = cfg.get("name", path.stem)
     if name != path.stem:
         raise ConfigError(
-            f"{path}: name is {name!r} but the file is {path.stem}.yaml; run records and +experiment=NAME "
+            f"{path}: name is {name!r} but the file is {path.stem}.yaml; run records and experiment=NAME "
             "must agree, so make them the same"
         )
     return parse_table1(path.stem, cfg.get("table1"), str(path))

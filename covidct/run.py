@@ -1,4 +1,4 @@
-"""Train and test one configuration: `python -m covidct.run +experiment=NAME [overrides] [-m]`."""
+"""Train and test one configuration: `python -m covidct.run experiment=NAME [overrides] [-m]`."""
 
 from __future__ import annotations
 
