@@ -33,9 +33,12 @@ from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 import covidct.resolvers  # noqa: F401  (the config's interpolations)
+from covidct.atomic import atomic_write_text
+from covidct.cli import cli_errors
+from covidct.errors import ConfigError
 from covidct.methods import Ours
 from covidct.methods.ours import contrastive_loss
-from covidct.records import atomic_write_text, git_commit
+from covidct.records import git_commit
 from covidct.training import CapturedStep, DivergenceGuard, FastPath, clip_gradients
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -86,7 +89,7 @@ def parse_variant(text: str) -> Variant:
         return None, graph
     if base.startswith("compile:"):
         return base.split(":", 1)[1], graph
-    raise SystemExit(f"error: unknown bench variant {text!r}; use eager, graph, compile:MODE or compile:MODE+graph.")
+    raise ConfigError(f"unknown bench variant {text!r}; use eager, graph, compile:MODE or compile:MODE+graph.")
 
 
 def variant_text(variant: Variant) -> str:
@@ -321,6 +324,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidct.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")

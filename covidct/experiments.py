@@ -28,7 +28,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from covidct.errors import ConfigError, CovidCTError
+from covidct.cli import cli_errors
+from covidct.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TABLE1_KEYS = ("row", "label", "paper")
@@ -142,6 +143,7 @@ def table1_experiments(experiments: Sequence[Experiment] | None = None) -> list[
     return [e for e in (registry() if experiments is None else experiments) if e.in_table1]
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidct.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="every experiment, not only Table I's (those after)")
@@ -153,11 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="another config folder whose experiment/*.yaml count too (repeatable; as hydra.searchpath)",
     )
     args = parser.parse_args(argv)
-    try:
-        experiments = load_experiments(args.config_dir)
-    except CovidCTError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    experiments = load_experiments(args.config_dir)
     chosen = experiments if args.all else table1_experiments(experiments)
     print(",".join(e.name for e in chosen))
     return 0

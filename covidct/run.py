@@ -292,10 +292,17 @@ def accept_appended_experiment(argv: list[str]) -> list[str]:
     return [a[1:] if a.startswith("+experiment=") else a for a in argv]
 
 
+@cli_errors
+def _check_log_dir(argv: list[str]) -> int:
+    problem = writable_log_dir_problem(argv)
+    if problem:
+        raise ConfigError(problem)
+    return 0
+
+
 if __name__ == "__main__":
     sys.argv[1:] = accept_appended_experiment(sys.argv[1:])
-    problem = writable_log_dir_problem(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        raise SystemExit(2)
+    status = _check_log_dir(sys.argv[1:])
+    if status:
+        raise SystemExit(status)
     main()
