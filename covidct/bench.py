@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 import covidct.resolvers  # noqa: F401  (the config's interpolations)
@@ -45,12 +46,11 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 GPU_VARIANTS = "eager,graph,compile:default+graph"
 
 
-def ours_as_configured(image_size: int, width: float) -> tuple[Ours, float]:
-    """`experiment=ours` as conf/ builds it, at this size and width; and its gradient clipping value."""
+def ours_config(image_size: int, width: float) -> DictConfig:
+    """`experiment=ours` as conf/ composes it, at this size and width."""
     overrides = ["experiment=ours", f"data.image_size={image_size}", f"model.backbone.width={width}"]
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return instantiate(cfg.model, _convert_="all"), float(cfg.trainer.gradient_clip_val)
+        return compose("config", overrides=overrides)
 
 
 def reference_losses(model: Ours, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,27 +106,27 @@ def path_name(variant: Variant) -> str:
 def build_step(
     path: str, device: torch.device, image_size: int, width: float, variant: Variant = (None, False)
 ) -> CapturedStep:
-    """The reference step, or the fast one with the switches training applies (`FastPath`)."""
+    """The reference step, or the fast one with the switches training applies (`FastPath`, its other
+    settings as training's config has them)."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = False
-    model, clip_value = ours_as_configured(image_size, width)
-    model = model.to(device).train()
+    cfg = ours_config(image_size, width)
+    model = instantiate(cfg.model, _convert_="all").to(device).train()
     fused, capture = False, False
     if path == "reference":
         losses: Callable[[dict[str, Any]], dict[str, torch.Tensor]] = functools.partial(reference_losses, model)
     else:
         compile_mode, graph = variant
-        fast = FastPath(
-            gpu_tuning="auto",
-            cuda_graph=graph,
-            compile=compile_mode is not None,
-            compile_mode=compile_mode or "default",
-        )
+        switches: dict[str, Any] = {"cuda_graph": graph, "compile": compile_mode is not None}
+        if compile_mode is not None:
+            switches["compile_mode"] = compile_mode
+        fast: FastPath = instantiate(cfg.callbacks.fast_path, **switches)
         fast.resolve(device)
         fast.speed_up(model)
         fused, capture, losses = fast.fused_optimizer(), fast.active["cuda_graph"], model.training_losses
     optimizer = model.build_optimizer(model.parameters(), **({"fused": True} if fused else {}))
-    clip = functools.partial(clip_gradients, model.clip_groups(), clip_value, "norm")
+    clip_value, clip_algorithm = cfg.trainer.gradient_clip_val, cfg.trainer.gradient_clip_algorithm
+    clip = functools.partial(clip_gradients, model.clip_groups(), clip_value, clip_algorithm)
     return CapturedStep(losses, optimizer, clip, DivergenceGuard(), capture=capture)
 
 
@@ -214,7 +214,7 @@ def measure_training(
 
 
 def forward_gflop_per_image(image_size: int, width: float) -> float:
-    model = ours_as_configured(image_size, width)[0].eval()
+    model = instantiate(ours_config(image_size, width).model, _convert_="all").eval()
     batch = random_batch(1, image_size, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.net(batch["image"], batch["site"])

@@ -37,8 +37,13 @@ def resolve_device(name: str) -> torch.device:
 def _trained_method(path: Path, checkpoint: Mapping[str, Any], device: torch.device) -> SiteMethod:
     """The trained module of a read checkpoint (`path` names it in errors), in eval mode on `device`."""
     identity = checkpoint.get("covidct") or {}
+    if not identity:
+        raise ConfigError(f"{path} is not a covidct checkpoint (it holds no covidct identity).")
     if "." not in str(identity.get("method", "")):  # a class path (module.Class); older ones named the class
-        raise ConfigError(f"{path} is not a covidct checkpoint of a known method (found {identity or 'none'}).")
+        raise ConfigError(
+            f"{path} predates checkpoints that name their method's class ({identity.get('method')!r}); "
+            "retrain it with this version."
+        )
     method = method_class(identity["method"])(**checkpoint["hyper_parameters"])
     method.load_state_dict(checkpoint["state_dict"])
     return method.to(device).eval()

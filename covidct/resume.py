@@ -52,6 +52,9 @@ NON_SEMANTIC_KEYS = (
     "trainer.log_every_n_steps",
     "keep_optimizer_state",
     "wait_for_run_folder",
+    "callbacks.last_checkpoint",
+    "callbacks.throughput",
+    "callbacks.lr_monitor",
 )
 
 

@@ -44,6 +44,7 @@ def compose_experiment(name: str, overrides: list[str], config_dir: Path = REPO 
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
+        cfg.name = cfg.name  # resolved now: a later compose sets Hydra's state for its own experiment
     return cfg
 
 

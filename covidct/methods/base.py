@@ -24,6 +24,8 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
+from covidct.errors import ConfigError
+from covidct.metrics import DECISION_THRESHOLD
 from covidct.models import CovidNet
 from covidct.models.routing import Sites, batch_sites
 from covidct.resume import RUN_IDENTITY_KEY
@@ -33,13 +35,13 @@ EVAL_STAGES = ("val", "test")
 
 
 def site_metrics() -> MetricCollection:
-    """COVID is the positive class; a probability above 0.5 predicts COVID (torchmetrics' threshold)."""
+    """COVID is the positive class, predicted above the records' decision threshold."""
     return MetricCollection(
         {
-            "acc": BinaryAccuracy(),
-            "f1": BinaryF1Score(),
-            "recall": BinaryRecall(),
-            "precision": BinaryPrecision(),
+            "acc": BinaryAccuracy(threshold=DECISION_THRESHOLD),
+            "f1": BinaryF1Score(threshold=DECISION_THRESHOLD),
+            "recall": BinaryRecall(threshold=DECISION_THRESHOLD),
+            "precision": BinaryPrecision(threshold=DECISION_THRESHOLD),
             "auc": BinaryAUROC(),
         }
     )
@@ -81,9 +83,15 @@ class SiteMethod(pl.LightningModule):
         self.test_log_prefix = "test"  # the run tests several checkpoints and logs each under its own prefix
 
     # What a method defines ------------------------------------------------------------------------
-    def make_backbone(self, **overrides: Any) -> CovidNet:
-        """The configured backbone (its norms and adapters per site, or shared, as conf/model says)."""
-        return instantiate(self.backbone_config, **overrides)
+    def make_backbone(self) -> CovidNet:
+        """The configured backbone: its norms and adapters one per site, or shared, as conf/model says."""
+        num_sites = self.backbone_config.get("num_sites", 1)
+        if num_sites not in (1, len(self.sites)):
+            raise ConfigError(
+                f"model.backbone.num_sites is {num_sites}, but the data has {len(self.sites)} site(s) "
+                f"({', '.join(self.sites)}): use 1 (shared norms) or ${{num_sites:${{data.sites}}}} (one per site)."
+            )
+        return instantiate(self.backbone_config)
 
     def training_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Named loss terms; 'loss' is the one optimised. Anything else it reads that changes over training
@@ -102,8 +110,9 @@ class SiteMethod(pl.LightningModule):
         return self.net.stages[-1][-1]
 
     def checkpoint_identity(self) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed by this module: the method and its backbone."""
-        return {"method": method_path(type(self)), "backbone": dict(self.backbone_config)}
+        """What a checkpoint must match to be resumed by this module: the method, its backbone and its sites
+        in order (a site's norms and adapters are found by its place in the list)."""
+        return {"method": method_path(type(self)), "backbone": dict(self.backbone_config), "sites": self.sites}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["covidct"] = self.checkpoint_identity()

@@ -18,7 +18,7 @@ from torch import nn
 
 from covidct.methods.sepnorm import SepNorm
 from covidct.models import classifier_head
-from covidct.models.routing import batch_sites, site_rows
+from covidct.models.routing import SiteBlocks, batch_sites, site_rows
 
 
 class MSNet(SepNorm):
@@ -26,11 +26,13 @@ class MSNet(SepNorm):
         super().__init__(**kwargs)
         self.aux_heads = nn.ModuleList(classifier_head(self.net.embedding_dim, num_sites=1) for _ in self.sites)
         # the transfer term's weight: 0 during warm-up; a buffer, so a captured step reads its current value
-        self.register_buffer("transfer_weight", torch.zeros(()), persistent=False)
+        self.register_buffer("transfer_weight", torch.tensor(self._transfer_weight(0)), persistent=False)
+
+    def _transfer_weight(self, epoch: int) -> float:
+        return float(self.hparams.kt_weight) if epoch >= self.hparams.kt_warmup_epochs else 0.0
 
     def on_train_epoch_start(self) -> None:
-        on = self.current_epoch >= self.hparams.kt_warmup_epochs
-        self.transfer_weight.fill_(self.hparams.kt_weight if on else 0.0)
+        self.transfer_weight.fill_(self._transfer_weight(self.current_epoch))
 
     def training_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         sites, label = batch_sites(batch), batch["label"]
@@ -38,7 +40,7 @@ class MSNet(SepNorm):
         losses: dict[str, torch.Tensor] = {}
         aux_prediction = torch.empty_like(label)
         for s, rows in site_rows(sites, len(label)):
-            aux_logits = self.aux_heads[s](embedding[rows], sites)
+            aux_logits = self.aux_heads[s](embedding[rows], SiteBlocks.single(0))  # one head per site
             losses[f"aux_{self.sites[s]}"] = F.cross_entropy(aux_logits, label[rows])
             aux_prediction[rows] = aux_logits.detach().argmax(dim=1)
         universal_logits = self.net.classify(embedding, sites)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidct.errors import ConfigError
 from covidct.methods.base import SiteMethod
 from covidct.models.routing import SiteBlocks, Sites, batch_sites, site_rows
 
@@ -18,6 +19,8 @@ class Single(SiteMethod):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
+        if self.backbone_config.get("num_sites", 1) != 1:
+            raise ConfigError("Single trains one network per site: its model.backbone.num_sites must be 1.")
         self.nets = nn.ModuleDict({site: self.make_backbone() for site in self.sites})
 
     def _routed(self, image: torch.Tensor, sites: Sites) -> Iterator[tuple[str, Any, torch.Tensor]]:

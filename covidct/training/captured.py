@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from covidct.training.divergence import DivergenceGuard, is_fused
+from covidct.training.divergence import RAN, SKIPPED, DivergenceGuard, is_fused
 
 Batch = Mapping[str, Any]
 LossFunction = Callable[[Batch], dict[str, torch.Tensor]]
@@ -65,7 +65,7 @@ class CapturedStep:
 
     def __call__(self, batch: Batch, epoch: int = 0, step: int = 0) -> dict[str, torch.Tensor]:
         losses, report = self._run(batch)
-        self.guard.track(report, list(losses), epoch, step, skipped=is_fused(self.optimizer))
+        self.guard.track(report, list(losses), epoch, step, SKIPPED if is_fused(self.optimizer) else RAN)
         return losses
 
     def _run(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -68,7 +68,9 @@ def speed_up_module(module: torch.nn.Module, channels_last: bool, compile_mode: 
 
 class CapturedOptimization(_AutomaticOptimization):
     """Lightning's automatic optimization with the whole step run by a `CapturedStep`: Lightning keeps
-    counting steps, stepping schedulers and checkpointing; the step owns its gradients and update."""
+    counting steps, stepping schedulers and checkpointing; the step owns its gradients and update, so the
+    hooks around them (on_before_zero_grad, on_before_backward, on_after_backward, on_before_optimizer_step,
+    optimizer_step) are not called."""
 
     def __init__(self, trainer: pl.Trainer, step: CapturedStep, progress: _OptimizationProgress):
         super().__init__(trainer)
@@ -79,7 +81,8 @@ class CapturedOptimization(_AutomaticOptimization):
     def run(self, optimizer: torch.optim.Optimizer, batch_idx: int, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         progress = self.optim_progress.optimizer.step
         progress.increment_ready()
-        self.last_losses = self.step(kwargs["batch"], self.trainer.current_epoch, self.trainer.global_step)
+        with self.trainer.precision_plugin.train_step_context():  # the autocast Lightning's training_step gets
+            self.last_losses = self.step(kwargs["batch"], self.trainer.current_epoch, self.trainer.global_step)
         progress.increment_completed()
         return {}
 
@@ -93,6 +96,7 @@ class FastPath(pl.Callback):
         self.active: dict[str, bool] = {}
         self.captured_step: CapturedStep | None = None
         self._replaced: _AutomaticOptimization | None = None
+        self._own_guard: DivergenceGuard | None = None  # polled here when no divergence_guard callback is
 
     def resolve(self, device: torch.device, trainer: pl.Trainer | None = None) -> dict[str, bool]:
         """Which switches are on for this device and run; `auto` quietly goes without a captured step where
@@ -120,7 +124,8 @@ class FastPath(pl.Callback):
         if stage != "fit":
             return
         self.active = self.resolve(trainer.strategy.root_device, trainer)
-        if self.fused_optimizer(trainer):  # before configure_optimizers builds it
+        already = getattr(pl_module.build_optimizer, "keywords", {}).get("fused")
+        if self.fused_optimizer(trainer) and not already:  # before configure_optimizers builds it
             pl_module.build_optimizer = functools.partial(pl_module.build_optimizer, fused=True)
 
     def speed_up(self, module: torch.nn.Module) -> None:
@@ -139,7 +144,9 @@ class FastPath(pl.Callback):
             self._install_captured_step(trainer, pl_module)
 
     def _install_captured_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        guard = next((c for c in trainer.callbacks if isinstance(c, DivergenceGuard)), None) or DivergenceGuard()
+        guard = next((c for c in trainer.callbacks if isinstance(c, DivergenceGuard)), None)
+        if guard is None:
+            guard = self._own_guard = DivergenceGuard()
         clip = functools.partial(
             clip_gradients, pl_module.clip_groups(), trainer.gradient_clip_val, trainer.gradient_clip_algorithm
         )
@@ -156,13 +163,19 @@ class FastPath(pl.Callback):
         if isinstance(loop, CapturedOptimization) and loop.last_losses is not None:
             # a copy: a replayed graph overwrites its outputs in place
             losses = {name: value.clone() for name, value in loop.last_losses.items()}
+            loop.last_losses = None
             pl_module.log_training_losses(losses, len(batch["label"]))
+        if self._own_guard is not None:
+            self._own_guard.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         for state in checkpoint.get("optimizer_states", []):
             for group in state["param_groups"]:
                 if isinstance(group["lr"], torch.Tensor):  # a captured step's (make_capturable)
                     group["lr"], group["capturable"] = group["lr"].item(), False  # resumable anywhere
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._replaced is not None:

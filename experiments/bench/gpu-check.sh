@@ -33,7 +33,7 @@ echo "exit $?"; grep -iE "error|warn" "$out/bench.log" | sort | uniq -c | head -
 train() {  # name timeout overrides...
   local name=$1 limit=$2; shift 2
   section "$name"
-  timeout "$limit" $python -m covidct.run +experiment=ours fold=0 data.root="$data" logger=csv \
+  timeout "$limit" $python -m covidct.run experiment=ours fold=0 data.root="$data" logger=csv \
     trainer.enable_progress_bar=false paths.log_dir="$runs" name="$name" ${RUN_ARGS:-} "$@" >"$out/$name.log" 2>&1
   echo "exit $?"; grep -E "epoch [0-9]+:|test [AB]:|rror" "$out/$name.log" | head -8
   cat "$runs/$name"/*/timing.json 2>/dev/null
