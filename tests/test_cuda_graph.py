@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from covidct.errors import ConfigError, TrainingDiverged
+from covidct.methods import Ours
 from covidct.methods.ours import contrastive_loss
 from covidct.run import train
 from covidct.training import CapturedStep, DivergenceGuard, FastPath, clip_gradients
@@ -119,6 +120,26 @@ def test_training_with_the_captured_step_gives_the_same_run(phantom_root: Path, 
     assert weights[0]["global_step"] == weights[1]["global_step"] == 4
     for name, value in weights[0]["state_dict"].items():
         assert torch.equal(value, weights[1]["state_dict"][name]), name
+
+
+def test_the_captured_step_runs_under_the_trainers_autocast(phantom_root: Path, tmp_path: Path, monkeypatch):
+    """trainer.precision=bf16-mixed reaches the loss on the captured path as on Lightning's own."""
+    monkeypatch.setattr(fast_path_module, "cuda_graph_needs", lambda device, trainer: {"a CUDA device": True})
+    seen = []
+    real_losses = Ours.training_losses
+    monkeypatch.setattr(
+        Ours,
+        "training_losses",
+        lambda self, batch: seen.append(torch.is_autocast_enabled("cpu")) or real_losses(self, batch),
+    )
+    overrides = [
+        f"data.root={phantom_root}",
+        *FAST,
+        "trainer.precision=bf16-mixed",
+        "callbacks.fast_path.cuda_graph=true",
+    ]
+    train(compose_experiment("ours", overrides), tmp_path)
+    assert seen == [True, True]  # limit_train_batches=2, both in bf16 autocast
 
 
 def test_a_captured_optimizer_is_saved_as_a_plain_one():
