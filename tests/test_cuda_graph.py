@@ -67,6 +67,7 @@ def test_the_graphed_step_off_cuda_is_the_eager_step():
     assert step.captures == 0 and torch.equal(_params(eager), _params(graphed))
 
 
+@pytest.mark.slow
 def test_training_with_the_graphed_step_gives_the_same_run(phantom_root: Path, tmp_path: Path, monkeypatch):
     """Lightning's wiring (training_step returning None, its own optimizer_step and zero_grad, logging,
     the divergence report, the epoch schedule) with the graphed step running eagerly on the CPU."""

@@ -17,6 +17,7 @@ def _copy(phantom_root: Path, where: Path) -> Path:
     return where
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_refuses_to_resume_on_changed_data(phantom_root: Path, tmp_path: Path):
     root = _copy(phantom_root, tmp_path / "data")
     args = ["+experiment=joint", f"data.root={root}", *FAST, "trainer.max_epochs=2"]
@@ -83,6 +84,7 @@ def test_a_corrupt_run_config_is_one_clear_line(phantom_root: Path, tmp_path: Pa
         train(cfg, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_warm_started_run_keeps_its_provenance_across_a_kill(phantom_root: Path, tmp_path: Path):
     base = [f"data.root={phantom_root}", *FAST, "model._target_=tests.helpers.RecordingJoint"]
     train(compose_experiment("joint", [*base, "keep_optimizer_state=true"]), tmp_path / "fold0")
