@@ -42,8 +42,9 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_phantom_root(tmp_path_factory.mktemp("phantoms"))
 
 
-# `make table1` end to end (nine trainings, then a rerun); the file imports no pytest to mark itself with
-SLOW_MODULES = {"test_table1_pipeline.py"}
+# `make table1` end to end (nine trainings, then a rerun) and 2-process DDP through the CLI: these files
+# import no pytest to mark themselves with
+SLOW_MODULES = {"test_table1_pipeline.py", "test_ddp.py"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by it

@@ -54,6 +54,7 @@ def test_a_compiled_trunk_inside_the_captured_step_captures_no_graphs_of_its_own
         assert modes and set(modes) == {expected}  # the trunk and every head
 
 
+@pytest.mark.slow
 def test_the_graphed_step_off_cuda_is_the_eager_step():
     eager, graphed, eager_opt, graphed_opt = _pair("cpu")
     step = GraphedTrainingStep(graphed, graphed_opt, CLIP)

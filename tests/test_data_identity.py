@@ -34,6 +34,7 @@ def test_an_interrupted_run_refuses_to_resume_on_changed_data(phantom_root: Path
     assert not (folder / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_skipped_only_for_the_same_images(phantom_root: Path, tmp_path: Path):
     cfg = compose_experiment("joint", [f"data.root={phantom_root}", *FAST])
     first = train(cfg, tmp_path / "run")
@@ -47,6 +48,7 @@ def test_a_finished_run_is_skipped_only_for_the_same_images(phantom_root: Path, 
         train(compose_experiment("joint", [f"data.root={other}", *FAST]), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_resume_from_refuses_another_fold_and_a_warm_start_is_recorded(phantom_root: Path, tmp_path: Path):
     base = [f"data.root={phantom_root}", *FAST]
     train(compose_experiment("joint", [*base, "keep_optimizer_state=true"]), tmp_path / "fold0")
@@ -64,6 +66,7 @@ def test_resume_from_refuses_another_fold_and_a_warm_start_is_recorded(phantom_r
     assert run["global_steps"] == 2  # trained from epoch 0 of its own folds
 
 
+@pytest.mark.slow
 def test_resume_from_a_finished_weights_only_checkpoint_or_a_folder_is_one_clear_line(
     phantom_root: Path, tmp_path: Path
 ):

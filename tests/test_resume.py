@@ -286,6 +286,7 @@ def _start_run(args: list[str], outputs: Path, timeout: float = 240) -> tuple[su
     return process, folder
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_clear_line(phantom_root: Path, tmp_path: Path):
     root = _broken_copy(phantom_root, tmp_path, "corrupt image")
     corrupt = run_cli(["+experiment=ours", f"data.root={root}", *FAST, "data.num_workers=2"], tmp_path / "out")
