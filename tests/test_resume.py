@@ -114,6 +114,7 @@ def test_same_seed_same_record_and_another_seed_other_numbers(phantom_root: Path
     assert first["run"]["splits"] == other["run"]["splits"]  # folds depend on split_seed only
 
 
+@pytest.mark.slow
 def test_a_folder_of_another_config_is_refused_and_left_untouched(phantom_root: Path, tmp_path: Path):
     train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST]), tmp_path)
     before = (tmp_path / "metrics.json").read_bytes()
@@ -125,6 +126,7 @@ def test_a_folder_of_another_config_is_refused_and_left_untouched(phantom_root: 
     assert again == json.loads(before)["test"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["checked-each-step", "fused-skips-on-device"])
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(phantom_root: Path, tmp_path: Path, fused):
     """Unfused, the loss is read every step; fused (the sync-free GPU path) the update is skipped on the
