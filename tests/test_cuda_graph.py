@@ -98,6 +98,7 @@ def test_the_captured_step_depends_on_no_method_state():
     assert CapturedStep.key(batch) == (batch["site_layout"], CapturedStep.key(two_site_batch(seed=1))[1])
 
 
+@pytest.mark.slow
 def test_training_with_the_captured_step_gives_the_same_run(phantom_root: Path, tmp_path: Path, monkeypatch):
     """Lightning's wiring (the loop object, its step counting, logging, the divergence report, the epoch
     schedule, checkpoints) with the captured step running eagerly on the CPU."""
@@ -122,6 +123,7 @@ def test_training_with_the_captured_step_gives_the_same_run(phantom_root: Path, 
         assert torch.equal(value, weights[1]["state_dict"][name]), name
 
 
+@pytest.mark.slow
 def test_the_captured_step_runs_under_the_trainers_autocast(phantom_root: Path, tmp_path: Path, monkeypatch):
     """trainer.precision=bf16-mixed reaches the loss on the captured path as on Lightning's own."""
     monkeypatch.setattr(fast_path_module, "cuda_graph_needs", lambda device, trainer: {"a CUDA device": True})
@@ -169,6 +171,7 @@ def deterministic_cudnn():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("experiment", ["ours", "single", "msnet"])
 def test_replayed_graph_trains_as_the_eager_step_does(deterministic_cudnn, experiment):
@@ -199,6 +202,7 @@ def test_replayed_graph_trains_as_the_eager_step_does(deterministic_cudnn, exper
         step.guard.poll(wait=True)
 
 
+@pytest.mark.gpu
 @pytest.mark.gpu
 @cuda
 def test_the_contrastive_loss_captures():

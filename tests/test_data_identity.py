@@ -17,6 +17,7 @@ def _copy(phantom_root: Path, where: Path) -> Path:
     return where
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_refuses_to_resume_on_changed_data(phantom_root: Path, tmp_path: Path):
     root = _copy(phantom_root, tmp_path / "data")
     args = ["experiment=joint", f"data.root={root}", *FAST, "trainer.max_epochs=2"]
@@ -33,6 +34,7 @@ def test_an_interrupted_run_refuses_to_resume_on_changed_data(phantom_root: Path
     assert not (folder / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_skipped_only_for_the_same_images(phantom_root: Path, tmp_path: Path):
     cfg = compose_experiment("joint", [f"data.root={phantom_root}", *FAST])
     first = train(cfg, tmp_path / "run")
@@ -46,6 +48,7 @@ def test_a_finished_run_is_skipped_only_for_the_same_images(phantom_root: Path, 
         train(compose_experiment("joint", [f"data.root={other}", *FAST]), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_resume_from_refuses_another_fold_and_a_warm_start_is_recorded(phantom_root: Path, tmp_path: Path):
     base = [f"data.root={phantom_root}", *FAST]
     train(compose_experiment("joint", [*base, "keep_optimizer_state=true"]), tmp_path / "fold0")
@@ -63,6 +66,7 @@ def test_resume_from_refuses_another_fold_and_a_warm_start_is_recorded(phantom_r
     assert run["global_steps"] == 2  # trained from epoch 0 of its own folds
 
 
+@pytest.mark.slow
 def test_resume_from_a_finished_weights_only_checkpoint_or_a_folder_is_one_clear_line(
     phantom_root: Path, tmp_path: Path
 ):
@@ -83,6 +87,7 @@ def test_a_corrupt_run_config_is_one_clear_line(phantom_root: Path, tmp_path: Pa
         train(cfg, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_warm_started_run_keeps_its_provenance_across_a_kill(phantom_root: Path, tmp_path: Path):
     base = [f"data.root={phantom_root}", *FAST, "model._target_=tests.helpers.RecordingJoint"]
     train(compose_experiment("joint", [*base, "keep_optimizer_state=true"]), tmp_path / "fold0")

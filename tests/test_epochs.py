@@ -8,6 +8,8 @@ import pytest
 
 from tests.helpers import FAST, cli_env, read_seen, run_cli
 
+pytestmark = pytest.mark.slow  # three CLI trainings of 3 epochs, one killed and resumed, one DDP
+
 EPOCHS = 3
 # full phantom epochs (4 x 36 site-B images in steps of 4 + 4), so whole epochs can be compared
 ARGS = [o for o in FAST if not o.startswith(("trainer.max_epochs", "trainer.limit_train_batches"))] + [

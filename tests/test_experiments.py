@@ -221,6 +221,7 @@ def test_wandb_logger_offline(phantom_root: Path, tmp_path: Path, monkeypatch):
     assert len(runs) == 1 and (tmp_path / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_ours_learns_the_phantom_signal(phantom_root: Path, tmp_path: Path):
     """Labels, sites and the eval path are wired right: a clear signal is learned on both sites."""
     overrides = [

@@ -49,6 +49,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_record(phantom_root: Path, tmp_path: Path):
     args = ["experiment=ours", f"data.root={phantom_root}", *LONG]
     straight = run_cli(args, tmp_path / "straight")
@@ -80,6 +81,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_record(phantom_root:
     assert _record(folder) == _record(reference)
 
 
+@pytest.mark.slow
 def test_rerun_multirun_skips_finished_runs_and_a_changed_config_gets_a_new_folder(phantom_root: Path, tmp_path: Path):
     args = ["experiment=joint", f"data.root={phantom_root}", *FAST, "fold=0,1", "-m"]
     first = run_cli(args, tmp_path)
@@ -101,6 +103,7 @@ def test_rerun_multirun_skips_finished_runs_and_a_changed_config_gets_a_new_fold
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in records] == stamps
 
 
+@pytest.mark.slow
 def test_same_seed_same_record_and_another_seed_other_numbers(phantom_root: Path, tmp_path: Path):
     def run(seed: int, folder: str) -> dict:
         train(compose_experiment("ours", [f"data.root={phantom_root}", *FAST, f"seed={seed}"]), tmp_path / folder)
@@ -113,6 +116,7 @@ def test_same_seed_same_record_and_another_seed_other_numbers(phantom_root: Path
     assert first["run"]["splits"] == other["run"]["splits"]  # folds depend on split_seed only
 
 
+@pytest.mark.slow
 def test_a_folder_of_another_config_is_refused_and_left_untouched(phantom_root: Path, tmp_path: Path):
     train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST]), tmp_path)
     before = (tmp_path / "metrics.json").read_bytes()
@@ -124,6 +128,7 @@ def test_a_folder_of_another_config_is_refused_and_left_untouched(phantom_root: 
     assert again == json.loads(before)["test"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["checked-each-step", "fused-skips-on-device"])
 def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(phantom_root: Path, tmp_path: Path, fused):
     """Unfused, the loss is read every step; fused (the sync-free GPU path) the update is skipped on the
@@ -248,6 +253,7 @@ def test_a_run_that_stops_training_early_writes_no_record(phantom_root: Path, tm
     assert not (tmp_path / "metrics.json").exists() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_exits_non_zero_and_the_rerun_resumes(phantom_root: Path, tmp_path: Path):
     args = ["experiment=joint", f"data.root={phantom_root}", *LONG]
     process, folder = _start_run(args, tmp_path)
@@ -284,6 +290,7 @@ def _start_run(args: list[str], outputs: Path, timeout: float = 240) -> tuple[su
     return process, folder
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_clear_line(phantom_root: Path, tmp_path: Path):
     root = _broken_copy(phantom_root, tmp_path, "corrupt image")
     corrupt = run_cli(["experiment=ours", f"data.root={root}", *FAST, "data.num_workers=2"], tmp_path / "out")
@@ -298,6 +305,7 @@ def test_cli_errors_are_one_clear_line(phantom_root: Path, tmp_path: Path):
     assert not list((tmp_path / "out").rglob("metrics.json"))
 
 
+@pytest.mark.slow
 def test_submitit_preemption_requeues_and_resumes(phantom_root: Path, tmp_path: Path):
     submitit = pytest.importorskip("submitit")
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
@@ -326,6 +334,7 @@ def test_slurm_launcher_config():
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s > 0 and launcher.gpus_per_node == 1
 
 
+@pytest.mark.slow
 def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phantom_root: Path, tmp_path: Path):
     args = ["experiment=joint", f"data.root={phantom_root}", *LONG]
     first, folder = _start_run(args, tmp_path)
@@ -340,6 +349,7 @@ def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phan
     assert again.returncode == 0 and "skipping" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
 def test_a_second_run_asked_to_wait_waits_then_skips_the_finished_folder(phantom_root: Path, tmp_path: Path):
     args = ["experiment=joint", f"data.root={phantom_root}", *LONG]
     first, folder = _start_run(args, tmp_path)
