@@ -44,18 +44,12 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # `make table1` end to end (nine trainings, then a rerun) and 2-process DDP through the CLI: these files
 # import no pytest to mark themselves with
-SLOW_MODULES = {"test_table1_pipeline.py", "test_ddp.py"}
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by it
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`real_data` on every test that requests the fixture, directly or through another fixture; `slow` on
-    the modules of SLOW_MODULES (other slow tests carry the marker in their files)."""
+    """`real_data` on every test that requests the fixture, directly or through another fixture."""
     for item in items:
         if "real_data" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_data)
-        if item.path.name in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
 
 
 @pytest.hookimpl(trylast=True)  # after deselection: torch is imported only when a gpu test is left

@@ -23,7 +23,6 @@ from covidct.training.captured import make_capturable
 from tests.helpers import FAST, compose_experiment, tiny_method, two_site_batch
 
 CLIP = 2.0
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _params(model: torch.nn.Module) -> torch.Tensor:
@@ -171,8 +170,6 @@ def deterministic_cudnn():
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu
-@cuda
 @pytest.mark.parametrize("experiment", ["ours", "single", "msnet"])
 def test_replayed_graph_trains_as_the_eager_step_does(deterministic_cudnn, experiment):
     """New data every step, a learning-rate change, a skipped non-finite step, an odd batch layout, and
@@ -203,8 +200,6 @@ def test_replayed_graph_trains_as_the_eager_step_does(deterministic_cudnn, exper
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu
-@cuda
 def test_the_contrastive_loss_captures():
     z, labels = torch.randn(8, 4, device="cuda"), torch.tensor([0, 1] * 4, device="cuda")
     expected = contrastive_loss(z, labels, 0.05)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from covidct.methods import SiteMethod
 from covidct.models.routing import batch_sites
 
+pytestmark = pytest.mark.slow  # several trainings through the CLI
+
 
 class LabelSmoothing(SiteMethod):
     def __init__(self, smoothing: float = 0.1, **kwargs):

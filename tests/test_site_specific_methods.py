@@ -114,6 +114,7 @@ def test_msnet_loss_weights_the_transfer_term_by_its_buffer():
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_msnet_transfer_switches_on_after_warmup_in_training(phantom_root: Path, tmp_path: Path):
     """Through the real loop: the weight the loss read in each epoch (a buffer a captured step reads too)."""
     RecordingMSNet.weights_seen.clear()

@@ -6,8 +6,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from covidct.experiments import table1_experiments
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # several trainings through the CLI
 
 METHODS = [e.name for e in table1_experiments()]  # what `make table1` sweeps
 
