@@ -8,7 +8,7 @@ import pytest
 from covidct.metrics import RECORD_METRICS
 from tests.helpers import FAST, run_cli
 
-pytestmark = pytest.mark.slow  # several trainings through the CLI
+pytestmark = pytest.mark.slow  # 2-process DDP through the CLI
 
 
 def test_ddp_two_cpu_processes_write_a_run_record(phantom_root: Path, tmp_path: Path):

@@ -5,9 +5,12 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import FAST, REPO, cli_env, run_cli
+
+pytestmark = pytest.mark.slow  # two trainings and a report through the CLI
 
 METHOD_FILE = '''
 """Joint with label smoothing: the toy method a newcomer adds."""
@@ -16,8 +19,6 @@ import torch.nn.functional as F
 
 from covidct.methods import SiteMethod
 from covidct.models.routing import batch_sites
-
-pytestmark = pytest.mark.slow  # several trainings through the CLI
 
 
 class LabelSmoothing(SiteMethod):

@@ -75,7 +75,7 @@ def test_single_site_mode(phantom_root: Path, tmp_path: Path):
     dm.setup()
     loader = dm.train_dataloader()
     assert len(loader) == math.ceil(4 * len(dm.splits["B"]["train"]) / 4)  # as many steps as in the two-site run
-    assert set(next(iter(loader))["site"].tolist()) == {1}
+    assert set(next(iter(loader))["site"].tolist()) == {0}  # a site's index is its place in data.sites
     assert len(dm.test_dataloader()) == 1
 
 

@@ -11,7 +11,7 @@ import pytest
 from covidct.experiments import table1_experiments
 from tests.helpers import REPO
 
-pytestmark = pytest.mark.slow  # several trainings through the CLI
+pytestmark = pytest.mark.slow  # `make table1 PROTOCOL=smoke`: every experiment trained, then reported
 
 METHODS = [e.name for e in table1_experiments()]  # what `make table1` sweeps
 
