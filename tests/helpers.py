@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from covidct.data.sampler import collate_with_site_layout
 from covidct.methods import Joint, MSNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,15 +159,16 @@ def tiny_method(experiment: str, *overrides: str, **kwargs: Any) -> Any:
 
 
 def two_site_batch(batch_per_site: int = 4, image_size: int = 64, device: str = "cpu", seed: int = 0) -> dict:
-    """A training batch as the DataModule delivers it: site A's block, then site B's, declared as such."""
+    """A training batch as the DataModule's collate delivers it: site A's block, then site B's, declared."""
     generator = torch.Generator().manual_seed(seed)
     n = 2 * batch_per_site
-    return {
-        "image": torch.randn(n, 3, image_size, image_size, generator=generator).to(device),
-        "label": torch.randint(0, 2, (n,), generator=generator).to(device),
-        "site": torch.arange(2).repeat_interleave(batch_per_site).to(device),
-        "site_layout": ((0, 1), (batch_per_site, batch_per_site)),
-    }
+    images = torch.randn(n, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    samples = [
+        {"image": images[i], "label": int(labels[i]), "site": i // batch_per_site, "file": f"{i}.png"} for i in range(n)
+    ]
+    batch = collate_with_site_layout(samples)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def grads(module: torch.nn.Module) -> torch.Tensor:

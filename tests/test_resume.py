@@ -149,7 +149,8 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(phantom_r
 def test_a_checkpoint_of_another_method_or_backbone_is_refused(phantom_root: Path, tmp_path: Path):
     train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST]), tmp_path / "joint")
     joint_ckpt = tmp_path / "joint" / "checkpoints" / "last.ckpt"
-    with pytest.raises(ConfigError, match=r"saved by \{'method': 'covidct.methods.joint.Joint'.*same method and backbone"):
+    saved_by_joint = r"saved by \{'method': 'covidct.methods.joint.Joint'.*same method and backbone"
+    with pytest.raises(ConfigError, match=saved_by_joint):
         train(
             compose_experiment("sepnorm", [f"data.root={phantom_root}", *FAST, f"resume_from={joint_ckpt}"]),
             tmp_path / "s",
