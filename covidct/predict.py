@@ -1,7 +1,7 @@
 """Classify a folder of CT images with a trained checkpoint.
 
-`python -m covidct.predict ckpt=PATH images=DIR site=A|B [out=predictions.csv] [batch_size=32]
-[device=cpu|cuda|auto] [threshold=0.5]`
+`python -m covidct.predict ckpt=PATH images=DIR site=A|B [recursive=false] [out=predictions.csv]
+[batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]`
 
 Images go through exactly the evaluation path of training (the checkpoint's image size, mean and std;
 square resize, then normalisation) and the chosen site's branch (its norms, adapters or network).
@@ -29,8 +29,8 @@ from covidct.metrics import DECISION_THRESHOLD
 
 CSV_COLUMNS = ("file", "prob_covid", "prediction", "error")
 USAGE = (
-    "python -m covidct.predict ckpt=PATH images=DIR site=A|B [out=predictions.csv] [batch_size=32] "
-    "[device=cpu|cuda|auto] [threshold=0.5]"
+    "python -m covidct.predict ckpt=PATH images=DIR site=A|B [recursive=false] [out=predictions.csv] "
+    "[batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]"
 )
 
 
@@ -39,20 +39,30 @@ class PredictArgs:
     ckpt: str = MISSING
     images: str = MISSING
     site: str = MISSING
+    recursive: bool = False  # also the images in subfolders (e.g. one folder per class or patient)
     out: str = "predictions.csv"
     batch_size: int = 32
     device: str = "auto"
     threshold: float = DECISION_THRESHOLD
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Image files directly in `folder` (by suffix), sorted; anything else is ignored."""
+def image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder` (by suffix; with `recursive`, in its subfolders too), sorted; anything else is
+    ignored."""
     if not folder.is_dir():
         raise ConfigError(f"image folder {folder} does not exist or is not a folder.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    return files
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if files:
+        return files
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if subfolders and not recursive:
+        shown = ", ".join(f"{name}/" for name in subfolders[:3]) + (", ..." if len(subfolders) > 3 else "")
+        raise DataError(
+            f"{folder} holds no image files itself, but {len(subfolders)} subfolder(s) ({shown}); add "
+            "recursive=true to classify the images in them."
+        )
+    raise DataError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
 
 
 def predict_folder(
@@ -62,8 +72,10 @@ def predict_folder(
     batch_size: int = 32,
     device: str = "auto",
     threshold: float = DECISION_THRESHOLD,
+    recursive: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per image file: file, prob_covid, prediction and error (set, with no prob, if unreadable).
+    """One row per image file: file (its path under `images`), prob_covid, prediction and error (set, with no
+    prob, if unreadable).
 
     An unreadable file does not stop the others: a folder of scans often holds a few damaged ones.
     """
@@ -71,14 +83,15 @@ def predict_folder(
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}.")
-    files = image_files(Path(images))
+    folder = Path(images)
+    files = image_files(folder, recursive)
     model = TrainedModel(ckpt, device)
     model.check_site(site)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         readable: list[tuple[dict[str, Any], np.ndarray]] = []
         for path in files[start : start + batch_size]:
-            row = {"file": path.name, "prob_covid": None, "prediction": None, "error": None}
+            row = {"file": path.relative_to(folder).as_posix(), "prob_covid": None, "prediction": None, "error": None}
             rows.append(row)
             try:
                 readable.append((row, model.load(path)))
@@ -105,7 +118,9 @@ def write_predictions(rows: Sequence[dict[str, Any]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """0: predictions written; 1: no image could be read; 2: bad arguments, checkpoint or folder."""
     args: PredictArgs = parse_args(PredictArgs, argv, USAGE)
-    rows = predict_folder(args.ckpt, args.images, args.site, args.batch_size, args.device, args.threshold)
+    rows = predict_folder(
+        args.ckpt, args.images, args.site, args.batch_size, args.device, args.threshold, args.recursive
+    )
     out = Path(args.out)
     write_predictions(rows, out)
     unreadable = [row for row in rows if row["error"]]

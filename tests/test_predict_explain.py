@@ -18,7 +18,7 @@ from PIL import Image
 from covidct import explain as explain_module
 from covidct import predict as predict_module
 from covidct.data.sources import SITE_LAYOUTS
-from covidct.errors import ConfigError
+from covidct.errors import ConfigError, DataError
 from covidct.explain import choose, explain, grad_cam
 from covidct.inference import TrainedModel
 from covidct.methods import Ours, Single
@@ -118,6 +118,18 @@ def test_predict_cli_reports_unreadable_files(ours_run: Path, mixed_folder: Path
         prob = float(row["prob_covid"])
         assert 0.0 <= prob <= 1.0 and row["error"] == ""
         assert row["prediction"] == ("COVID" if prob >= 0.5 else "non-COVID")
+
+
+def test_predict_hints_at_recursive_for_a_folder_of_class_folders(ours_run: Path, phantom_root: Path):
+    """A site's own layout (one folder per class) holds no image itself: say so, and read it with recursive."""
+    site_folder = phantom_root / "sars-cov-2"
+    with pytest.raises(
+        DataError, match=r"no image files itself, but 2 subfolder\(s\) \(COVID/, non-COVID/\); add recursive=true"
+    ):
+        predict_folder(ckpt(ours_run), site_folder, "A")
+    rows = predict_folder(ckpt(ours_run), site_folder, "A", recursive=True)
+    expected = sorted(p.relative_to(site_folder).as_posix() for p in site_folder.rglob("*.png"))
+    assert [row["file"] for row in rows] == expected and all(row["prob_covid"] is not None for row in rows)
 
 
 def test_predict_site_selects_the_branch(ours_run: Path, mixed_folder: Path):
