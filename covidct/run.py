@@ -222,6 +222,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "device": _device_name(trainer),
         "splits": datamodule.split_summary(),
         "data_fingerprint": fingerprint,
+        "data_root": str(datamodule.root),  # absolute: the run's data wherever the record is read
         **({"warm_start": warm_start} if warm_start else {}),
     }
     if not trainer.is_global_zero:

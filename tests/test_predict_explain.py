@@ -229,6 +229,18 @@ def test_explain_binds_the_site(ours_run: Path, single_b_run: Path, tmp_path: Pa
     assert isinstance(single, Single) and single.cam_layer("B") is single.nets["B"].stages[-1][-1]
 
 
+def test_a_run_on_a_relative_data_root_explains_from_anywhere(phantom_root: Path, tmp_path: Path, monkeypatch):
+    """The checkpoint and the record keep the data root absolute, so explain finds the images elsewhere."""
+    monkeypatch.chdir(phantom_root.parent)
+    run = _train(Path(phantom_root.name), tmp_path / "run", "joint")
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["config"]["data"]["root"] == phantom_root.name  # as given
+    assert record["run"]["data_root"] == str(phantom_root)
+    monkeypatch.chdir(tmp_path)
+    assert TrainedModel(ckpt(run), "cpu").data_root == phantom_root
+    assert explain(ckpt(run), ["A"], n=2, out=tmp_path / "figures", device="cpu")
+
+
 def test_explain_files_selection(ours_run: Path, tmp_path: Path, capsys):
     files = "files=[non-COVID/img003.png,CT_COVID/img002.png,COVID/img005.png]"
     assert explain_module.main([f"ckpt={ckpt(ours_run)}", files, f"out={tmp_path}", "device=cpu"]) == 0

@@ -94,6 +94,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
     ):
         super().__init__()
+        root = str(Path(os.path.expanduser(str(root))).absolute())  # stored absolute: explain runs anywhere
         self.save_hyperparameters()  # stored in checkpoints: predict and explain reuse the preprocessing
         self.sites = [str(s) for s in sites]
         for site in self.sites:
@@ -106,7 +107,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             )
         if image_size < 32:
             raise ConfigError(f"data.image_size must be at least 32, got {image_size}.")
-        self.root = Path(os.path.expanduser(str(root)))
+        self.root = Path(root)
         self.fold = fold
         self.split_seed = split_seed
         self.group_by = group_by
