@@ -10,13 +10,17 @@ ARGS ?=
 # Table I: PROTOCOL=paper|paper_val|smoke, SELECT=last|best_val_auc (chosen at report time; best_val_auc
 # needs runs with a validation part, e.g. PROTOCOL=paper_val), SPLIT_SEED=N|per-seed (per-seed: folds re-drawn
 # for every seed, i.e. repeated cross-validation), OUT (tables), RUNS (run folders), HYDRA_ARGS (e.g. a launcher).
+# Results go under outputs/ (ignored by git); RECORD=1 writes the tables and the bench into the tracked
+# experiments/ instead, so a committed measurement changes only on purpose.
+RECORD ?=
+RESULTS := $(if $(RECORD),experiments,outputs)
 PROTOCOL ?= paper
 SELECT ?= last
 SPLIT_SEED ?= 0
 SPLIT_SEED_ARG := $(if $(filter per-seed,$(SPLIT_SEED)),'split_seed=$${seed}',split_seed=$(SPLIT_SEED))
 # another split seed is another sweep, another selection another table: each gets its own folder
 SWEEP := $(PROTOCOL)$(if $(filter-out 0,$(SPLIT_SEED)),-split$(SPLIT_SEED))
-OUT ?= experiments/table1-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
+OUT ?= $(RESULTS)/table1-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
 RUNS ?= outputs/table1-$(SWEEP)
 TABLE1 = $(or $(shell $(PY) -m covidct.experiments),$(error no Table I experiments from $(PY) -m covidct.experiments))
 ifeq ($(PROTOCOL),smoke)
@@ -29,7 +33,7 @@ endif
 HYDRA_ARGS ?=
 REPORT_ARGS ?=
 
-# Benchmark: DEVICE=auto|cpu|cuda; results to experiments/bench/bench-<device>.json and .md
+# Benchmark: DEVICE=auto|cpu|cuda; results to $(RESULTS)/bench/bench-<device>.json and .md
 DEVICE ?= auto
 BENCH_ARGS ?=
 
@@ -62,7 +66,7 @@ table1-collect: setup
 
 ## training img/s of the reference-like and the fast path, and of the data pipeline (when DATA exists)
 bench: setup
-	$(PY) -m covidct.bench --device $(DEVICE) --json experiments/bench/bench-$(DEVICE).json \
+	$(PY) -m covidct.bench --device $(DEVICE) --json $(RESULTS)/bench/bench-$(DEVICE).json \
 		$(if $(wildcard $(DATA)/covid-ct),--data-root "$(DATA)",) $(BENCH_ARGS)
 
 test: setup

@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrent", default="", help="e.g. 1,4: aggregate img/s of N runs sharing the device")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per path (stderr)")
     parser.add_argument("--only-fast", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--json", default="experiments/bench/bench.json", help="where the JSON goes ('-': stdout)")
+    parser.add_argument("--json", default="outputs/bench/bench.json", help="where the JSON goes ('-': stdout)")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

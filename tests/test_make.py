@@ -1,0 +1,20 @@
+"""What the Makefile writes where: measurements and tables stay out of tracked files unless asked."""
+
+import subprocess
+
+from tests.helpers import REPO
+
+
+def _dry_run(*args: str) -> str:
+    result = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_bench_and_tables_go_to_outputs_unless_recorded():
+    assert "--json outputs/bench/bench-cpu.json" in _dry_run("bench", "DEVICE=cpu")
+    assert "--json experiments/bench/bench-cpu.json" in _dry_run("bench", "DEVICE=cpu", "RECORD=1")
+    assert '--out "outputs/table1-smoke"' in _dry_run("table1-collect", "PROTOCOL=smoke")
+    assert '--out "experiments/table1-smoke"' in _dry_run("table1-collect", "PROTOCOL=smoke", "RECORD=1")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/bench/bench-cpu.json"], cwd=REPO)
+    assert ignored.returncode == 0, "outputs/ must be ignored by git"
