@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,9 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if state.record is not None:
         log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
         return state.record["test"]
+    note = OmegaConf.select(cfg, "protocol.note", default=None)
+    if note:
+        log.warning("%s", note)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup("fit")
     model = _build(cfg.model, sites=datamodule.sites, _convert_="all")
@@ -223,6 +227,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "splits": datamodule.split_summary(),
         "data_fingerprint": fingerprint,
         "data_root": str(datamodule.root),  # absolute: the run's data wherever the record is read
+        "protocol": OmegaConf.to_container(cfg.protocol) if cfg.get("protocol") else None,
         **({"warm_start": warm_start} if warm_start else {}),
     }
     if not trainer.is_global_zero:
@@ -237,6 +242,8 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         _drop_optimizer_state(output_dir / "checkpoints")
     _finish_logger(logger, test, predictions)
     log.info("run record: %s", path)
+    if note:
+        log.warning("%s", note)
     for selection, result in test.items():
         for level, sites in (("image", result["images"]), ("patient", result["patients"])):
             for site, values in sites.items():
@@ -245,9 +252,25 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return test
 
 
+def _not_litlogger_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def silence_known_noise() -> None:
+    """Lightning's litlogger advert and torch's LeafSpec deprecation (raised inside Lightning) print in every job
+    of a sweep and say nothing about the run; any other warning still shows."""
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _not_litlogger_advert not in rank_zero.filters:
+        rank_zero.addFilter(_not_litlogger_advert)
+
+
 @cli_errors
 def _train_here(cfg: DictConfig) -> int:
     """Train into Hydra's run folder; the exit status (Hydra ignores a task's return value)."""
+    silence_known_noise()
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
     except SIGTERMException:  # Lightning's own exits with status 0, which would pass a sweep as finished

@@ -18,3 +18,16 @@ def test_bench_and_tables_go_to_outputs_unless_recorded():
     assert '--out "experiments/table1-smoke"' in _dry_run("table1-collect", "PROTOCOL=smoke", "RECORD=1")
     ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/bench/bench-cpu.json"], cwd=REPO)
     assert ignored.returncode == 0, "outputs/ must be ignored by git"
+
+
+def test_train_runs_the_cpu_protocol_without_a_gpu_and_the_paper_when_asked():
+    """This machine has no GPU (the tests run on CPU): the CPU protocol, said in one line; PROTOCOL= forces."""
+    import torch
+
+    if torch.cuda.is_available():
+        assert "+protocol=paper" in _dry_run("train")
+        return
+    plan = _dry_run("train")
+    assert "+protocol=cpu" in plan and "its numbers are not the paper's" in plan
+    forced = _dry_run("train", "PROTOCOL=paper")
+    assert "+protocol=paper" in forced and "CPU protocol" not in forced
