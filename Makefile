@@ -56,7 +56,7 @@ TRAIN_PROTOCOL = $(if $(filter command line environment,$(origin PROTOCOL)),$(PR
 train: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
 	@$(if $(filter cpu,$(TRAIN_PROTOCOL)),echo "no GPU here: running the CPU protocol (+protocol=cpu: 64 px, width 0.25, \
-	a few epochs); its numbers are not the paper's. make train PROTOCOL=paper runs the full one.",true)
+	20 epochs, about 10 minutes); its numbers are not the paper's. make train PROTOCOL=paper runs the full one.",true)
 	$(PY) -m covidct.run experiment=ours fold=0 +protocol=$(TRAIN_PROTOCOL) data.root="$(DATA)" $(ARGS)
 
 ## every missing run of the Table I sweep (finished ones are skipped), then the tables
