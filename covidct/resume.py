@@ -54,6 +54,7 @@ NON_SEMANTIC_KEYS = (
     "wait_for_run_folder",
     "callbacks.last_checkpoint",
     "callbacks.throughput",
+    "callbacks.run_summary",
     "callbacks.lr_monitor",
 )
 
