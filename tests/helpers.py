@@ -173,3 +173,11 @@ def two_site_batch(batch_per_site: int = 4, image_size: int = 64, device: str = 
 
 def grads(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+
+
+def fast_path_switches(**switches: Any) -> Any:
+    """A FastPath with every switch off unless given (what the tests of one switch start from)."""
+    from covidct.training import FastPath
+
+    off = {"gpu_tuning": False, "cuda_graph": False, "compile": False, "compile_mode": "default"}
+    return FastPath(**{**off, **switches})

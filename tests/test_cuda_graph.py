@@ -17,10 +17,10 @@ from covidct.errors import ConfigError, TrainingDiverged
 from covidct.methods import Ours
 from covidct.methods.ours import contrastive_loss
 from covidct.run import train
-from covidct.training import CapturedStep, DivergenceGuard, FastPath, clip_gradients
+from covidct.training import CapturedStep, DivergenceGuard, clip_gradients
 from covidct.training import fast_path as fast_path_module
 from covidct.training.captured import make_capturable
-from tests.helpers import FAST, compose_experiment, tiny_method, two_site_batch
+from tests.helpers import FAST, compose_experiment, fast_path_switches, tiny_method, two_site_batch
 
 CLIP = 2.0
 
@@ -56,16 +56,12 @@ def _eager_step(model, optimizer: torch.optim.Optimizer, batch: dict, autocast: 
     return losses["loss"].detach()
 
 
-def _switches(**switches) -> FastPath:
-    return FastPath(
-        **{"gpu_tuning": False, "cuda_graph": False, "compile": False, "compile_mode": "default", **switches}
-    )
-
-
 def test_explicit_cuda_graph_says_what_it_needs():
     with pytest.raises(ConfigError, match="a CUDA device"):
-        _switches(cuda_graph=True).resolve(torch.device("cpu"))
-    assert not _switches(cuda_graph="auto").resolve(torch.device("cpu"))["cuda_graph"]  # auto: quietly off on CPU
+        fast_path_switches(cuda_graph=True).resolve(torch.device("cpu"))
+    assert not fast_path_switches(cuda_graph="auto").resolve(torch.device("cpu"))[
+        "cuda_graph"
+    ]  # auto: quietly off on CPU
 
 
 def test_a_compiled_trunk_inside_the_captured_step_captures_no_graphs_of_its_own(monkeypatch):
@@ -73,7 +69,7 @@ def test_a_compiled_trunk_inside_the_captured_step_captures_no_graphs_of_its_own
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: modes.append(mode) or fn)
     for compile_mode, expected in [("reduce-overhead", "default"), ("max-autotune", "max-autotune-no-cudagraphs")]:
         modes.clear()
-        fast = _switches(compile=True, compile_mode=compile_mode)
+        fast = fast_path_switches(compile=True, compile_mode=compile_mode)
         fast.active = {"gpu_tuning": False, "cuda_graph": True, "compile": True}
         fast.speed_up(tiny_method("ours"))
         assert modes and set(modes) == {expected}  # the trunk and every head
@@ -143,8 +139,8 @@ def test_the_captured_step_runs_under_the_trainers_autocast(phantom_root: Path, 
     assert seen == [True, True]  # limit_train_batches=2, both in bf16 autocast
 
 
-def test_a_captured_optimizer_is_saved_as_a_plain_one():
-    """The graph keeps the learning rate in a device tensor; checkpoints keep a float, resumable anywhere."""
+def test_a_captured_optimizer_updates_its_learning_rate_in_place():
+    """The graph reads the learning rate from a device tensor, so a scheduler must update that tensor."""
     model = tiny_method("ours")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     make_capturable(optimizer)
@@ -153,12 +149,26 @@ def test_a_captured_optimizer_is_saved_as_a_plain_one():
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     lr = group["lr"]
     optimizer.step(), scheduler.step()
-    assert group["lr"] is lr and lr.item() == pytest.approx(5e-4)  # updated in place, where the graph reads it
-    checkpoint = {"optimizer_states": [optimizer.state_dict()]}
-    _switches().on_save_checkpoint(None, model, checkpoint)
-    saved = checkpoint["optimizer_states"][0]["param_groups"][0]
-    assert saved["lr"] == pytest.approx(5e-4) and not isinstance(saved["lr"], torch.Tensor)
-    assert not saved["capturable"] and group["capturable"]
+    assert group["lr"] is lr and lr.item() == pytest.approx(5e-4)
+
+
+@pytest.mark.slow
+def test_checkpoints_of_a_captured_optimizer_hold_a_plain_one(phantom_root: Path, tmp_path: Path, monkeypatch):
+    """Through trainer.fit: the capturable state a captured step gives the optimizer (here on the CPU, where the
+    step runs eagerly) is saved as a float learning rate, resumable anywhere."""
+    monkeypatch.setattr(fast_path_module, "cuda_graph_needs", lambda device, trainer: {"a CUDA device": True})
+    real_eager = CapturedStep._eager
+
+    def eager_after_capture_setup(self, batch):
+        make_capturable(self.optimizer)  # what _capture does before a CUDA capture
+        return real_eager(self, batch)
+
+    monkeypatch.setattr(CapturedStep, "_eager", eager_after_capture_setup)
+    overrides = [f"data.root={phantom_root}", *FAST, "callbacks.fast_path.cuda_graph=true", "keep_optimizer_state=true"]
+    train(compose_experiment("ours", overrides), tmp_path)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    (saved,) = checkpoint["optimizer_states"][0]["param_groups"]
+    assert isinstance(saved["lr"], float) and not saved["capturable"]
 
 
 @pytest.fixture

@@ -11,19 +11,12 @@ from covidct.bench import main, reference_losses
 from covidct.errors import ConfigError
 from covidct.models import SiteBatchNorm
 from covidct.run import train
-from covidct.training import FastPath
-from tests.helpers import FAST, compose_experiment, grads, tiny_method, two_site_batch
+from tests.helpers import FAST, compose_experiment, fast_path_switches, grads, tiny_method, two_site_batch
 
 
 def fast_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """One routed forward for both sites, as training computes it."""
     return model.training_losses(batch)["loss"]
-
-
-def fast_path(**switches) -> FastPath:
-    return FastPath(
-        **{"gpu_tuning": False, "cuda_graph": False, "compile": False, "compile_mode": "default", **switches}
-    )
 
 
 @pytest.fixture
@@ -86,7 +79,7 @@ def test_compile_switch_compiles_the_trunk_that_methods_call():
     """Methods call `net.features` directly, so that is what callbacks.fast_path.compile must wrap."""
     model = tiny_method("ours")
     plain = model.net.features
-    fast = fast_path(compile=True)
+    fast = fast_path_switches(compile=True)
     fast.resolve(torch.device("cpu"))
     fast.speed_up(model)
     assert model.net.features is not plain and hasattr(model.net.features, "_torchdynamo_orig_callable")
@@ -111,7 +104,7 @@ def test_the_compiled_step_traces_whole_once_and_computes_the_eager_loss(experim
     if experiment == "msnet":  # its transfer term in the graph too, read from its buffer
         for model in models:
             model.transfer_weight.fill_(0.5)
-    fast = fast_path(compile=True)
+    fast = fast_path_switches(compile=True)
     fast.resolve(torch.device("cpu"))
     fast.speed_up(compiled)
     for seed in range(3):
@@ -130,9 +123,9 @@ def test_the_compiled_step_traces_whole_once_and_computes_the_eager_loss(experim
 
 def test_bad_fast_path_switches_are_config_errors():
     with pytest.raises(ConfigError, match="compile_mode must be one of"):
-        fast_path(compile_mode="fastest")
+        fast_path_switches(compile_mode="fastest")
     with pytest.raises(ConfigError, match="gpu_tuning must be true, false or auto"):
-        fast_path(gpu_tuning="yes").resolve(torch.device("cpu"))
+        fast_path_switches(gpu_tuning="yes").resolve(torch.device("cpu"))
 
 
 def test_gpu_default_path_trains_bf16_with_fused_adam_and_clipping(phantom_root: Path, tmp_path: Path):

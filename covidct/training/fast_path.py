@@ -1,7 +1,7 @@
 """The fast path of training, attached to any method as a Lightning callback.
 
 Switches (`callbacks.fast_path.*`): true, false, or "auto" (on where it helps: with CUDA). Kept are those
-whose effect was measured (experiments/bench/README.md):
+whose effect was measured, alone or together (experiments/bench/README.md):
 - gpu_tuning: channels_last weights and inputs, cuDNN autotuning and a fused Adam, together;
 - cuda_graph: the whole training step captured once and replayed (training/captured.py);
 - compile (off by default): torch.compile of the conv trunk and the dense heads, in compile_mode.
