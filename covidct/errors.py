@@ -19,3 +19,11 @@ class TrainingIncomplete(CovidCTError):
 
 class TrainingDiverged(CovidCTError):
     """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class RunInterrupted(CovidCTError):
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM once its checkpoint was saved; a rerun resumes there."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number

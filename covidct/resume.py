@@ -13,7 +13,10 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from covidct.atomic import atomic_write, atomic_write_text
-from covidct.errors import ConfigError, DataError
+from covidct.errors import ConfigError, DataError, RunInterrupted
 from covidct.records import METRICS_FILE, read_run_record
 
 log = logging.getLogger("covidct.resume")
@@ -79,10 +82,12 @@ def run_id(*, _root_: DictConfig) -> str:
 
 @dataclass(frozen=True)
 class RunState:
-    """A run folder is complete (record present), resumable (a checkpoint), or fresh."""
+    """A run folder is complete (record present), resumable (a checkpoint), or fresh; `started` says whether
+    a run of this config began there before (an interrupted one, if it left no record)."""
 
     record: dict[str, Any] | None
     checkpoint: Path | None
+    started: bool = False
 
 
 @contextmanager
@@ -152,7 +157,8 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, di
     output_dir = Path(output_dir)
     mine = semantic_config(cfg)
     marker = output_dir / RUN_CONFIG_FILE
-    if marker.is_file():
+    started = marker.is_file()
+    if started:
         try:
             theirs = json.loads(marker.read_text())
         except (OSError, ValueError) as err:
@@ -174,7 +180,7 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, di
                 f"{output_dir} holds a finished run on other data ({change}); its results are left untouched. "
                 "Point data.root at the data it was trained on, or choose another paths.log_dir."
             )
-        return RunState(record=record, checkpoint=None)
+        return RunState(record=record, checkpoint=None, started=True)
     last = output_dir / LAST_CHECKPOINT
     if marker.is_file() and (prints.is_file() or last.is_file()):
         try:
@@ -191,7 +197,7 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, di
         atomic_write_text(marker, json.dumps(mine, indent=2, sort_keys=True, default=str) + "\n")
     if not prints.is_file():
         atomic_write_text(prints, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
-    return RunState(record=None, checkpoint=last if last.is_file() else None)
+    return RunState(record=None, checkpoint=last if last.is_file() else None, started=started)
 
 
 def _differing_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
@@ -250,6 +256,18 @@ def check_checkpoint(path: Path, model: pl.LightningModule, run: dict[str, Any],
     return theirs
 
 
+def resume_point(checkpoint: dict[str, Any], max_epochs: int) -> str:
+    """Where a checkpoint resumes, in words: the epoch and batch it runs next (1-based), and its step."""
+    step = checkpoint.get("global_step", 0)
+    state = next((v for v in checkpoint.values() if isinstance(v, dict) and "next_batch" in v), None)
+    if state is None:  # an epoch-end checkpoint of an earlier version
+        return f"the start of epoch {int(checkpoint.get('epoch', 0)) + 2}/{max_epochs} (step {step})"
+    at = state["next_batch"]
+    if at["batch"] == 0:
+        return f"the start of epoch {at['epoch'] + 1}/{max_epochs} (step {step})"
+    return f"epoch {at['epoch'] + 1}/{max_epochs}, batch {at['batch'] + 1} (step {step})"
+
+
 def _size_of_last(filepath: str) -> str:
     """The size of the checkpoint being replaced, as a guide to the space a new one needs."""
     path = Path(filepath)
@@ -278,3 +296,89 @@ class AtomicCheckpoint(ModelCheckpoint):
                 f"{_size_of_last(filepath)}: free that much space and rerun to resume."
             ) from None
         self._last_checkpoint_saved = filepath
+
+
+_STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+
+
+class LastCheckpoint(AtomicCheckpoint):
+    """The checkpoint a rerun resumes from, so that a stopped run loses at most `every_minutes` of training:
+    written at every epoch's end, after the first step that ends `every_minutes` or more after the last one
+    was written, and, on SIGINT (Ctrl-C) or SIGTERM, after the step in progress, before the run stops with
+    RunInterrupted. A second Ctrl-C stops at once. Mid-epoch checkpoints hold the sampler's next batch
+    (TwoSiteDataModule.state_dict), so the resumed run sees exactly the batches an uninterrupted one would.
+    The last step of an epoch is never saved on its own: the epoch's own checkpoint follows it, after the
+    epoch-end work (schedule step, validation) that a resume from that step would skip."""
+
+    def __init__(self, every_minutes: float | None = 10.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.every_minutes = every_minutes
+        self._saved_at = time.monotonic()
+        self._stop: int | None = None
+        self._handlers: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._saved_at, self._stop = time.monotonic(), None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._handlers = {number: signal.signal(number, self._request_stop) for number in _STOP_SIGNALS}
+
+    def _request_stop(self, number: int, frame: Any) -> None:
+        if self._stop is not None and number == signal.SIGINT:  # the second Ctrl-C
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        self._stop = number
+        message = f"\n{_STOP_SIGNALS[number]}: saving a checkpoint after this step, then stopping"
+        message += " (Ctrl-C again stops at once, losing the steps since the last checkpoint)\n"
+        os.write(2, message.encode())  # print and logging are not safe inside a signal handler
+
+    def _restore_handlers(self) -> None:
+        for number, handler in self._handlers.items():
+            signal.signal(number, handler)
+        self._handlers = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.reduce_boolean_decision(self._stop is not None, all=False):
+            self._stopped(trainer, "at the start of epoch")  # the last epoch's checkpoint holds everything
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return
+        due = self.every_minutes is not None and time.monotonic() - self._saved_at >= 60 * self.every_minutes
+        stop = trainer.strategy.reduce_boolean_decision(self._stop is not None, all=False)
+        if not (stop or trainer.strategy.reduce_boolean_decision(due, all=False)):
+            return
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            log.info(
+                "checkpoint: epoch %d/%d, after batch %d/%d (step %d)",
+                trainer.current_epoch + 1,
+                trainer.max_epochs,
+                batch_idx + 1,
+                trainer.num_training_batches,
+                trainer.global_step,
+            )
+        if stop:
+            self._stopped(trainer, f"after batch {batch_idx + 1}/{trainer.num_training_batches} of epoch")
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._saved_at = time.monotonic()
+
+    def _stopped(self, trainer: pl.Trainer, where: str) -> None:
+        number = self._stop if self._stop is not None else signal.SIGINT  # another rank's signal
+        kept = (
+            f"the checkpoint {self.best_model_path} holds the run so far: rerun the same command to resume from it"
+            if self.best_model_path
+            else "nothing was trained yet: rerun the same command to start"
+        )
+        where = f"{where} {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        raise RunInterrupted(f"stopped by {_STOP_SIGNALS[number]} {where}; {kept}.", number)

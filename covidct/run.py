@@ -24,7 +24,7 @@ import covidct.resolvers  # noqa: F401  (the config's interpolations)
 from covidct.atomic import atomic_write
 from covidct.cli import cli_errors
 from covidct.config_checks import check_config
-from covidct.errors import ConfigError, CovidCTError, TrainingIncomplete
+from covidct.errors import ConfigError, CovidCTError, RunInterrupted, TrainingIncomplete
 from covidct.metrics import evaluate
 from covidct.records import git_commit, write_run_record
 from covidct.report.curves import roc_curve
@@ -33,6 +33,7 @@ from covidct.resume import (
     check_checkpoint,
     prepare_run_dir,
     read_checkpoint,
+    resume_point,
     run_dir_lock,
 )
 
@@ -196,7 +197,14 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if warm_start:
         model.run_identity = {**identity, "warm_start": warm_start}
     if resume_from is not None:
-        log.info("resuming from %s", resume_from)
+        point = resume_point(read_checkpoint(resume_from), cfg.trainer.max_epochs)
+        log.info("resuming from %s at %s", resume_from, point)
+    elif state.started:
+        log.info(
+            "%s holds an interrupted run that left no checkpoint (one is written at each epoch's end, every "
+            "callbacks.last_checkpoint.every_minutes and on Ctrl-C): starting from step 0",
+            output_dir,
+        )
     validation = datamodule.has_validation()
     logger = _logger(cfg, output_dir)
     callbacks = _callbacks(cfg, output_dir, validation, logger)
@@ -262,6 +270,9 @@ def silence_known_noise() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
+    # TwoSiteDataModule keeps its sampler's place in every checkpoint and resumes it exactly; Lightning, which
+    # looks for that state on the loader itself, would warn on every mid-epoch resume
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _not_litlogger_advert not in rank_zero.filters:
         rank_zero.addFilter(_not_litlogger_advert)
@@ -273,13 +284,23 @@ def _train_here(cfg: DictConfig) -> int:
     silence_known_noise()
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except SIGTERMException:  # Lightning's own exits with status 0, which would pass a sweep as finished
+    except RunInterrupted as err:  # a status of its own: a sweep must not count the run as finished
+        print(f"error: {err}", file=sys.stderr)
+        return 128 + err.signal_number
+    except SIGTERMException:  # outside training steps (Lightning's own, which exits with status 0)
         print(
-            "error: terminated (SIGTERM): no record written, the last epoch's checkpoint is kept; rerun the same "
-            "command to resume.",
+            "error: stopped by SIGTERM: no record written, the last checkpoint is kept; rerun the same command to "
+            "resume.",
             file=sys.stderr,
         )
         return 128 + signal.SIGTERM
+    except KeyboardInterrupt:  # before training began, or a second Ctrl-C
+        print(
+            "error: stopped by Ctrl-C: no record written, the last checkpoint (if any) is kept; rerun the same "
+            "command to resume.",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
     return 0
 
 

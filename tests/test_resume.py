@@ -262,7 +262,7 @@ def test_sigterm_exits_non_zero_and_the_rerun_resumes(phantom_root: Path, tmp_pa
     process.wait(timeout=240)
     stderr = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert "error: terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert "error: stopped by SIGTERM" in stderr and "Traceback" not in stderr
     assert not (folder / "metrics.json").exists()
     resumed = run_cli(args, tmp_path)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr

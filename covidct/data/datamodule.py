@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,35 @@ from covidct.errors import ConfigError
 log = logging.getLogger("covidct.data")
 
 
-def share_tensors_by_file_name(worker_id: int) -> None:
+def init_loader_worker(worker_id: int) -> None:
     """Loader workers hand batches over by shared-memory file name, not file descriptor: each descriptor
-    costs the main process a socket connection, about 40% of its CPU time per batch on the development CPU.
-    torch's shm manager still removes the files if a process dies."""
+    costs the main process a socket connection, about 40% of its CPU time per batch on the development CPU
+    (torch's shm manager still removes the files if a process dies). They ignore Ctrl-C, which reaches the
+    whole process group: the main process saves a checkpoint at the end of the step, then stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if "file_system" in torch.multiprocessing.get_all_sharing_strategies():
         torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+class TrainLoader(DataLoader):
+    """The training loader, which knows where in its epoch it is: `next_batch` is the (epoch, batch) it hands
+    out next, what a checkpoint stores so that a resumed run continues with exactly that batch.
+
+    Its sampler is read when the first batch is requested, not when Lightning asks for an iterator (which
+    happens before it sets a resumed run's epoch), so loader workers never prefetch the wrong epoch.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        draws = self.batch_sampler.sampler
+        self._epoch, self._position = draws.epoch, draws.start
+        for batch in super().__iter__():
+            self._position += 1
+            yield batch
+
+    def next_batch(self, batches_per_epoch: int) -> tuple[int, int]:
+        """(epoch, batch) of the next batch, given how many batches the loop runs per epoch."""
+        epoch, position = getattr(self, "_epoch", 0), getattr(self, "_position", 0)
+        return (epoch + 1, 0) if position >= batches_per_epoch else (epoch, position)
 
 
 class SiteImageDataset(Dataset):
@@ -123,6 +147,8 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.splits: dict[str, dict[str, list[Sample]]] = {}
         self._warmed = False
+        self._train_loader: TrainLoader | None = None
+        self._resume_at: dict[str, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """The folds, then every image decoded into the cache (once per DataModule)."""
@@ -167,14 +193,14 @@ class TwoSiteDataModule(pl.LightningDataModule):
             for s in items
         ]
 
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, loader: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
         workers = self.num_workers
-        return DataLoader(
+        return loader(
             dataset,
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=workers > 0,
-            worker_init_fn=share_tensors_by_file_name,
+            worker_init_fn=init_loader_worker,
             collate_fn=collate_with_site_layout,
             **kwargs,
         )
@@ -202,7 +228,29 @@ class TwoSiteDataModule(pl.LightningDataModule):
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         draws = SiteEpochDraws(site_indices, repeats, self.batch_per_site, self.seed, rank, world_size)
-        return self._loader(dataset, batch_sampler=SiteBalancedBatchSampler(draws))
+        if self._resume_at is not None:
+            draws.resume_at(self._resume_at["epoch"], self._resume_at["batch"])
+            self._resume_at = None
+        self._train_loader = self._loader(dataset, TrainLoader, batch_sampler=SiteBalancedBatchSampler(draws))
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in its draws, (seed, epoch, batch) of the next batch: saved in checkpoints."""
+        if self._train_loader is None or self.trainer is None:
+            return {}
+        epoch, batch = self._train_loader.next_batch(self.trainer.num_training_batches)
+        return {"next_batch": {"seed": self.seed, "epoch": epoch, "batch": batch}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run's first epoch continues the checkpoint's draws from its next batch."""
+        at = state_dict.get("next_batch")
+        if at is None:
+            return
+        if at["seed"] != self.seed:
+            log.warning(
+                "the checkpoint drew its batches with seed %s; this run continues with seed %s", at["seed"], self.seed
+            )
+        self._resume_at = {"epoch": int(at["epoch"]), "batch": int(at["batch"])}
 
     def _eval_loaders(self, part: str) -> list[DataLoader]:
         loaders = []

@@ -45,6 +45,7 @@ class SiteEpochDraws(Sampler[tuple[int, int]]):
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.start = 0  # the epoch's first batch on this rank: > 0 once, in a run resumed mid-epoch
 
     @property
     def batch_size(self) -> int:
@@ -62,7 +63,13 @@ class SiteEpochDraws(Sampler[tuple[int, int]]):
         return math.ceil(longest / self.batch_per_site)
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """The next iteration draws epoch `epoch` from its batch `batch` on (what a mid-epoch checkpoint saw next)."""
+        self.epoch, self.start = epoch, batch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -75,7 +82,8 @@ class SiteEpochDraws(Sampler[tuple[int, int]]):
             streams.append(order[:need].tolist())
         b = self.batch_per_site
         seeds = torch.randint(0, 2**31 - 1, (steps, b * len(streams)), generator=generator).tolist()
-        for k in range(self.steps()):
+        start, self.start = self.start, 0
+        for k in range(start, self.steps()):
             step = (self.rank + k * self.world_size) % steps  # ranks short of a batch wrap to the start
             indices = [i for stream in streams for i in stream[step * b : (step + 1) * b]]
             yield from zip(indices, seeds[step])

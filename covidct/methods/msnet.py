@@ -31,6 +31,9 @@ class MSNet(SepNorm):
     def _transfer_weight(self, epoch: int) -> float:
         return float(self.hparams.kt_weight) if epoch >= self.hparams.kt_warmup_epochs else 0.0
 
+    def on_train_start(self) -> None:  # also here: a run resumed mid-epoch skips that epoch's start
+        self.on_train_epoch_start()
+
     def on_train_epoch_start(self) -> None:
         self.transfer_weight.fill_(self._transfer_weight(self.current_epoch))
 
