@@ -7,7 +7,7 @@ By default the images are drawn from the run's predictions.csv (`<run>/predictio
 being two levels above the checkpoint): up to n per site, half of them misclassified when there are
 that many, so the figure shows where the model fails as well as where it succeeds. Writes
 `<out>/gradcam_<site>.png` and `<out>/gradcam_<site>.json` (the files shown, with label,
-probability and correct/wrong); out defaults to `<run>/gradcam/`.
+probability, correct/wrong and whether the map is flat, so uninformative); out defaults to `<run>/gradcam/`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import math
 import random
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from omegaconf import MISSING
 from pytorch_grad_cam import GradCAM
@@ -39,13 +42,17 @@ from covidct.inference import TrainedModel
 from covidct.methods import SiteMethod
 from covidct.metrics import predicts_covid
 from covidct.models.routing import SiteBlocks
-from covidct.records import PREDICTIONS_FILE, read_predictions
+from covidct.records import PREDICTIONS_FILE, read_predictions, read_run_record
 
 USAGE = (
     "python -m covidct.explain ckpt=PATH [site=A|B|both] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR] "
     "[predictions=PATH] [out=DIR] [device=cpu|cuda|auto] [seed=0]"
 )
 GRID_COLUMNS = 4
+TILE_TITLE_WIDTH = 38  # characters of a 7-pt title line that fit over a tile
+TITLE_CHARS_PER_INCH = 11  # of the 10-pt figure title
+FLAT_RANGE = 1e-3  # maps are scaled to [0, 1] per image: a smaller spread is a constant map
+FLAT_NOTE = "flat map: uninformative"
 
 
 @dataclass
@@ -143,26 +150,72 @@ def _selection(
     return chosen
 
 
-def _figure(title: str, tiles: Sequence[dict[str, Any]], overlays: Sequence[np.ndarray], path: Path) -> None:
+def is_flat(cam: np.ndarray) -> bool:
+    """A map (near) constant over the image carries no information (no gradient reached the layer, or every
+    activation was off), yet its uniform colour would read as 'equally relevant everywhere'."""
+    return float(cam.max() - cam.min()) < FLAT_RANGE
+
+
+def describe_run(run_dir: Path) -> str:
+    """The run a checkpoint belongs to, from the record beside it; a run without one (still training, or a
+    checkpoint copied elsewhere) is named by its folder."""
+    try:
+        run = read_run_record(run_dir)["run"]
+        return f"run {run['experiment']}, fold {run['fold']}, seed {run['seed']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"run folder {run_dir.name} (no run record: fold unknown)"
+
+
+def tile_title(tile: dict[str, Any]) -> str:
+    """File name wrapped to the tile's width (a very long one shortened in the middle, where names differ
+    least), then the truth, the probability and the verdict."""
+    name = tile["file"]
+    if len(name) > 2 * TILE_TITLE_WIDTH:
+        name = f"{name[: TILE_TITLE_WIDTH - 1]}…{name[-TILE_TITLE_WIDTH:]}"
+    truth = "COVID" if tile["label"] == COVID else "non-COVID"
+    verdict = "correct" if tile["correct"] else "wrong"
+    return "\n".join(
+        [*textwrap.wrap(name, TILE_TITLE_WIDTH), f"true {truth}, p(COVID)={tile['prob_covid']:.3f}, {verdict}"]
+    )
+
+
+def gradcam_figure(
+    title: str, tiles: Sequence[dict[str, Any]], images: Sequence[np.ndarray], cams: Sequence[np.ndarray]
+) -> Figure:
+    """A grid of Grad-CAM overlays (HxWx3 uint8 images, HxW maps in [0, 1]) with a colourbar for the maps;
+    a flat map's tile says it is uninformative."""
     cols = min(GRID_COLUMNS, len(tiles))
     rows = math.ceil(len(tiles) / cols)
-    fig = Figure(figsize=(3 * cols, 3.3 * rows + 0.4), dpi=100)
+    width = 3 * cols + 1.2
+    fig = Figure(figsize=(width, 3.4 * rows + 0.8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(title, fontsize=10)
-    for i, (tile, overlay) in enumerate(zip(tiles, overlays)):
+    # wrapped to the figure's width, which a grid of one tile makes narrow
+    lines = [textwrap.fill(line, int(TITLE_CHARS_PER_INCH * width)) for line in title.split("\n")]
+    fig.suptitle("\n".join(lines), fontsize=10)
+    grid = []
+    for i, (tile, image, cam) in enumerate(zip(tiles, images, cams)):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(overlay)
+        ax.imshow(show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True))
         ax.set_axis_off()
-        truth = "COVID" if tile["label"] == COVID else "non-COVID"
-        verdict = "correct" if tile["correct"] else "wrong"
-        ax.set_title(
-            f"{tile['file']}\ntrue {truth}, p(COVID)={tile['prob_covid']:.3f}, {verdict}",
-            fontsize=7,
-            color="tab:green" if tile["correct"] else "tab:red",
-        )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+        ax.set_title(tile_title(tile), fontsize=7, color="tab:green" if tile["correct"] else "tab:red")
+        if is_flat(cam):
+            ax.text(
+                0.5,
+                0.5,
+                FLAT_NOTE,
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                fontsize=8,
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "black"},
+            )
+        grid.append(ax)
+    # the overlays use OpenCV's JET colour map, which matplotlib's "jet" matches
+    colours = ScalarMappable(Normalize(0.0, 1.0), cmap="jet")
+    bar = fig.colorbar(colours, ax=grid, shrink=0.9, pad=0.02)
+    bar.set_label("Grad-CAM relevance for COVID\n(scaled per image: 0 least, 1 most)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return fig
 
 
 def explain(
@@ -191,6 +244,7 @@ def explain(
     out_dir = Path(out) if out is not None else run_dir / "gradcam"
     predictions = Path(predictions) if predictions else run_dir / PREDICTIONS_FILE
     chosen = _selection(sites, files, predictions, selection_of(Path(ckpt)), n, seed)
+    run = f"{describe_run(run_dir)} ({type(model.method).__name__})"
     written = []
     for site, picked in chosen.items():
         paths = [root / SITE_LAYOUTS[site].folder / file for file in picked]
@@ -203,15 +257,22 @@ def explain(
         cams = grad_cam(model.method, site, images)
         labels = [true_label(file) for file in picked]
         tiles = [
-            {"file": file, "label": label, "prob_covid": prob, "correct": is_correct(prob, label)}
-            for file, label, prob in zip(picked, labels, probs)
-        ]
-        overlays = [
-            show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True) for image, cam in zip(resized, cams)
+            {
+                "file": file,
+                "label": label,
+                "prob_covid": prob,
+                "correct": is_correct(prob, label),
+                "flat_map": is_flat(cam),
+            }
+            for file, label, prob, cam in zip(picked, labels, probs, cams)
         ]
         png = out_dir / f"gradcam_{site}.png"
-        title = f"Grad-CAM (class COVID), site {site}: {type(model.method).__name__}, {Path(ckpt).name}"
-        _figure(title, tiles, overlays, png)
+        title = (
+            f"Grad-CAM of class COVID, site {site}: {SITE_LAYOUTS[site].dataset}\n{run}\n"
+            f"checkpoint {Path(ckpt).name} (selection {selection_of(Path(ckpt))})"
+        )
+        png.parent.mkdir(parents=True, exist_ok=True)
+        gradcam_figure(title, tiles, resized, cams).savefig(png, metadata={"Software": None})
         record = {"site": site, "checkpoint": str(ckpt), "target_class": "COVID", "tiles": tiles}
         atomic_write_text(png.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
         written.append(png)
@@ -231,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for png in written:
         tiles = json.loads(png.with_suffix(".json").read_text())["tiles"]
         wrong = sum(not tile["correct"] for tile in tiles)
-        print(f"{png}: {len(tiles)} image(s), {wrong} misclassified")
+        flat = sum(tile["flat_map"] for tile in tiles)
+        print(f"{png}: {len(tiles)} image(s), {wrong} misclassified" + (f", {flat} flat map(s)" if flat else ""))
     return 0
 
 

@@ -59,6 +59,7 @@ NON_SEMANTIC_KEYS = (
     "callbacks.throughput",
     "callbacks.run_summary",
     "callbacks.lr_monitor",
+    "callbacks.progress_bar",
 )
 
 

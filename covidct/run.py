@@ -107,8 +107,13 @@ def make_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
 
 def _callbacks(cfg: DictConfig, output_dir: Path, validation: bool, logger: Any) -> dict[str, pl.Callback]:
     """The configured callbacks (conf/callbacks/), checkpoints in the run's folder; the best-validation
-    checkpoint only for a run with a validation part, the learning-rate monitor only with a logger."""
-    unused = {"best_checkpoint": not validation, "lr_monitor": not logger}
+    checkpoint only for a run with a validation part, the learning-rate monitor only with a logger, the
+    progress bar only where the trainer shows one."""
+    unused = {
+        "best_checkpoint": not validation,
+        "lr_monitor": not logger,
+        "progress_bar": not cfg.trainer.get("enable_progress_bar", True),
+    }
     callbacks = {}
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None or unused.get(name):
@@ -245,7 +250,8 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if throughput is not None:
         throughput.write(output_dir)
         for epoch in throughput.epochs:
-            log.info("epoch %d: %.1f s training, %.1f img/s", epoch["epoch"], epoch["seconds"], epoch["img_per_s"])
+            number, seconds, speed = epoch["epoch"] + 1, epoch["seconds"], epoch["img_per_s"]
+            log.info("epoch %d/%d: %.1f s training, %.1f img/s", number, trainer.max_epochs, seconds, speed)
     if not cfg.keep_optimizer_state:
         _drop_optimizer_state(output_dir / "checkpoints")
     _finish_logger(logger, test, predictions)

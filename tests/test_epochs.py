@@ -84,6 +84,9 @@ def test_a_run_killed_mid_epoch_resumes_into_the_epoch_an_uninterrupted_run_sees
     before_kill = read_seen(tmp_path / "killed")
     # batch 5 arrived, then the kill
     assert before_kill[0] == straight.seen[0] and before_kill[1] == straight.seen[1][:6]
+    (folder,) = (tmp_path / "out" / "joint").iterdir()
+    log = (folder / "run.log").read_text()  # written as the run went, though it never ended
+    assert "run: experiment joint" in log and "epoch 1/3 done in" in log and "epoch 2/3 done" not in log
 
     resumed = _fit(phantom_root, tmp_path / "out", tmp_path / "resumed", workers)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

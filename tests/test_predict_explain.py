@@ -19,7 +19,7 @@ from covidct import explain as explain_module
 from covidct import predict as predict_module
 from covidct.data.sources import SITE_LAYOUTS
 from covidct.errors import ConfigError, DataError
-from covidct.explain import choose, explain, grad_cam
+from covidct.explain import FLAT_NOTE, TILE_TITLE_WIDTH, choose, describe_run, explain, grad_cam, gradcam_figure
 from covidct.inference import TrainedModel
 from covidct.methods import Ours, Single
 from covidct.predict import predict_folder
@@ -199,6 +199,60 @@ def test_explain_writes_a_grid_per_site_with_misclassified_images(ours_run: Path
         assert n_wrong, "the tiny run is expected to misclassify some test images"
         assert sum(not tile["correct"] for tile in tiles) == min(2, n_wrong)
     assert explain(ckpt(ours_run), n=4, device="cpu") == written  # the same selection again: seeded
+
+
+def test_explain_titles_name_the_dataset_run_fold_and_checkpoint(ours_run: Path, tmp_path: Path, monkeypatch):
+    figures = []
+    draw = explain_module.gradcam_figure
+
+    def spy(*args):
+        figures.append(draw(*args))
+        return figures[-1]
+
+    monkeypatch.setattr(explain_module, "gradcam_figure", spy)
+    explain(ckpt(ours_run), n=2, out=tmp_path, device="cpu")
+    for site, figure in zip(("A", "B"), figures):
+        title = figure.get_suptitle()
+        assert f"site {site}: {SITE_LAYOUTS[site].dataset}" in title
+        assert "run ours, fold 0, seed 643 (Ours)" in title and "checkpoint last.ckpt (selection last)" in title
+        figure.draw_without_rendering()
+        (text,) = [text for text in figure.texts if text.get_text() == title]
+        box = text.get_window_extent(figure.canvas.get_renderer())
+        assert figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1
+        tiles = json.loads((tmp_path / f"gradcam_{site}.json").read_text())["tiles"]
+        assert all(tile["flat_map"] is False for tile in tiles)  # the tiny run's maps do vary
+    assert describe_run(tmp_path) == f"run folder {tmp_path.name} (no run record: fold unknown)"
+
+
+def _tile(file: str, correct: bool = True) -> dict:
+    return {"file": file, "label": 1, "prob_covid": 0.7 if correct else 0.3, "correct": correct}
+
+
+def test_gradcam_grid_has_a_colourbar_wrapped_titles_and_flags_flat_maps():
+    long_name = "CT_NonCOVID/" + "-".join(["Recurrent-respiratory-papillomatosis"] * 3) + "-p1_3.png"
+    tiles = [
+        _tile(long_name, correct=False),
+        _tile("CT_COVID/2020.02.22.20024927-p18-66%2.png"),
+        _tile("CT_COVID/x.png"),
+    ]
+    tiles.append(_tile("CT_COVID/img002.png"))
+    yy, xx = np.mgrid[0:32, 0:32] / 31
+    cams = [xx * yy, np.zeros((32, 32)), 0.5 + 1e-4 * xx, 0.02 * xx]  # varying, zero, constant to 1e-4, faint
+    figure = gradcam_figure("run ours, fold 0", tiles, [np.full((32, 32, 3), 120, np.uint8)] * 4, cams)
+    figure.draw_without_rendering()
+    renderer = figure.canvas.get_renderer()
+    bars = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and bars[0].get_ylim() == (0, 1) and "relevance" in bars[0].get_ylabel()
+    grid = [ax for ax in figure.axes if ax not in bars]
+    assert [[text.get_text() for text in ax.texts] for ax in grid] == [[], [FLAT_NOTE], [FLAT_NOTE], []]
+    titles = [ax.title.get_text() for ax in grid]
+    assert all(len(line) <= TILE_TITLE_WIDTH for title in titles for line in title.split("\n"))
+    assert titles[0].startswith("CT_NonCOVID/") and "…" in titles[0] and "-p1_3.png\ntrue COVID" in titles[0]
+    for ax in grid:  # each title over its own tile, clear of the neighbours' titles
+        box = ax.title.get_window_extent(renderer)
+        tile = ax.get_window_extent(renderer)
+        assert tile.x0 <= box.x0 and box.x1 <= tile.x1
+        assert not any(box.overlaps(other.title.get_window_extent(renderer)) for other in grid if other is not ax)
 
 
 def test_explain_binds_the_site(ours_run: Path, single_b_run: Path, tmp_path: Path, monkeypatch):

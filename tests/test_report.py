@@ -15,11 +15,14 @@ from PIL import Image
 from scipy import stats
 from torchmetrics.functional.classification import binary_auroc
 
+from covidct.data.sources import SITE_LAYOUTS
 from covidct.errors import ConfigError
 from covidct.experiments import table1_experiments
 from covidct.metrics import RECORD_METRICS, binary_metrics, pool_by_patient
+from covidct.report import __main__ as report_cli
 from covidct.report.__main__ import main as report_main
-from covidct.report.render import build_report, render_files
+from covidct.report.curves import plot_reliability, plot_rocs, reliability_figure, roc_figure
+from covidct.report.render import build_report, curve_caption, render_files
 from covidct.report.table1 import DuplicateRunError, collect_results, paired_ttests
 from covidct.report.uncertainty import bootstrap_interval, delong_test, reliability_bins, weighted_metric
 
@@ -394,6 +397,74 @@ def test_cli_writes_every_output_and_a_rerun_gives_the_same_bytes(tmp_path: Path
     assert report_main([*args, "--select", "best_val_auc"]) == 0
     assert "Checkpoint selection `best_val_auc`" in (out / "table1.md").read_text()
     assert report_main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+def _cli_figures(runs: Path, out: Path, monkeypatch, *args: str) -> dict[str, tuple]:
+    """What the CLI draws each figure from (data, title, caption), by file stem; the figures are still written."""
+    drawn = {}
+
+    def spy(plot):
+        def draw(data, title, path, caption=""):
+            drawn[path.stem] = (data, title, caption)
+            return plot(data, title, path, caption)
+
+        return draw
+
+    monkeypatch.setattr(report_cli, "plot_rocs", spy(plot_rocs))
+    monkeypatch.setattr(report_cli, "plot_reliability", spy(plot_reliability))
+    assert report_main(["--runs", str(runs), "--out", str(out), "--folds", "0,1", "--seeds", "643,644", *args]) == 0
+    return drawn
+
+
+def _inside(inner, outer) -> bool:
+    return outer.x0 <= inner.x0 and inner.x1 <= outer.x1 and outer.y0 <= inner.y0 and inner.y1 <= outer.y1
+
+
+SMOKE = {"name": "smoke", "note": "smoke protocol: networks trained for 2 steps"}
+
+
+@pytest.mark.parametrize("stem", ["roc", "reliability"])
+def test_site_figures_name_the_dataset_keep_the_legend_off_the_axes_and_caption_protocol_and_n(
+    stem: str, tmp_path: Path, monkeypatch
+):
+    runs = tmp_path / "runs"
+    _write_runs(runs)
+    for path in runs.rglob("metrics.json"):  # runs that record their protocol: it wins over --protocol
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "run": {**record["run"], "protocol": SMOKE}}))
+    drawn = _cli_figures(runs, tmp_path / "out", monkeypatch, "--protocol", "paper")
+    make = {"roc": roc_figure, "reliability": reliability_figure}[stem]
+    for site in ("A", "B"):
+        data, title, caption = drawn[f"{stem}_{site}"]
+        figure = make(data, title, caption)
+        figure.draw_without_rendering()  # runs the layout
+        renderer = figure.canvas.get_renderer()
+        (axes,) = figure.axes
+        assert SITE_LAYOUTS[site].dataset in axes.get_title() and f"Site {site}" in axes.get_title()
+        plot_area = axes.get_window_extent(renderer)
+        legend = axes.get_legend().get_window_extent(renderer)
+        (text,) = [t for t in figure.texts if t.get_text().startswith("Protocol")]
+        words = " ".join(text.get_text().split())  # unwrapped
+        assert "Protocol: smoke (smoke protocol: networks trained for 2 steps)." in words
+        assert f"n = 40 test images of site {site}, checkpoint selection last." in words
+        assert "4 runs (folds 0, 1; seeds 643, 644), 80 predictions; except MS-Net: 3 runs, 60 predictions." in words
+        caption_box = text.get_window_extent(renderer)
+        assert not legend.overlaps(plot_area) and not caption_box.overlaps(plot_area)
+        assert caption_box.y1 < plot_area.y0  # under the axes
+        for box in (legend, caption_box, axes.title.get_window_extent(renderer), plot_area):
+            assert _inside(box, figure.bbox)  # nothing cut off at the figure's edge
+
+
+def test_a_caption_falls_back_on_the_cli_protocol_and_names_every_protocol_of_mixed_runs(tmp_path: Path, monkeypatch):
+    _write_runs(tmp_path / "runs")  # records from before runs recorded their protocol
+    drawn = _cli_figures(tmp_path / "runs", tmp_path / "out", monkeypatch, "--protocol", "smoke")
+    note = "smoke protocol: networks trained for 2 steps; the numbers test the pipeline, not the methods"
+    assert drawn["roc_A"][2].startswith(f"Protocol: smoke ({note}).\n")
+    mixed = {**report(), "protocols": [("paper", None), ("smoke", SMOKE["note"]), None]}
+    assert curve_caption(mixed, "B", ("cpu", None)).startswith(
+        "Protocols: paper; smoke (smoke protocol: networks trained for 2 steps); cpu.\n"
+    )
+    assert curve_caption({**report(), "pooled": {}}, "A", ("paper", None)).endswith("No test predictions of site A.")
 
 
 def test_cli_logs_the_table_to_wandb_offline(tmp_path: Path, monkeypatch):

@@ -22,12 +22,14 @@ COVID, NON_COVID = 1, 0
 
 @dataclass(frozen=True)
 class SiteLayout:
-    """Where a site's images live under the data root, and which folder means which label."""
+    """Where a site's images live under the data root, which folder means which label, and the published
+    dataset the site is (figures name it: a reader knows the datasets, not our site letters)."""
 
     name: str
     folder: str
     classes: dict[str, int]
     download_hint: str
+    dataset: str
 
 
 SITE_LAYOUTS: dict[str, SiteLayout] = {
@@ -36,12 +38,14 @@ SITE_LAYOUTS: dict[str, SiteLayout] = {
         "sars-cov-2",
         {"COVID": COVID, "non-COVID": NON_COVID},
         "Kaggle dataset plameneduardo/sarscov2-ctscan-dataset (run `python -m covidct.data download`)",
+        "SARS-CoV-2 CT-scan dataset (Soares et al.)",
     ),
     "B": SiteLayout(
         "B",
         "covid-ct",
         {"CT_COVID": COVID, "CT_NonCOVID": NON_COVID},
         "GitHub UCSD-AI4H/COVID-CT, Images-processed/*.zip (run `python -m covidct.data download`)",
+        "COVID-CT (Yang et al.)",
     ),
 }
 SITES: tuple[str, ...] = tuple(SITE_LAYOUTS)

@@ -12,12 +12,12 @@ from typing import Any
 
 from covidct.atomic import atomic_write_text
 from covidct.cli import cli_errors
-from covidct.data.sources import SITES
+from covidct.data.sources import SITE_LAYOUTS, SITES
 from covidct.errors import ConfigError, DataError
 from covidct.metrics import PATIENT_POOLINGS
 from covidct.records import METRICS_FILE, PREDICTIONS_FILE, TIMING_FILE, read_predictions, read_run_record
 from covidct.report.curves import plot_reliability, plot_rocs
-from covidct.report.render import build_report, render_files
+from covidct.report.render import build_report, curve_caption, render_files
 from covidct.report.table1 import SELECTIONS, TABLE_COLUMNS, DuplicateRunError, select_records
 
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table1.csv"
@@ -112,11 +112,15 @@ def write_report(
         atomic_write_text(out / name, text)
     images = {}
     for site in SITES:
+        dataset = f"Site {site}: {SITE_LAYOUTS[site].dataset}"
+        caption = curve_caption(report, site, (protocol, provenance.get("note")))
         rocs = {methods[e]: curve for (e, s), curve in report["rocs"].items() if s == site}
-        images[f"roc_{site}"] = plot_rocs(rocs, f"Site {site}: pooled test predictions", out / f"roc_{site}.png")
+        images[f"roc_{site}"] = plot_rocs(
+            rocs, f"{dataset}\nROC of pooled test predictions", out / f"roc_{site}.png", caption
+        )
         bins = {methods[e]: b for (e, s), b in report["reliability"].items() if s == site}
         images[f"reliability_{site}"] = plot_reliability(
-            bins, f"Site {site}: reliability of pooled test predictions", out / f"reliability_{site}.png"
+            bins, f"{dataset}\nreliability of pooled test predictions", out / f"reliability_{site}.png", caption
         )
     if wandb:
         rows = [row for table in report["tables"].values() for row in table]

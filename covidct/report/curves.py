@@ -1,16 +1,22 @@
-"""ROC curves (the paper's Fig. 3) and reliability diagrams per method and site, from pooled test predictions."""
+"""ROC curves (the paper's Fig. 3) and reliability diagrams per method and site, from pooled test predictions.
+
+Each figure keeps its legend beside the axes (eight methods' labels would hide the curves' corner) and says
+under the axes what it pools (the caption), so a figure read on its own is not misread.
+"""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torchmetrics.functional.classification import binary_auroc, binary_roc
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics.functional.classification import binary_auroc, binary_roc  # noqa: E402
+CAPTION_WIDTH = 150  # characters a caption line holds at its font size, on the figure's width
 
 
 def roc_curve(labels: Sequence[int], probs: Sequence[float]) -> tuple[list[float], list[float], float]:
@@ -20,34 +26,65 @@ def roc_curve(labels: Sequence[int], probs: Sequence[float]) -> tuple[list[float
     return fpr.tolist(), tpr.tolist(), float(binary_auroc(preds, target))
 
 
-def plot_rocs(curves: Mapping[str, tuple[list[float], list[float], float]], title: str, path: Path) -> Path:
-    figure, axes = plt.subplots(figsize=(5.5, 5.0), dpi=120)
-    for label, (fpr, tpr, auc) in curves.items():
-        axes.plot(fpr, tpr, lw=1.4, label=f"{label} (AUC {100 * auc:.1f})")
-    axes.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    axes.set(xlabel="False positive rate", ylabel="True positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    axes.legend(loc="lower right", fontsize=7)
-    figure.tight_layout()
+def _figure(title: str, caption: str) -> tuple[Figure, Axes]:
+    """Square axes with room to their right for the legend and under them for the caption; constrained
+    layout places all three so none overlaps another or leaves the figure."""
+    figure = Figure(figsize=(9.0, 6.2), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set_box_aspect(1)
+    axes.set_title(title, fontsize=10)
+    if caption:  # as the figure's x super-label: constrained layout keeps room for it under the axes
+        text = "\n".join(textwrap.fill(part, CAPTION_WIDTH) for part in caption.split("\n"))
+        figure.supxlabel(text, x=0.02, ha="left", fontsize=8, color="0.25", linespacing=1.4)
+    return figure, axes
+
+
+def _legend(axes: Axes, title: str) -> None:
+    axes.legend(loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0, fontsize=8, title=title)
+
+
+def _save(figure: Figure, path: Path) -> Path:
     figure.savefig(path, metadata={"Software": None})  # no version stamp: same records, same bytes
-    plt.close(figure)
     return path
 
 
-def plot_reliability(bins_by_method: Mapping[str, Sequence[Mapping[str, float]]], title: str, path: Path) -> Path:
+def roc_figure(curves: Mapping[str, tuple[list[float], list[float], float]], title: str, caption: str = "") -> Figure:
+    """One ROC curve per method (label -> (fpr, tpr, auc)), the chance diagonal, the legend outside."""
+    figure, axes = _figure(title, caption)
+    for label, (fpr, tpr, auc) in curves.items():
+        axes.plot(fpr, tpr, lw=1.4, label=f"{label}: {100 * auc:.1f}")
+    axes.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="chance: 50.0")
+    axes.set(xlabel="False positive rate", ylabel="True positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    _legend(axes, "method: AUC (%)")
+    return figure
+
+
+def plot_rocs(
+    curves: Mapping[str, tuple[list[float], list[float], float]], title: str, path: Path, caption: str = ""
+) -> Path:
+    return _save(roc_figure(curves, title, caption), path)
+
+
+def reliability_figure(
+    bins_by_method: Mapping[str, Sequence[Mapping[str, float]]], title: str, caption: str = ""
+) -> Figure:
     """Observed COVID fraction against mean predicted probability per bin; the diagonal is perfect calibration."""
-    figure, axes = plt.subplots(figsize=(5.5, 5.0), dpi=120)
+    figure, axes = _figure(title, caption)
     for label, bins in bins_by_method.items():
         axes.plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], marker="o", ms=3, lw=1.2, label=label)
     axes.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfectly calibrated")
     axes.set(
         xlabel="Mean predicted probability of COVID (per bin)",
         ylabel="Observed fraction of COVID images",
-        title=title,
         xlim=(0, 1),
         ylim=(0, 1.01),
     )
-    axes.legend(loc="upper left", fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, metadata={"Software": None})
-    plt.close(figure)
-    return path
+    _legend(axes, "method")
+    return figure
+
+
+def plot_reliability(
+    bins_by_method: Mapping[str, Sequence[Mapping[str, float]]], title: str, path: Path, caption: str = ""
+) -> Path:
+    return _save(reliability_figure(bins_by_method, title, caption), path)

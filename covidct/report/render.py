@@ -7,7 +7,9 @@ DeLong, reliability bins, ROC curves); `render_files` turns it into the files `m
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 from covidct.experiments import Experiment
@@ -47,6 +49,12 @@ def _run_key(row: Mapping[str, Any]) -> tuple[str, int, int]:
     return row["experiment"], int(row["fold"]), int(row["seed"])
 
 
+def _protocol(record: Mapping[str, Any]) -> tuple[str, str | None] | None:
+    """A record's protocol as (name, note); None for records from before runs recorded it."""
+    protocol = record["run"].get("protocol")
+    return (protocol["name"], protocol.get("note")) if protocol else None
+
+
 def repool_patients(
     records: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]], selection: str, pooling: str
 ) -> list[Mapping[str, Any]]:
@@ -83,7 +91,8 @@ def build_report(
     """Every table of the report. `predictions` are prediction rows with experiment, fold and seed added;
     `pooling` pools a patient's slice probabilities (mean or max) for the patient-level results;
     `experiments` is the registry for records without `config.table1` (default: the repo's). `methods`
-    maps every row's experiment to its label, in the table's order."""
+    maps every row's experiment to its label, in the table's order; `pooled`, `test_images` and `protocols`
+    are what the figures' captions say the curves pool."""
     records = repool_patients(records, predictions, selection, pooling)
     chosen = select_records(records, folds, seeds)
     methods = {e.name: e.method for e in table_methods(chosen.values(), experiments)}
@@ -99,10 +108,11 @@ def build_report(
     with_predictions = {r["experiment"] for r in rows}
     with_runs = [e for e in methods if e in with_predictions]
     baselines = [e for e in methods if e != REFERENCE]
+    sites = {r["site"] for r in rows}
     by_method_site = {
         (e, site): [r for r in rows if r["experiment"] == e and r["site"] == site]
         for e in with_runs
-        for site in sorted({r["site"] for r in rows})
+        for site in sorted(sites)
     }
     return {
         "selection": selection,
@@ -136,10 +146,60 @@ def build_report(
             for key, items in by_method_site.items()
             if items
         },
+        "pooled": {
+            key: {
+                "runs": len({(r["fold"], r["seed"]) for r in items}),
+                "folds": sorted({int(r["fold"]) for r in items}),
+                "seeds": sorted({int(r["seed"]) for r in items}),
+                "predictions": len(items),
+            }
+            for key, items in by_method_site.items()
+            if items
+        },
+        "test_images": {site: len({r["file"] for r in rows if r["site"] == site}) for site in sorted(sites)},
+        "protocols": sorted({_protocol(r) for r in chosen.values()}, key=str),
         "patient_pooling": pooling,
         "missing_selection": sum(selection not in r.get("test", {}) for r in chosen.values()),
         "runs": len(chosen),
     }
+
+
+_size = itemgetter("runs", "predictions")  # what a caption says each curve pools
+
+
+def _runs(pooled: Mapping[str, Any], detail: bool = False) -> str:
+    runs = _counted(pooled["runs"], "run")
+    if detail:
+        runs += f" ({_listed(pooled['folds'], 'fold')}; {_listed(pooled['seeds'], 'seed')})"
+    return f"{runs}, {_counted(pooled['predictions'], 'prediction')}"
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _listed(values: Sequence[int], noun: str) -> str:
+    return f"{noun}{'s' * (len(values) != 1)} {', '.join(map(str, values))}"
+
+
+def curve_caption(report: Mapping[str, Any], site: str, default_protocol: tuple[str, str | None]) -> str:
+    """A site figure's caption: the runs' protocol (`default_protocol` for records that predate recording
+    it), the site's test images and the runs each curve pools, naming the methods that pool other counts."""
+    protocols = list(dict.fromkeys(p or default_protocol for p in report["protocols"])) or [default_protocol]
+    said = "; ".join(name + (f" ({note})" if note else "") for name, note in protocols)
+    lines = [f"Protocol{'s' * (len(protocols) > 1)}: {said}."]
+    pooled = {e: p for (e, s), p in report["pooled"].items() if s == site}
+    if not pooled:
+        return "\n".join([*lines, f"No test predictions of site {site}."])
+    usual = Counter(map(_size, pooled.values())).most_common(1)[0][0]
+    typical = next(p for p in pooled.values() if _size(p) == usual)
+    others = [f"{report['methods'].get(e, e)}: {_runs(p)}" for e, p in pooled.items() if _size(p) != usual]
+    lines.append(
+        f"n = {report['test_images'][site]} test images of site {site}, checkpoint selection {report['selection']}. "
+        f"Each curve pools one method's runs: {_runs(typical, detail=True)}"
+        + (f"; except {'; '.join(others)}." if others else ".")
+    )
+    return "\n".join(lines)
 
 
 def intervals_markdown(intervals: Sequence[Mapping[str, Any]], methods: Mapping[str, str]) -> list[str]:
