@@ -264,6 +264,8 @@ def resume_point(checkpoint: dict[str, Any], max_epochs: int) -> str:
     if state is None:  # an epoch-end checkpoint of an earlier version
         return f"the start of epoch {int(checkpoint.get('epoch', 0)) + 2}/{max_epochs} (step {step})"
     at = state["next_batch"]
+    if at["epoch"] >= max_epochs:
+        return f"the end of training (step {step}): testing only"
     if at["batch"] == 0:
         return f"the start of epoch {at['epoch'] + 1}/{max_epochs} (step {step})"
     return f"epoch {at['epoch'] + 1}/{max_epochs}, batch {at['batch'] + 1} (step {step})"
@@ -300,6 +302,7 @@ class AtomicCheckpoint(ModelCheckpoint):
 
 
 _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+RANKS_AGREE_EVERY = 10  # steps between the ranks' agreement on a stop or a timed checkpoint (a device sync each)
 
 
 class LastCheckpoint(AtomicCheckpoint):
@@ -309,7 +312,8 @@ class LastCheckpoint(AtomicCheckpoint):
     RunInterrupted. A second Ctrl-C stops at once. Mid-epoch checkpoints hold the sampler's next batch
     (TwoSiteDataModule.state_dict), so the resumed run sees exactly the batches an uninterrupted one would.
     The last step of an epoch is never saved on its own: the epoch's own checkpoint follows it, after the
-    epoch-end work (schedule step, validation) that a resume from that step would skip."""
+    epoch-end work (schedule step, validation) that a resume from that step would skip; nor is a step in the
+    middle of a gradient accumulation. Under DDP the ranks agree every RANKS_AGREE_EVERY steps."""
 
     def __init__(self, every_minutes: float | None = 10.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -319,16 +323,21 @@ class LastCheckpoint(AtomicCheckpoint):
         self._handlers: dict[int, Any] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._saved_at, self._stop = time.monotonic(), None
+        self._saved_at = time.monotonic()
+        self._stop = signal.SIGTERM if trainer.received_sigterm else None  # one that came while setting up
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             self._handlers = {number: signal.signal(number, self._request_stop) for number in _STOP_SIGNALS}
 
     def _request_stop(self, number: int, frame: Any) -> None:
-        if self._stop is not None and number == signal.SIGINT:  # the second Ctrl-C
+        if self._stop is not None and number == signal.SIGINT:
             self._restore_handlers()
-            raise KeyboardInterrupt
+            raise RunInterrupted(
+                "stopped by a second Ctrl-C (SIGINT) in the middle of a step: the steps since the last checkpoint "
+                "are lost; rerun the same command to resume from it.",
+                number,
+            )
         self._stop = number
-        message = f"\n{_STOP_SIGNALS[number]}: saving a checkpoint after this step, then stopping"
+        message = f"\n{_STOP_SIGNALS[number]}: stopping once the step in progress is done and saved"
         message += " (Ctrl-C again stops at once, losing the steps since the last checkpoint)\n"
         os.write(2, message.encode())  # print and logging are not safe inside a signal handler
 
@@ -337,38 +346,39 @@ class LastCheckpoint(AtomicCheckpoint):
             signal.signal(number, handler)
         self._handlers = {}
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_handlers()
-
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         self._restore_handlers()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.strategy.reduce_boolean_decision(self._stop is not None, all=False):
-            self._stopped(trainer, "at the start of epoch")  # the last epoch's checkpoint holds everything
+            self._stopped(trainer, f"at the start of epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handlers()
+        if trainer.strategy.reduce_boolean_decision(self._stop is not None, all=False):  # at the last step
+            self._stopped(trainer, f"at the end of training (epoch {trainer.max_epochs}/{trainer.max_epochs})")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if batch_idx + 1 >= trainer.num_training_batches:
+        done = batch_idx + 1
+        if done >= trainer.num_training_batches or done % trainer.accumulate_grad_batches:
+            return
+        if trainer.world_size > 1 and trainer.global_step % RANKS_AGREE_EVERY:
             return
         due = self.every_minutes is not None and time.monotonic() - self._saved_at >= 60 * self.every_minutes
         stop = trainer.strategy.reduce_boolean_decision(self._stop is not None, all=False)
         if not (stop or trainer.strategy.reduce_boolean_decision(due, all=False)):
             return
+        where = f"after batch {done}/{trainer.num_training_batches} of epoch {trainer.current_epoch + 1}/"
+        where += f"{trainer.max_epochs}"
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-            log.info(
-                "checkpoint: epoch %d/%d, after batch %d/%d (step %d)",
-                trainer.current_epoch + 1,
-                trainer.max_epochs,
-                batch_idx + 1,
-                trainer.num_training_batches,
-                trainer.global_step,
-            )
+            log.info("checkpoint %s (step %d)", where, trainer.global_step)
         if stop:
-            self._stopped(trainer, f"after batch {batch_idx + 1}/{trainer.num_training_batches} of epoch")
+            self._stopped(trainer, where)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
@@ -376,10 +386,10 @@ class LastCheckpoint(AtomicCheckpoint):
 
     def _stopped(self, trainer: pl.Trainer, where: str) -> None:
         number = self._stop if self._stop is not None else signal.SIGINT  # another rank's signal
-        kept = (
-            f"the checkpoint {self.best_model_path} holds the run so far: rerun the same command to resume from it"
-            if self.best_model_path
-            else "nothing was trained yet: rerun the same command to start"
-        )
-        where = f"{where} {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        if self.best_model_path:
+            kept = f"the checkpoint {self.best_model_path} holds the run so far: rerun the same command to resume"
+        elif trainer.global_step == 0:
+            kept = "nothing was trained yet: rerun the same command to start"
+        else:
+            kept = "this run's folder holds no checkpoint yet: rerun the same command to start again"
         raise RunInterrupted(f"stopped by {_STOP_SIGNALS[number]} {where}; {kept}.", number)

@@ -288,6 +288,7 @@ def silence_known_noise() -> None:
 def _train_here(cfg: DictConfig) -> int:
     """Train into Hydra's run folder; the exit status (Hydra ignores a task's return value)."""
     silence_known_noise()
+    previous = signal.signal(signal.SIGINT, _stop_outside_training)
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
     except RunInterrupted as err:  # a status of its own: a sweep must not count the run as finished
@@ -300,14 +301,19 @@ def _train_here(cfg: DictConfig) -> int:
             file=sys.stderr,
         )
         return 128 + signal.SIGTERM
-    except KeyboardInterrupt:  # before training began, or a second Ctrl-C
-        print(
-            "error: stopped by Ctrl-C: no record written, the last checkpoint (if any) is kept; rerun the same "
-            "command to resume.",
-            file=sys.stderr,
-        )
-        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0
+
+
+def _stop_outside_training(number: int, frame: Any) -> None:
+    """Ctrl-C while the data is scanned or cached, or while the trained model is tested (LastCheckpoint
+    handles it during training)."""
+    raise RunInterrupted(
+        "stopped by Ctrl-C (SIGINT) outside training: no record written, any checkpoint is kept; rerun the same "
+        "command to resume.",
+        number,
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

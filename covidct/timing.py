@@ -31,13 +31,17 @@ class TrainThroughput(pl.Callback):
         self._start = 0.0
         self._images = 0
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch skips that epoch's start
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._images = time.perf_counter(), 0
+        self._start, self._images, self._batches = time.perf_counter(), 0, 0
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._images += len(batch["label"])
+        self._batches += 1
         if batch_idx + 1 >= trainer.num_training_batches:
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)
@@ -46,6 +50,7 @@ class TrainThroughput(pl.Callback):
                 {
                     "epoch": trainer.current_epoch,
                     "seconds": seconds,
+                    "batches": self._batches,  # fewer than the epoch's in an epoch resumed mid-way
                     "images": self._images,
                     "img_per_s": self._images / seconds,
                 }
@@ -80,6 +85,8 @@ class RunProgressBar(TQDMProgressBar):
         self._first: float | None = None  # the end of the first step here, which includes setting up
         self._timed_steps = 0
         self._left: str | None = None
+        if trainer.fit_loop.restarted_mid_epoch:  # whose epoch start Lightning skips
+            self.on_train_epoch_start(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:  # Lightning's, with our description
         if self._leave:
@@ -124,7 +131,8 @@ class RunSummary(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._timed, self._estimated = [], not trainer.is_global_zero  # one voice under DDP
-        self._started, self._steps_done = time.perf_counter(), 0
+        self._started = self._epoch_started = time.perf_counter()  # a run resumed mid-epoch skips its start
+        self._steps_done = 0
         if not trainer.is_global_zero:
             return
         lines = [f"run: experiment {self.experiment}, method {type(pl_module).__name__}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,9 @@ class RecordingJoint(Joint):
 
     $COVIDCT_TEST_SEEN=DIR: one JSON line per batch in DIR/rank<R>.jsonl (epoch, batch, files, a digest of
     each image's pixels). $COVIDCT_TEST_DIE_AT=EPOCH:BATCH: the process exits there at once, as if killed.
-    Environment variables, not config, so the killed and the resumed run share one config and one folder.
+    $COVIDCT_TEST_SIGNAL_AT=EPOCH:BATCH:SIGNAL (e.g. 1:5:SIGINT): there, SIGNAL goes to the whole process group,
+    loader workers included, as Ctrl-C sends it. Environment variables, not config, so the killed and the
+    resumed run share one config and one folder.
     """
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -121,6 +124,9 @@ class RecordingJoint(Joint):
                 fh.write(json.dumps(line) + "\n")
         if os.environ.get("COVIDCT_TEST_DIE_AT") == f"{self.current_epoch}:{batch_idx}":
             os._exit(137)
+        at, _, name = os.environ.get("COVIDCT_TEST_SIGNAL_AT", "").rpartition(":")
+        if at == f"{self.current_epoch}:{batch_idx}":
+            os.killpg(os.getpgid(0), getattr(signal, name))
 
 
 def read_seen(folder: Path, rank: int = 0) -> dict[int, list[dict]]:

@@ -3,11 +3,8 @@ stopped with Ctrl-C mid-epoch and resumed, and 2-process DDP. Asserted on what t
 `on_train_batch_start`, and on the records."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -112,40 +109,72 @@ def test_a_kill_after_a_timed_checkpoint_resumes_at_the_next_batch_to_the_uninte
     assert _results(tmp_path / "out") == straight.results
 
 
-def test_ctrl_c_mid_epoch_saves_the_step_and_the_rerun_gives_the_uninterrupted_record(
-    phantom_root: Path, tmp_path: Path, straight: Straight
+def test_a_rerun_of_a_run_killed_before_its_first_checkpoint_says_it_starts_from_step_0(
+    phantom_root: Path, tmp_path: Path
 ):
+    killed = _fit(phantom_root, tmp_path / "out", tmp_path / "killed", die_at="0:3")
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    rerun = _fit(phantom_root, tmp_path / "out", tmp_path / "rerun")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    said = rerun.stdout + rerun.stderr
+    assert "holds an interrupted run that left no checkpoint" in said and "starting from step 0" in said
+    assert "resuming from" not in said and read_seen(tmp_path / "rerun")[0][0]["batch"] == 0
+
+
+def _stopped_run(phantom_root: Path, tmp_path: Path, at: str) -> subprocess.CompletedProcess:
+    """A run that sends itself a signal at EPOCH:BATCH:SIGNAL, in a session of its own: like Ctrl-C, the
+    signal reaches its whole process group, loader workers too."""
     seen = tmp_path / "stopped"
     seen.mkdir()
     args = ["experiment=joint", f"data.root={phantom_root}", *ARGS, "data.num_workers=2"]
-    env = {**cli_env(tmp_path / "out"), "COVIDCT_TEST_SEEN": str(seen)}
-    with (tmp_path / "stderr.txt").open("w") as stderr:
-        process = subprocess.Popen(  # a session of its own: Ctrl-C reaches its whole process group, workers too
-            [sys.executable, "-m", "covidct.run", *args], cwd=REPO, env=env, stderr=stderr, start_new_session=True
-        )
-    try:
-        deadline = time.time() + 300
-        while not (seen / "rank0.jsonl").is_file() or len((seen / "rank0.jsonl").read_text().splitlines()) < 40:
-            assert process.poll() is None and time.time() < deadline, "the run ended before batch 40"
-            time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    message = (tmp_path / "stderr.txt").read_text()
-    assert process.returncode == 128 + signal.SIGINT, message[-3000:]
-    assert "error: stopped by Ctrl-C (SIGINT) after batch" in message and "Traceback" not in message
+    env = {**cli_env(tmp_path / "out"), "COVIDCT_TEST_SEEN": str(seen), "COVIDCT_TEST_SIGNAL_AT": at}
+    return subprocess.run(
+        [sys.executable, "-m", "covidct.run", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_mid_epoch_saves_the_step_and_the_rerun_gives_the_uninterrupted_record(
+    phantom_root: Path, tmp_path: Path, straight: Straight, name: str, status: int
+):
+    stopped = _stopped_run(phantom_root, tmp_path, f"1:5:{name}")  # while batch 5 of epoch 1 is trained
+    assert stopped.returncode == status, stopped.stderr[-3000:]
+    assert f"stopped by {'Ctrl-C (SIGINT)' if name == 'SIGINT' else 'SIGTERM'} after batch 6/36 of epoch 2/3" in (
+        stopped.stderr
+    )
+    assert "Traceback" not in stopped.stderr
     (folder,) = (tmp_path / "out" / "joint").iterdir()
-    step = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    stopped = read_seen(seen)
-    assert 36 < step < 72 and sum(map(len, stopped.values())) == step  # every step it took is in the checkpoint
+    checkpoint = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 36 + 6  # the step in progress was finished and saved
 
     resumed = _fit(phantom_root, tmp_path / "out", tmp_path / "resumed", ["data.num_workers=2"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"batch {step - 36 + 1} (step {step})" in resumed.stdout + resumed.stderr
+    assert "at epoch 2/3, batch 7 (step 42)" in resumed.stdout + resumed.stderr
     after = read_seen(tmp_path / "resumed")
-    assert after[1] == straight.seen[1][step - 36 :] and after[2] == straight.seen[2]
+    assert after[1] == straight.seen[1][6:] and after[2] == straight.seen[2]
+    assert _results(tmp_path / "out") == straight.results
+    timing = json.loads((folder / "timing.json").read_text())["train_epochs"]
+    assert [e["batches"] for e in timing] == [30, 36] and all(e["seconds"] < 600 for e in timing)
+
+
+def test_ctrl_c_in_the_last_step_stops_after_training_and_the_rerun_only_tests(
+    phantom_root: Path, tmp_path: Path, straight: Straight
+):
+    stopped = _stopped_run(phantom_root, tmp_path, "2:35:SIGINT")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "stopped by Ctrl-C (SIGINT) at the end of training (epoch 3/3)" in stopped.stderr
+    (folder,) = (tmp_path / "out" / "joint").iterdir()
+    assert not (folder / "metrics.json").exists()
+    rerun = _fit(phantom_root, tmp_path / "out", tmp_path / "rerun", ["data.num_workers=2"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "at the end of training (step 108): testing only" in rerun.stdout + rerun.stderr
+    assert not (tmp_path / "rerun" / "rank0.jsonl").exists()  # no training step
     assert _results(tmp_path / "out") == straight.results
 
 

@@ -27,9 +27,10 @@ log = logging.getLogger("covidct.data")
 def init_loader_worker(worker_id: int) -> None:
     """Loader workers hand batches over by shared-memory file name, not file descriptor: each descriptor
     costs the main process a socket connection, about 40% of its CPU time per batch on the development CPU
-    (torch's shm manager still removes the files if a process dies). They ignore Ctrl-C, which reaches the
-    whole process group: the main process saves a checkpoint at the end of the step, then stops them."""
+    (torch's shm manager still removes the files if a process dies). They ignore Ctrl-C and SIGTERM, which
+    may reach the whole process group: the main process saves a checkpoint after the step, then stops them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if "file_system" in torch.multiprocessing.get_all_sharing_strategies():
         torch.multiprocessing.set_sharing_strategy("file_system")
 
