@@ -5,6 +5,8 @@
 
 Images go through exactly the evaluation path of training (the checkpoint's image size, mean and std;
 square resize, then normalisation) and the chosen site's branch (its norms, adapters or network).
+DICOM CT slices (one folder per series) are read in Hounsfield units through the lung window, listed along
+the body, and summarised per patient in a second file, `<out>_patients.csv`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from omegaconf import MISSING
 
 from covidct.atomic import atomic_write_text
 from covidct.cli import cli_errors, parse_args
+from covidct.data.dicom import ct_series, is_dicom
 from covidct.data.sources import IMAGE_SUFFIXES
 from covidct.errors import ConfigError, DataError
 from covidct.inference import TrainedModel
 from covidct.metrics import DECISION_THRESHOLD
 
 CSV_COLUMNS = ("file", "prob_covid", "prediction", "error")
+PATIENT_COLUMNS = ("patient", "series", "slices", "unreadable", "prob_mean", "prob_max", "prediction")
 USAGE = (
     "python -m covidct.predict ckpt=PATH images=DIR site=A|B [recursive=false] [out=predictions.csv] "
     "[batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]"
@@ -84,7 +88,7 @@ def predict_folder(
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}.")
     folder = Path(images)
-    files = image_files(folder, recursive)
+    files = along_the_body(image_files(folder, recursive))
     model = TrainedModel(ckpt, device)
     model.check_site(site)
     rows: list[dict[str, Any]] = []
@@ -105,13 +109,69 @@ def predict_folder(
     return rows
 
 
-def write_predictions(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def along_the_body(files: Sequence[Path]) -> list[Path]:
+    """The files, with each folder's DICOM slices in their series' order (a folder mixing series is refused)."""
+    series = {
+        folder: [s.path for s in ct_series(folder)] for folder in sorted({p.parent for p in files if is_dicom(p)})
+    }
+    ordered: list[Path] = []
+    for path in files:
+        if path.parent in series:
+            ordered.extend(series.pop(path.parent))
+        elif not is_dicom(path):
+            ordered.append(path)
+    return ordered
+
+
+def patient_summary(
+    rows: Sequence[dict[str, Any]], folder: Path, threshold: float = DECISION_THRESHOLD
+) -> list[dict[str, Any]]:
+    """One row per patient of the DICOM slices (PatientID, else the series folder's name): its series folders,
+    slices and how many could not be read, and the slices' mean and max probability; the prediction pools by
+    the mean, as the run records' patient-level results do."""
+    patient_of: dict[Path, str] = {}
+    for series_folder in sorted({(folder / row["file"]).parent for row in rows if is_dicom(folder / row["file"])}):
+        for item in ct_series(series_folder):
+            patient_of[item.path] = item.patient or series_folder.name
+    groups: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for row in rows:
+        path = folder / row["file"]
+        if path in patient_of:
+            groups.setdefault(patient_of[path], []).append((path, row))
+    summary = []
+    for patient, items in groups.items():
+        probs = [row["prob_covid"] for _, row in items if row["prob_covid"] is not None]
+        mean = sum(probs) / len(probs) if probs else None
+        folders = sorted({path.parent.relative_to(folder).as_posix() for path, _ in items})
+        summary.append(
+            {
+                "patient": patient,
+                "series": ";".join(folders),
+                "slices": len(items),
+                "unreadable": len(items) - len(probs),
+                "prob_mean": mean,
+                "prob_max": max(probs) if probs else None,
+                "prediction": None if mean is None else ("COVID" if mean >= threshold else "non-COVID"),
+            }
+        )
+    return summary
+
+
+def _write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: "" if row[key] is None else row[key] for key in CSV_COLUMNS})
+        writer.writerow({key: "" if row[key] is None else row[key] for key in columns})
     atomic_write_text(path, buffer.getvalue())
+
+
+def write_predictions(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    _write_csv(rows, CSV_COLUMNS, path)
+
+
+def patients_file(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_patients.csv")
 
 
 @cli_errors
@@ -123,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out = Path(args.out)
     write_predictions(rows, out)
+    patients = patient_summary(rows, Path(args.images), args.threshold)
+    if patients:
+        _write_csv(patients, PATIENT_COLUMNS, patients_file(out))
+        print(f"{len(patients)} DICOM series summarised per patient in {patients_file(out)}")
     unreadable = [row for row in rows if row["error"]]
     for row in unreadable:
         print(f"unreadable: {row['file']}: {row['error']}", file=sys.stderr)

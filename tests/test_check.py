@@ -9,10 +9,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 
 from covidct.data.__main__ import main
 from covidct.data.check import DataReport, check_data, format_report
 from covidct.data.sources import SITE_LAYOUTS
+from tests.test_dicom import write_series
 
 SITE_OF_FOLDER = {layout.folder: site for site, layout in SITE_LAYOUTS.items()}
 FORMAT_OF_SUFFIX = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -115,6 +117,22 @@ def test_truncated_image_fails_and_is_named(phantom_copy: Path):
     assert next(c for c in report.classes if c.folder == "CT_COVID").bad == 1
     text = format_report(report)
     assert "covid-ct/CT_COVID/img000.png: cannot read image" in text and text.endswith("FAIL: 1 problem(s)")
+
+
+def test_dicom_ct_slices_in_a_class_folder_are_checked_as_training_reads_them(phantom_copy: Path):
+    (ct_slice,) = write_series(phantom_copy.parent / "series", [0.0])
+    shutil.move(ct_slice, phantom_copy / "sars-cov-2" / "COVID" / "ct.dcm")
+    report = check_data(phantom_copy, workers=1)
+    assert report.ok, format_report(report)
+    stats = next(c for c in report.classes if c.folder == "COVID")
+    assert stats.formats.get("DICOM") == 1 and stats.modes.get("CT") == 1 and stats.misnamed == 0
+
+
+def test_a_non_ct_dicom_in_a_class_folder_is_named(phantom_copy: Path):
+    shutil.copy(get_testdata_file("MR_small.dcm"), phantom_copy / "covid-ct" / "CT_COVID" / "mr.dcm")
+    report = check_data(phantom_copy, workers=1)
+    assert [(p.site, p.file) for p in report.problems] == [("B", "covid-ct/CT_COVID/mr.dcm")]
+    assert "is a MR DICOM, not CT" in format_report(report)
 
 
 def test_non_image_file_fails_and_other_site_is_still_checked(phantom_copy: Path):

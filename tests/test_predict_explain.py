@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 from covidct import explain as explain_module
 from covidct import predict as predict_module
@@ -25,6 +26,7 @@ from covidct.methods import Ours, Single
 from covidct.predict import predict_folder
 from covidct.records import read_predictions
 from tests.helpers import FAST, REPO, compose_experiment
+from tests.test_dicom import compress, write_series
 
 
 def _train(phantom_root: Path, out: Path, experiment: str, *overrides: str) -> Path:
@@ -130,6 +132,50 @@ def test_predict_hints_at_recursive_for_a_folder_of_class_folders(ours_run: Path
     rows = predict_folder(ckpt(ours_run), site_folder, "A", recursive=True)
     expected = sorted(p.relative_to(site_folder).as_posix() for p in site_folder.rglob("*.png"))
     assert [row["file"] for row in rows] == expected and all(row["prob_covid"] is not None for row in rows)
+
+
+def test_predict_reads_folders_of_dicom_series_along_the_body_and_summarises_each_patient(
+    ours_run: Path, tmp_path: Path, capsys
+):
+    images = tmp_path / "dicom"
+    write_series(images / "P1" / "chest", [20.0, 0.0, 10.0], patient="P1")  # slice003, slice002, slice001
+    write_series(images / "P2", [5.0, -5.0], patient="P2")  # slice002, slice001
+    out = tmp_path / "dicom.csv"
+    args = [f"ckpt={ckpt(ours_run)}", f"images={images}", "site=B", "recursive=true", f"out={out}"]
+    assert predict_module.main(args) == 0
+    assert "2 DICOM series summarised per patient" in capsys.readouterr().out
+    rows = read_csv(out)
+    assert [r["file"] for r in rows] == [
+        "P1/chest/slice002.dcm",  # z = 0
+        "P1/chest/slice001.dcm",  # z = 10
+        "P1/chest/slice003.dcm",  # z = 20
+        "P2/slice001.dcm",  # z = -5
+        "P2/slice002.dcm",  # z = 5
+    ]
+    assert all(r["error"] == "" for r in rows) and len({r["prob_covid"] for r in rows}) > 1
+    summary = {r["patient"]: r for r in read_csv(out.with_name("dicom_patients.csv"))}
+    for patient, folder, n in (("P1", "P1/chest", 3), ("P2", "P2", 2)):
+        probs = [float(r["prob_covid"]) for r in rows if r["file"].startswith(f"{patient}/")]
+        row = summary[patient]
+        assert (row["series"], int(row["slices"]), int(row["unreadable"])) == (folder, n, 0)
+        assert float(row["prob_mean"]) == pytest.approx(sum(probs) / n)
+        assert float(row["prob_max"]) == pytest.approx(max(probs))
+        assert row["prediction"] == ("COVID" if sum(probs) / n >= 0.5 else "non-COVID")
+
+
+def test_predict_lists_an_unreadable_slice_and_stops_at_a_series_it_cannot_order(ours_run: Path, tmp_path: Path):
+    images = tmp_path / "dicom"
+    slices = write_series(images / "P1", [0.0, 5.0, 10.0], patient="P1")
+    compress(slices[1])
+    rows = predict_folder(ckpt(ours_run), images, "B", recursive=True)
+    assert [bool(r["error"]) for r in rows] == [False, True, False]
+    assert "compressed (JPEG 2000" in rows[1]["error"] and "pip install" in rows[1]["error"]
+    (patient,) = predict_module.patient_summary(rows, images)
+    assert (patient["slices"], patient["unreadable"]) == (3, 1)
+
+    shutil.copy(get_testdata_file("MR_small.dcm"), images / "P1" / "mr.dcm")
+    with pytest.raises(DataError, match="mr.dcm is a MR DICOM, not CT"):
+        predict_folder(ckpt(ours_run), images, "B", recursive=True)
 
 
 def test_predict_site_selects_the_branch(ours_run: Path, mixed_folder: Path):

@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from covidct.data.dicom import DICOM_SUFFIX, is_dicom
 from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, SITE_A_FOLD_NOTE, assign_groups
 from covidct.data.sources import (
     PATIENTS_CSV,
@@ -123,9 +124,12 @@ def _inspect(path: Path) -> _FileInfo:
     """Fully decode one file the way training does; runs in a worker process."""
     size_bytes = path.stat().st_size
     try:
-        load_image(path)
-        with Image.open(path) as img:
-            header = img.format, img.mode, img.size
+        image = load_image(path)
+        if is_dicom(path):  # PIL does not open it: what training reads is a windowed grey CT slice
+            header = "DICOM", "CT", (image.shape[1], image.shape[0])
+        else:
+            with Image.open(path) as img:
+                header = img.format, img.mode, img.size
         return _FileInfo(size_bytes, file_digest(path), *header)
     except (DataError, OSError) as err:
         return _FileInfo(size_bytes, error=str(err))
@@ -143,7 +147,7 @@ def _class_stats(site: str, folder: str, label: int, infos: list[tuple[Path, _Fi
     stats = ClassStats(site, folder, label, images=len(infos), bytes=sum(info.bytes for _, info in infos))
     good = [(p, info) for p, info in infos if info.error is None]
     stats.bad = len(infos) - len(good)
-    extensions = Image.registered_extensions()
+    extensions = {**Image.registered_extensions(), DICOM_SUFFIX: "DICOM"}
     stats.formats = dict(sorted(Counter(info.format for _, info in good).items()))
     stats.modes = dict(sorted(Counter(info.mode for _, info in good).items()))
     stats.misnamed = sum(extensions.get(p.suffix.lower()) != info.format for p, info in good)

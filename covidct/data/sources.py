@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from covidct.data.dicom import DICOM_SUFFIX, is_dicom, load_ct_slice
 from covidct.errors import ConfigError, DataError
 
 log = logging.getLogger("covidct.data")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", DICOM_SUFFIX}
 COVID, NON_COVID = 1, 0
 
 
@@ -114,7 +115,10 @@ def list_images(root: Path, site: str) -> list[tuple[Path, int]]:
 
 
 def load_image(path: Path) -> np.ndarray:
-    """Decode any mode (L, RGB, RGBA, P, I;16) to HxWx3 uint8; the format comes from content, not name."""
+    """Decode any mode (L, RGB, RGBA, P, I;16) to HxWx3 uint8; the format comes from content, not name. A
+    DICOM CT slice is converted to Hounsfield units and shown through the lung window (data/dicom.py)."""
+    if is_dicom(path):
+        return load_ct_slice(path)
     try:
         with Image.open(path) as img:
             img.load()

@@ -1,0 +1,121 @@
+"""DICOM CT input against its definition, on the CT that pydicom ships and on small DICOMs written here."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless, generate_uid
+
+from covidct.data.dicom import ct_series, is_dicom, load_ct_slice, window
+from covidct.data.sources import load_image
+from covidct.errors import DataError
+
+CT = Path(get_testdata_file("CT_small.dcm"))  # 128 x 128, RescaleSlope 1, RescaleIntercept -1024
+MR = Path(get_testdata_file("MR_small.dcm"))
+
+
+def _ct() -> pydicom.Dataset:
+    return pydicom.dcmread(CT)
+
+
+def test_a_ct_slice_is_rescaled_to_hounsfield_units_and_shown_through_the_lung_window():
+    ds = _ct()
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    expected = np.clip(np.rint((hu - (-600 - 750)) / 1500 * 255), 0, 255).astype(np.uint8)
+    image = load_ct_slice(CT)
+    assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+    assert (image == expected[:, :, None]).all()  # grey in every channel
+    assert 0 < image.mean() < 255 and len(np.unique(image)) > 50  # not saturated by a wrong rescale
+    assert (load_image(CT) == image).all()  # the loader every dataset and predict use reads it the same way
+
+
+def test_the_window_maps_its_edges_to_0_and_255_and_another_window_shows_other_pixels():
+    assert window(np.array([-1350.0, -600.0, 150.0, -2000.0, 900.0]), -600, 1500).tolist() == [0, 128, 255, 0, 255]
+    assert not (load_ct_slice(CT, (40, 400)) == load_ct_slice(CT)).all()  # a soft-tissue window
+
+
+def test_files_without_a_suffix_are_recognised_by_their_dicom_magic(tmp_path: Path):
+    plain = tmp_path / "IM0001"
+    plain.write_bytes(CT.read_bytes())
+    assert is_dicom(plain) and not is_dicom(Path(get_testdata_file("CT_small.dcm")).with_suffix(".txt"))
+    assert (load_image(plain) == load_ct_slice(CT)).all()
+
+
+def test_a_non_ct_modality_is_refused_in_one_line():
+    with pytest.raises(DataError, match=r"MR_small.dcm is a MR DICOM, not CT"):
+        load_ct_slice(MR)
+
+
+@pytest.mark.parametrize("tag", ["RescaleSlope", "RescaleIntercept"])
+def test_missing_rescale_tags_are_named(tmp_path: Path, tag: str):
+    ds = _ct()
+    delattr(ds, tag)
+    path = tmp_path / "no_rescale.dcm"
+    ds.save_as(path)
+    with pytest.raises(DataError, match=rf"no_rescale.dcm has no {tag}: .* Hounsfield"):
+        load_ct_slice(path)
+
+
+def compress(path: Path) -> None:
+    """Rewrite a slice as JPEG 2000, with a codestream no decoder accepts."""
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(60)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_compressed_pixels_without_a_decoder_say_which_compression_and_what_to_install(tmp_path: Path):
+    path = tmp_path / "compressed.dcm"
+    _ct().save_as(path)
+    compress(path)
+    with pytest.raises(DataError, match=r"compressed.dcm: its pixel data is compressed \(JPEG 2000.*pip install"):
+        load_ct_slice(path)
+
+
+def test_a_file_that_is_not_dicom_is_named(tmp_path: Path):
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not a dicom file at all")
+    with pytest.raises(DataError, match=r"cannot read DICOM file .*broken.dcm"):
+        load_ct_slice(broken)
+
+
+def write_series(folder: Path, positions: list[float], series: str | None = None, patient: str = "") -> list[Path]:
+    """Slices of one series at the given heights, written in reverse name order to the heights, each slice's
+    HU shifted by 150 from the last (so their pixels differ)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series = series or generate_uid()
+    paths = []
+    for k, z in enumerate(positions):
+        ds = _ct()
+        ds.SeriesInstanceUID = series
+        ds.RescaleIntercept = float(ds.RescaleIntercept) + 150 * k
+        if patient:
+            ds.PatientID = patient
+        ds.ImagePositionPatient = [0.0, 0.0, z]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        path = folder / f"slice{len(positions) - k:03d}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def test_a_series_is_ordered_along_the_body_not_by_file_name(tmp_path: Path):
+    paths = write_series(tmp_path / "series", [30.0, -10.0, 12.5])
+    (tmp_path / "series" / "notes.txt").write_text("not a slice")
+    slices = ct_series(tmp_path / "series")
+    assert [s.position for s in slices] == [-10.0, 12.5, 30.0]
+    assert [s.path for s in slices] == [paths[1], paths[2], paths[0]]
+    assert {s.patient for s in slices} == {str(_ct().PatientID)}
+
+
+def test_a_folder_mixing_series_is_refused_naming_them(tmp_path: Path):
+    write_series(tmp_path / "mixed", [0.0, 5.0], series="1.2.3.1")
+    extra = _ct()
+    extra.SeriesInstanceUID = "1.2.3.2"
+    extra.save_as(tmp_path / "mixed" / "other.dcm")
+    with pytest.raises(DataError, match=r"mixes 2 series: 1.2.3.1 \(2 files\), 1.2.3.2 \(1 files\)"):
+        ct_series(tmp_path / "mixed")
