@@ -7,18 +7,19 @@ images sized or normalised differently from its evaluation during training.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from covidct.data.sources import load_image, site_index
+from covidct.data.sources import load_image
 from covidct.data.transforms import deterministic_resize, normalize_images, to_chw_uint8
 from covidct.errors import ConfigError
 from covidct.methods import SiteMethod, method_class
 from covidct.models.routing import SiteBlocks
+from covidct.models.unseen import UNSEEN_NORMS, add_unseen_site, estimate_unseen_statistics, has_site_copies
 from covidct.resume import read_checkpoint
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -66,18 +67,37 @@ class TrainedModel:
         self.image_size = int(data["image_size"])
         self.data_root = Path(str(data["root"])).expanduser()
         self.sites = tuple(self.method.sites)  # the data's sites it was trained on; batch site indices point here
+        self.unseen: dict[str, str] = {}  # a site it never saw -> the layers it was given (models/unseen.py)
         self._resize = deterministic_resize("eval", self.image_size)
         self.mean, self.std = tuple(data["mean"]), tuple(data["std"])
 
     def check_site(self, site: str) -> int:
-        """The site's index, if the model has a trained branch for it; an untrained one would give noise."""
-        site_index(site)  # a site no dataset has: says which exist
-        if site not in self.sites:
-            raise ConfigError(
-                f"{self.checkpoint} was trained for site(s) {', '.join(self.sites)} only, not site {site}: "
-                f"choose site={' or site='.join(self.sites)}."
-            )
-        return self.sites.index(site)
+        """The site's index, if the model has a branch for it (trained, or given by add_unseen_site); an
+        untrained one would give noise. A model without site-specific layers serves any site as it is."""
+        if site in self.sites:
+            return self.sites.index(site)
+        if not has_site_copies(self.method):
+            return 0
+        raise ConfigError(
+            f"{self.checkpoint} was trained for site(s) {', '.join(self.sites)} only, not site {site}, and its "
+            f"norms are per site: choose site={' or site='.join(self.sites)}, or add unseen_norm="
+            f"{'|'.join(UNSEEN_NORMS)} to evaluate {site} as a site it never saw."
+        )
+
+    def add_unseen_site(self, site: str, how: str, images: Iterable[torch.Tensor] = ()) -> int:
+        """Give the model layers for `site`, which it never saw (models/unseen.py); `adabn` estimates their
+        statistics on `images` (normalised batches of that site). Returns the number of images used."""
+        if site in self.sites:
+            raise ConfigError(f"site {site} is one the model was trained on: it needs no unseen_norm.")
+        if not has_site_copies(self.method):
+            return 0  # shared layers: nothing to choose
+        index = add_unseen_site(self.method, how, self.sites)
+        self.sites = (*self.sites, site)
+        self.unseen[site] = how
+        if how != "adabn":
+            return 0
+        route = SiteBlocks.single(index)
+        return estimate_unseen_statistics(self.method, images, lambda batch: self.method.logits(batch, route))
 
     def load(self, path: Path) -> np.ndarray:
         """Decoded and resized HxWx3 uint8: what the evaluation cache holds for this image."""

@@ -1,12 +1,14 @@
 """Classify a folder of CT images with a trained checkpoint.
 
-`python -m covidct.predict ckpt=PATH images=DIR site=A|B [recursive=false] [out=predictions.csv]
-[batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]`
+`python -m covidct.predict ckpt=PATH images=DIR site=A|B|NAME [recursive=false] [out=predictions.csv]
+[unseen_norm=adabn|mean|site:<name>] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]`
 
 Images go through exactly the evaluation path of training (the checkpoint's image size, mean and std;
 square resize, then normalisation) and the chosen site's branch (its norms, adapters or network).
 DICOM CT slices (one folder per series) are read in Hounsfield units through the lung window, listed along
-the body, and summarised per patient in a second file, `<out>_patients.csv`.
+the body, and summarised per patient in a second file, `<out>_patients.csv`. A site the model never saw
+needs `unseen_norm` where the model's norms are per site (models/unseen.py); `adabn` estimates that site's
+BatchNorm statistics on the folder's own images.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import MISSING
 
 from covidct.atomic import atomic_write_text
@@ -33,8 +36,8 @@ from covidct.metrics import DECISION_THRESHOLD
 CSV_COLUMNS = ("file", "prob_covid", "prediction", "error")
 PATIENT_COLUMNS = ("patient", "series", "slices", "unreadable", "prob_mean", "prob_max", "prediction")
 USAGE = (
-    "python -m covidct.predict ckpt=PATH images=DIR site=A|B [recursive=false] [out=predictions.csv] "
-    "[batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]"
+    "python -m covidct.predict ckpt=PATH images=DIR site=A|B|NAME [recursive=false] [out=predictions.csv] "
+    "[unseen_norm=adabn|mean|site:<name>] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]"
 )
 
 
@@ -48,6 +51,7 @@ class PredictArgs:
     batch_size: int = 32
     device: str = "auto"
     threshold: float = DECISION_THRESHOLD
+    unseen_norm: str | None = None  # for a site the model never saw: adabn, mean or site:<trained site>
 
 
 def image_files(folder: Path, recursive: bool = False) -> list[Path]:
@@ -77,6 +81,7 @@ def predict_folder(
     device: str = "auto",
     threshold: float = DECISION_THRESHOLD,
     recursive: bool = False,
+    unseen_norm: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per image file: file (its path under `images`), prob_covid, prediction and error (set, with no
     prob, if unreadable).
@@ -90,7 +95,20 @@ def predict_folder(
     folder = Path(images)
     files = along_the_body(image_files(folder, recursive))
     model = TrainedModel(ckpt, device)
+    used = 0
+    if unseen_norm is not None:
+        used = model.add_unseen_site(site, unseen_norm, _batches(model, files, batch_size))
+        if unseen_norm == "adabn" and site in model.unseen and not used:
+            raise DataError(f"unseen_norm=adabn needs at least 2 readable images in {folder} to estimate site {site}.")
     model.check_site(site)
+    if site not in model.method.sites:
+        if site in model.unseen:
+            how = f"unseen_norm={unseen_norm}"
+            if unseen_norm == "adabn":
+                how += f", its BatchNorm statistics estimated on {used} image(s) here"
+        else:
+            how = "its layers are shared by all sites, so it is classified as it is"
+        print(f"site {site} was not seen in training ({', '.join(model.method.sites)}): {how}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         readable: list[tuple[dict[str, Any], np.ndarray]] = []
@@ -166,6 +184,19 @@ def _write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Pat
     atomic_write_text(path, buffer.getvalue())
 
 
+def _batches(model: TrainedModel, files: Sequence[Path], batch_size: int) -> Iterator[torch.Tensor]:
+    """The readable images of `files` as normalised batches of at least 2 (BatchNorm statistics need 2)."""
+    for start in range(0, len(files), batch_size):
+        loaded = []
+        for path in files[start : start + batch_size]:
+            try:
+                loaded.append(model.load(path))
+            except DataError:
+                continue  # listed as unreadable when classified
+        if len(loaded) > 1:
+            yield model.batch(loaded)
+
+
 def write_predictions(rows: Sequence[dict[str, Any]], path: Path) -> None:
     _write_csv(rows, CSV_COLUMNS, path)
 
@@ -179,7 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """0: predictions written; 1: no image could be read; 2: bad arguments, checkpoint or folder."""
     args: PredictArgs = parse_args(PredictArgs, argv, USAGE)
     rows = predict_folder(
-        args.ckpt, args.images, args.site, args.batch_size, args.device, args.threshold, args.recursive
+        args.ckpt,
+        args.images,
+        args.site,
+        args.batch_size,
+        args.device,
+        args.threshold,
+        args.recursive,
+        args.unseen_norm,
     )
     out = Path(args.out)
     write_predictions(rows, out)

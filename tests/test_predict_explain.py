@@ -187,11 +187,31 @@ def test_predict_site_selects_the_branch(ours_run: Path, mixed_folder: Path):
     assert not np.allclose(probs["A"], probs["B"], rtol=0, atol=1e-7)
 
 
-def test_predict_refuses_a_site_the_model_was_not_trained_for(single_b_run: Path, mixed_folder: Path, capsys):
-    with pytest.raises(ConfigError, match="site\\(s\\) B only, not site A"):
-        predict_folder(ckpt(single_b_run), mixed_folder, "A")
-    assert predict_module.main([f"ckpt={ckpt(single_b_run)}", f"images={mixed_folder}", "site=A"]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+def test_a_shared_network_classifies_a_site_it_never_saw_as_it_is_and_says_so(
+    single_b_run: Path, mixed_folder: Path, capsys
+):
+    rows = predict_folder(ckpt(single_b_run), mixed_folder, "A")  # one network, trained on site B only
+    assert rows == predict_folder(ckpt(single_b_run), mixed_folder, "B")
+    assert "site A was not seen in training (B): its layers are shared by all sites" in capsys.readouterr().err
+
+
+def test_a_site_specific_network_needs_a_choice_for_a_site_it_never_saw(ours_run: Path, mixed_folder: Path, capsys):
+    with pytest.raises(ConfigError, match=r"not site my_hospital, and its norms are per site: .*unseen_norm="):
+        predict_folder(ckpt(ours_run), mixed_folder, "my_hospital")
+
+    def probs(site: str, unseen_norm: str | None = None) -> list[float]:
+        rows = predict_folder(ckpt(ours_run), mixed_folder, site, unseen_norm=unseen_norm)
+        return [row["prob_covid"] for row in rows if not row["error"]]
+
+    as_b = probs("my_hospital", "site:B")
+    assert as_b == probs("B")  # borrowing site B's layers is site B's branch
+    mean, adabn = probs("my_hospital", "mean"), probs("my_hospital", "adabn")
+    for other in (probs("A"), as_b):
+        assert not np.allclose(mean, other, atol=1e-6) and not np.allclose(adabn, other, atol=1e-6)
+    assert not np.allclose(mean, adabn, atol=1e-6)
+    said = capsys.readouterr().err
+    assert "site my_hospital was not seen in training (A, B): unseen_norm=adabn, its BatchNorm statistics" in said
+    assert "estimated on 3 image(s) here" in said
 
 
 def test_predict_cli_exit_codes(ours_run: Path, tmp_path: Path, capsys):
@@ -206,7 +226,8 @@ def test_predict_cli_exit_codes(ours_run: Path, tmp_path: Path, capsys):
         ([f"ckpt={tmp_path / 'missing.ckpt'}", f"images={unreadable}", "site=A"], "does not exist"),
         ([f"ckpt={ckpt(ours_run)}", f"images={tmp_path / 'nowhere'}", "site=A"], "does not exist"),
         ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=A", "colour=red"], "valid ones are ckpt, images"),
-        ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=C"], "unknown site"),
+        ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=C"], "add unseen_norm=adabn|mean|site:<name>"),
+        ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=C", "unseen_norm=median"], "must be one of adabn"),
         ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=A", "batch_size=many"], "batch_size"),
         ([f"ckpt={ckpt(ours_run)}", "site=A"], "missing required argument(s) images"),
     ]:

@@ -1,0 +1,100 @@
+"""A site-specific network's layers for a site it never saw in training.
+
+DSBN's BatchNorms and the adapters' 1x1 convolutions hold one copy per training site, so a site outside
+that list has none: which copy it gets must be chosen, and is recorded.
+- `site:<name>`: a trained site's copies, as if the new site were that one;
+- `mean`: the average of the sites' statistics, affine parameters and adapter weights;
+- `adabn` (Li et al. 2016, "Revisiting Batch Normalization For Practical Domain Adaptation"): the mean's
+  affine parameters and adapter weights, with BatchNorm statistics re-estimated on the new site's own
+  (unlabelled) images.
+Layers with one copy (shared norms: Joint) serve every site as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from covidct.errors import ConfigError
+from covidct.models.adapters import SiteConv1x1
+from covidct.models.norms import SiteBatchNorm
+
+UNSEEN_NORMS = ("adabn", "mean", "site:<name>")
+
+
+def _site_specific(net: nn.Module) -> list[nn.ModuleList]:
+    """The per-site module lists of `net` that hold more than one copy."""
+    lists = []
+    for module in net.modules():
+        if isinstance(module, SiteBatchNorm):
+            lists.append(module.norms)
+        elif isinstance(module, SiteConv1x1):
+            lists.append(module.convs)
+    return [copies for copies in lists if len(copies) > 1]
+
+
+def has_site_copies(net: nn.Module) -> bool:
+    """Whether `net` has site-specific layers (else it serves any site as it is)."""
+    return bool(_site_specific(net))
+
+
+def _average(copies: Sequence[nn.Module]) -> nn.Module:
+    """A copy whose parameters and float buffers are the copies' averages (BN statistics included)."""
+    mean = copy.deepcopy(copies[0])
+    with torch.no_grad():
+        states = [c.state_dict() for c in copies]
+        for name, value in mean.state_dict().items():
+            if value.is_floating_point():
+                value.copy_(torch.stack([s[name] for s in states]).mean(dim=0))
+    return mean
+
+
+def add_unseen_site(net: nn.Module, how: str, sites: Sequence[str]) -> int:
+    """Give every site-specific layer of `net` one more copy, built as `how` says, and return its index (the
+    site index to route the unseen site's images with). `adabn` copies still need their statistics:
+    estimate_unseen_statistics."""
+    borrowed: int | None = None
+    if how.startswith("site:"):
+        name = how.split(":", 1)[1]
+        if name not in sites:
+            raise ConfigError(
+                f"unseen_norm={how}: {name!r} is not a trained site; the trained sites are {list(sites)}."
+            )
+        borrowed = list(sites).index(name)
+    elif how not in ("adabn", "mean"):
+        raise ConfigError(f"unseen_norm must be one of {', '.join(UNSEEN_NORMS)}; got {how!r}.")
+    for copies in _site_specific(net):
+        if len(copies) != len(sites):
+            raise ConfigError(f"the network has {len(copies)} site copies per layer but {len(sites)} sites were given.")
+        unseen = copy.deepcopy(copies[borrowed]) if borrowed is not None else _average(list(copies))
+        if how == "adabn" and isinstance(unseen, nn.modules.batchnorm._BatchNorm):
+            unseen.reset_running_stats()
+            unseen.momentum = None  # a cumulative average over the unseen site's batches
+        copies.append(unseen)
+    return len(sites)
+
+
+@torch.no_grad()
+def estimate_unseen_statistics(
+    net: nn.Module, batches: Iterable[torch.Tensor], forward: Callable[[torch.Tensor], torch.Tensor]
+) -> int:
+    """AdaBN: run `forward` (the network on a batch of the unseen site, routed to its index) over `batches`
+    with every layer in eval mode but the unseen site's BatchNorms, which accumulate that site's statistics.
+    Returns the number of images seen."""
+    unseen = [copies[-1] for copies in _site_specific(net) if isinstance(copies[-1], nn.modules.batchnorm._BatchNorm)]
+    was_training = net.training
+    net.eval()
+    for norm in unseen:
+        norm.train()
+    images = 0
+    for batch in batches:
+        forward(batch)
+        images += len(batch)
+    for norm in unseen:
+        norm.eval()
+        norm.momentum = 0.1
+    net.train(was_training)
+    return images
