@@ -238,7 +238,11 @@ def explain(
     model = TrainedModel(ckpt, device)
     sites = list(model.sites if sites is None else sites)
     for site in sites:
-        model.check_site(site)
+        if site not in model.sites:  # the tiles come from the run's own test predictions of its sites
+            raise ConfigError(
+                f"{ckpt} was trained for site(s) {', '.join(model.sites)} only, not site {site}: choose "
+                f"site={' or site='.join(model.sites)}."
+            )
     run_dir = Path(ckpt).resolve().parent.parent
     root = Path(data_root).expanduser() if data_root is not None else model.data_root
     out_dir = Path(out) if out is not None else run_dir / "gradcam"

@@ -68,29 +68,60 @@ class TrainedModel:
         self.data_root = Path(str(data["root"])).expanduser()
         self.sites = tuple(self.method.sites)  # the data's sites it was trained on; batch site indices point here
         self.unseen: dict[str, str] = {}  # a site it never saw -> the layers it was given (models/unseen.py)
+        self._borrowed: dict[str, int] = {}  # such a site -> the trained site whose network it uses (Single)
         self._resize = deterministic_resize("eval", self.image_size)
         self.mean, self.std = tuple(data["mean"]), tuple(data["std"])
 
     def check_site(self, site: str) -> int:
         """The site's index, if the model has a branch for it (trained, or given by add_unseen_site); an
-        untrained one would give noise. A model without site-specific layers serves any site as it is."""
+        untrained one would give noise. A model whose layers all sites share serves any site as it is."""
         if site in self.sites:
             return self.sites.index(site)
-        if not has_site_copies(self.method):
+        if site in self._borrowed:
+            return self._borrowed[site]
+        if self._serves_any_site():
             return 0
+        trained = ", ".join(self.method.sites)
+        choices = "site:<name>" if self.method.networks_per_site else "|".join(UNSEEN_NORMS)
         raise ConfigError(
-            f"{self.checkpoint} was trained for site(s) {', '.join(self.sites)} only, not site {site}, and its "
-            f"norms are per site: choose site={' or site='.join(self.sites)}, or add unseen_norm="
-            f"{'|'.join(UNSEEN_NORMS)} to evaluate {site} as a site it never saw."
+            f"{self.checkpoint} was trained for site(s) {trained} only, not site {site}, and its "
+            f"{'networks are' if self.method.networks_per_site else 'norms are'} per site: choose "
+            f"site={' or site='.join(self.method.sites)}, or add unseen_norm={choices} to evaluate {site} as a "
+            "site it never saw."
         )
+
+    def _serves_any_site(self) -> bool:
+        if self.method.networks_per_site:
+            return len(self.method.sites) == 1  # its one network
+        return not has_site_copies(self.method)
+
+    def unseen_note(self, site: str) -> str | None:
+        """What a site outside the training sites is classified with, in words (None for a trained site)."""
+        if site in self.method.sites:
+            return None
+        if site in self.unseen:
+            return f"unseen_norm={self.unseen[site]}"
+        if self.method.networks_per_site:
+            return f"its one network, trained on site {self.method.sites[0]}, classifies it"
+        return "its layers are shared by all sites, so it is classified as it is"
 
     def add_unseen_site(self, site: str, how: str, images: Iterable[torch.Tensor] = ()) -> int:
         """Give the model layers for `site`, which it never saw (models/unseen.py); `adabn` estimates their
         statistics on `images` (normalised batches of that site). Returns the number of images used."""
         if site in self.sites:
             raise ConfigError(f"site {site} is one the model was trained on: it needs no unseen_norm.")
-        if not has_site_copies(self.method):
-            return 0  # shared layers: nothing to choose
+        if self._serves_any_site():
+            return 0  # nothing to choose
+        if self.method.networks_per_site:
+            name = how.split(":", 1)[1] if how.startswith("site:") else None
+            if name not in self.method.sites:
+                raise ConfigError(
+                    f"{type(self.method).__name__} keeps one network per site, so a site it never saw can only "
+                    f"borrow one: unseen_norm=site:<{'|'.join(self.method.sites)}>, not {how!r}."
+                )
+            self._borrowed[site] = self.method.sites.index(name)
+            self.unseen[site] = how
+            return 0
         index = add_unseen_site(self.method, how, self.sites)
         self.sites = (*self.sites, site)
         self.unseen[site] = how

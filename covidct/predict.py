@@ -101,14 +101,11 @@ def predict_folder(
         if unseen_norm == "adabn" and site in model.unseen and not used:
             raise DataError(f"unseen_norm=adabn needs at least 2 readable images in {folder} to estimate site {site}.")
     model.check_site(site)
-    if site not in model.method.sites:
-        if site in model.unseen:
-            how = f"unseen_norm={unseen_norm}"
-            if unseen_norm == "adabn":
-                how += f", its BatchNorm statistics estimated on {used} image(s) here"
-        else:
-            how = "its layers are shared by all sites, so it is classified as it is"
-        print(f"site {site} was not seen in training ({', '.join(model.method.sites)}): {how}", file=sys.stderr)
+    note = model.unseen_note(site)
+    if note:
+        if used:
+            note += f", its BatchNorm statistics estimated on {used} image(s) here"
+        print(f"site {site} was not seen in training ({', '.join(model.method.sites)}): {note}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         readable: list[tuple[dict[str, Any], np.ndarray]] = []

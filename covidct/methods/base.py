@@ -60,6 +60,9 @@ class SiteMethod(pl.LightningModule):
     `scheduler` a partial taking the optimizer (None: a constant learning rate).
     """
 
+    # one whole network per site (Single): a site it never saw can only borrow one (models/unseen.py)
+    networks_per_site: bool = False
+
     def __init__(
         self,
         sites: Sequence[str],

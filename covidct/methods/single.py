@@ -17,6 +17,8 @@ from covidct.models.routing import SiteBlocks, Sites, batch_sites, site_rows
 class Single(SiteMethod):
     """Nothing is shared; gradients are clipped per network, so the networks stay independent."""
 
+    networks_per_site = True
+
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         if self.backbone_config.get("num_sites", 1) != 1:
