@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from covidct.data.datamodule import checked_repeat
 from covidct.data.folds import N_FOLDS
 from covidct.data.sources import SITES
 from covidct.errors import ConfigError
@@ -23,7 +24,6 @@ INTEGER_OPTIONS: dict[str, tuple[int, int | None, bool]] = {
     "trainer.max_epochs": (1, None, False),
     "data.image_size": (32, None, False),
     "data.batch_per_site": (2, None, False),
-    "data.site_b_repeat": (1, None, False),
     "data.eval_batch_size": (1, None, False),
     "data.num_workers": (0, None, True),
 }
@@ -70,6 +70,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.sites must name one or more of {', '.join(SITES)}, each once, e.g. data.sites=[A,B]; got {sites!r}."
         )
+    repeat = OmegaConf.select(cfg, "data.repeat", default=None)
+    checked_repeat(OmegaConf.to_container(repeat) if OmegaConf.is_config(repeat) else repeat)
     limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
     bad_fraction = isinstance(limit, float) and limit > 1
     if limit is not None and (

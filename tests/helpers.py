@@ -110,9 +110,9 @@ class RecordingJoint(Joint):
 
     $COVIDCT_TEST_SEEN=DIR: one JSON line per batch in DIR/rank<R>.jsonl (epoch, batch, files, a digest of
     each image's pixels). $COVIDCT_TEST_DIE_AT=EPOCH:BATCH: the process exits there at once, as if killed.
-    $COVIDCT_TEST_SIGNAL_AT=EPOCH:BATCH:SIGNAL (e.g. 1:5:SIGINT): there, SIGNAL goes to the whole process group,
-    loader workers included, as Ctrl-C sends it. Environment variables, not config, so the killed and the
-    resumed run share one config and one folder.
+    $COVIDCT_TEST_SIGNAL_AT=EPOCH:BATCH:SIGNAL (e.g. 1:5:SIGINT): there, SIGINT goes to the whole process group,
+    loader workers included, as Ctrl-C sends it; SIGTERM to this process, as `kill PID` sends it. Environment
+    variables, not config, so the killed and the resumed run share one config and one folder.
     """
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -126,7 +126,8 @@ class RecordingJoint(Joint):
             os._exit(137)
         at, _, name = os.environ.get("COVIDCT_TEST_SIGNAL_AT", "").rpartition(":")
         if at == f"{self.current_epoch}:{batch_idx}":
-            os.killpg(os.getpgid(0), getattr(signal, name))
+            number = getattr(signal, name)
+            os.killpg(os.getpgid(0), number) if number == signal.SIGINT else os.kill(os.getpid(), number)
 
 
 def read_seen(folder: Path, rank: int = 0) -> dict[int, list[dict]]:

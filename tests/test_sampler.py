@@ -234,3 +234,18 @@ def test_cached_resizes_are_the_authors_torchvision_pil_resize(real_data: Path, 
             ours = cache.get(path, kind)
             assert ours.shape == reference.shape, (path, kind)
             assert np.abs(ours - reference).mean() < 0.05, (path, kind)
+
+
+def test_repeat_factors_are_per_site_and_auto_evens_the_sites_passes(real_data: Path, tmp_path: Path):
+    def datamodule(repeat) -> TwoSiteDataModule:
+        dm = TwoSiteDataModule(real_data, repeat=repeat, num_workers=0, cache_dir=tmp_path)
+        dm.split_data()  # no image decoded
+        return dm
+
+    paper, auto, none = datamodule(None), datamodule("auto"), datamodule({})  # None: the paper's {B: 4}
+    n_a, n_b = (len(paper.splits[site]["train"]) for site in ("A", "B"))
+    assert (n_a, n_b) == (1860, 559)  # fold 0
+    assert paper.repeat_factors() == [1, 4] and none.repeat_factors() == [1, 1]
+    assert auto.repeat_factors() == [1, round(n_a / n_b)] == [1, 3]  # the paper's 4x is set, not derived
+    for dm, longest in ((paper, 4 * n_b), (auto, n_a), (none, n_a)):
+        assert len(dm.train_dataloader()) == math.ceil(longest / 16)

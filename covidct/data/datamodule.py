@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,10 @@ log = logging.getLogger("covidct.data")
 def init_loader_worker(worker_id: int) -> None:
     """Loader workers hand batches over by shared-memory file name, not file descriptor: each descriptor
     costs the main process a socket connection, about 40% of its CPU time per batch on the development CPU
-    (torch's shm manager still removes the files if a process dies). They ignore Ctrl-C and SIGTERM, which
-    may reach the whole process group: the main process saves a checkpoint after the step, then stops them."""
+    (torch's shm manager still removes the files if a process dies). They ignore Ctrl-C, which reaches the
+    whole process group: the main process saves a checkpoint after the step, then stops them. Not SIGTERM:
+    torch's loader ends a worker that does not stop by itself with SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if "file_system" in torch.multiprocessing.get_all_sharing_strategies():
         torch.multiprocessing.set_sharing_strategy("file_system")
 
@@ -90,11 +90,38 @@ class SiteImageDataset(Dataset):
         }
 
 
+PAPER_REPEAT = {"B": 4}  # site B's 4 passes per epoch: the authors' setting (auto would give 3 on fold 0)
+
+
+def checked_repeat(repeat: Mapping[str, int] | str | None) -> dict[str, int] | str:
+    """data.repeat as a {site: passes} dict or 'auto', or a ConfigError naming what is wrong (check_config
+    calls it too, before any work)."""
+    if repeat is None:
+        return dict(PAPER_REPEAT)
+    if isinstance(repeat, str):
+        if repeat != "auto":
+            raise ConfigError(f"data.repeat must be 'auto' or a mapping such as {{B: 4}}, got {repeat!r}.")
+        return repeat
+    factors = dict(repeat)
+    for site, factor in factors.items():
+        if site not in SITES:
+            raise ConfigError(f"data.repeat names site {site!r}; the sites are {', '.join(SITES)}.")
+        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+            raise ConfigError(f"data.repeat: site {site}'s factor must be an integer >= 1, got {factor!r}.")
+    return factors
+
+
+def _repeat_of(repeat: Mapping[str, int] | str, site: str) -> int | str:
+    return repeat if isinstance(repeat, str) else repeat.get(site, 1)
+
+
 class TwoSiteDataModule(pl.LightningDataModule):
     """Both sites' folds; training batches of `batch_per_site` images per site; per-site eval loaders.
 
-    An epoch is ceil(max(n_A, site_b_repeat * n_B) / batch_per_site) steps over the training parts
-    (see SiteEpochDraws). Site B is repeated whatever the other sites, so Single's single-site mode
+    An epoch is ceil(max_s(repeat_s * n_s) / batch_per_site) steps over the training parts (see
+    SiteEpochDraws), where `repeat` gives each site's passes per epoch: a mapping (sites left out pass once;
+    the paper's {B: 4}) or 'auto', the nearest integer that makes every site's passes cover about as many
+    images as the largest site's. A site's factor holds whatever the other sites, so Single's single-site mode
     `sites=[B]` trains site B for as many steps per epoch as the two-site run; `sites=[A]` shows site A
     once per epoch, where the two-site run cycles it to site B's length (the record notes it).
     """
@@ -109,7 +136,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         val_fraction: float = 0.0,
         image_size: int = 224,
         batch_per_site: int = 16,
-        site_b_repeat: int = 4,
+        repeat: Mapping[str, int] | str | None = None,
         eval_batch_size: int = 64,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
@@ -139,7 +166,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.image_size = image_size
         self.batch_per_site = batch_per_site
-        self.site_b_repeat = site_b_repeat
+        self.repeat = checked_repeat(repeat)
         self.eval_batch_size = eval_batch_size
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -218,7 +245,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             part = self.splits[site]["train"]
             site_indices.append(range(len(samples), len(samples) + len(part)))
             samples.extend(part)
-        repeats = [self.site_b_repeat if site == "B" else 1 for site in self.sites]
+        repeats = self.repeat_factors()
         dataset = SiteImageDataset(
             samples,
             "train",
@@ -281,6 +308,13 @@ class TwoSiteDataModule(pl.LightningDataModule):
                 prints[site][part] = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
         return prints
 
+    def repeat_factors(self) -> list[int]:
+        """Each site's passes over its training images per epoch, in site order."""
+        if self.repeat != "auto":
+            return [self.repeat.get(site, 1) for site in self.sites]
+        sizes = [len(self.splits[site]["train"]) for site in self.sites]
+        return [max(1, round(max(sizes) / n)) for n in sizes]
+
     def has_validation(self) -> bool:
         return any(parts["val"] for parts in self.splits.values())
 
@@ -324,7 +358,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         if self.sites == ["A"]:
             notes.append(
                 "single-site mode: site A is shown once per epoch; a two-site run cycles it to the length of "
-                f"site B's {self.site_b_repeat} passes, so these epochs are shorter"
+                f"site B's {_repeat_of(self.repeat, 'B')} passes, so these epochs are shorter"
             )
         if "A" in self.sites:
             notes.append(SITE_A_FOLD_NOTE if self.group_by == "patient" else "folds are image-level on every site")
