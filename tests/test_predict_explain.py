@@ -196,6 +196,20 @@ def test_a_one_network_model_classifies_a_site_it_never_saw_with_it_and_says_so(
     assert "site A was not seen in training (B): its one network, trained on site B, classifies it" in said
 
 
+def test_one_network_per_site_lets_a_site_it_never_saw_borrow_one_network_only(
+    phantom_root: Path, tmp_path: Path, mixed_folder: Path, capsys
+):
+    run = _train(phantom_root, tmp_path / "single", "single")  # networks for A and B
+    with pytest.raises(ConfigError, match=r"not site C, and its networks are per site: .*unseen_norm=site:<name>"):
+        predict_folder(ckpt(run), mixed_folder, "C")
+    with pytest.raises(ConfigError, match=r"Single keeps one network per site, .*site:<A\|B>, not 'mean'"):
+        predict_folder(ckpt(run), mixed_folder, "C", unseen_norm="mean")
+    assert predict_folder(ckpt(run), mixed_folder, "C", unseen_norm="site:A") == predict_folder(
+        ckpt(run), mixed_folder, "A"
+    )
+    assert "site C was not seen in training (A, B): unseen_norm=site:A" in capsys.readouterr().err
+
+
 def test_a_site_specific_network_needs_a_choice_for_a_site_it_never_saw(ours_run: Path, mixed_folder: Path, capsys):
     with pytest.raises(ConfigError, match=r"not site my_hospital, and its norms are per site: .*unseen_norm="):
         predict_folder(ckpt(ours_run), mixed_folder, "my_hospital")
