@@ -93,7 +93,7 @@ def predict_folder(
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}.")
     folder = Path(images)
-    files = along_the_body(image_files(folder, recursive))
+    files, patients = along_the_body(image_files(folder, recursive))
     model = TrainedModel(ckpt, device)
     used = 0
     if unseen_norm is not None:
@@ -111,6 +111,8 @@ def predict_folder(
         readable: list[tuple[dict[str, Any], np.ndarray]] = []
         for path in files[start : start + batch_size]:
             row = {"file": path.relative_to(folder).as_posix(), "prob_covid": None, "prediction": None, "error": None}
+            if path in patients:
+                row["patient"] = patients[path]
             rows.append(row)
             try:
                 readable.append((row, model.load(path)))
@@ -124,35 +126,30 @@ def predict_folder(
     return rows
 
 
-def along_the_body(files: Sequence[Path]) -> list[Path]:
-    """The files, with each folder's DICOM slices in their series' order (a folder mixing series is refused)."""
-    series = {
-        folder: [s.path for s in ct_series(folder)] for folder in sorted({p.parent for p in files if is_dicom(p)})
-    }
+def along_the_body(files: Sequence[Path]) -> tuple[list[Path], dict[Path, str]]:
+    """The files, with each folder's DICOM slices in their series' order (a folder mixing series is refused),
+    and each slice's patient (PatientID, else its series folder's name), from one read of the headers."""
+    series = {folder: ct_series(folder) for folder in sorted({p.parent for p in files if is_dicom(p)})}
+    patients = {s.path: s.patient or folder.name for folder, slices in series.items() for s in slices}
     ordered: list[Path] = []
     for path in files:
         if path.parent in series:
-            ordered.extend(series.pop(path.parent))
+            ordered.extend(s.path for s in series.pop(path.parent))
         elif not is_dicom(path):
             ordered.append(path)
-    return ordered
+    return ordered, patients
 
 
 def patient_summary(
     rows: Sequence[dict[str, Any]], folder: Path, threshold: float = DECISION_THRESHOLD
 ) -> list[dict[str, Any]]:
-    """One row per patient of the DICOM slices (PatientID, else the series folder's name): its series folders,
-    slices and how many could not be read, and the slices' mean and max probability; the prediction pools by
-    the mean, as the run records' patient-level results do."""
-    patient_of: dict[Path, str] = {}
-    for series_folder in sorted({(folder / row["file"]).parent for row in rows if is_dicom(folder / row["file"])}):
-        for item in ct_series(series_folder):
-            patient_of[item.path] = item.patient or series_folder.name
+    """One row per patient of predict_folder's DICOM rows (those with a patient): its series folders under
+    `folder`, slices and how many could not be read, and the slices' mean and max probability; the prediction
+    pools by the mean, as the run records' patient-level results do."""
     groups: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
     for row in rows:
-        path = folder / row["file"]
-        if path in patient_of:
-            groups.setdefault(patient_of[path], []).append((path, row))
+        if "patient" in row:
+            groups.setdefault(row["patient"], []).append((folder / row["file"], row))
     summary = []
     for patient, items in groups.items():
         probs = [row["prob_covid"] for _, row in items if row["prob_covid"] is not None]

@@ -43,6 +43,10 @@ class TrainLoader(DataLoader):
     happens before it sets a resumed run's epoch), so loader workers never prefetch the wrong epoch.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch = self._position = 0
+
     def __iter__(self) -> Iterator[Any]:
         draws = self.batch_sampler.sampler
         self._epoch, self._position = draws.epoch, draws.start
@@ -52,8 +56,8 @@ class TrainLoader(DataLoader):
 
     def next_batch(self, batches_per_epoch: int) -> tuple[int, int]:
         """(epoch, batch) of the next batch, given how many batches the loop runs per epoch."""
-        epoch, position = getattr(self, "_epoch", 0), getattr(self, "_position", 0)
-        return (epoch + 1, 0) if position >= batches_per_epoch else (epoch, position)
+        done = self._position >= batches_per_epoch
+        return (self._epoch + 1, 0) if done else (self._epoch, self._position)
 
 
 class SiteImageDataset(Dataset):
