@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidct.data.datamodule import checked_repeat
 from covidct.data.folds import N_FOLDS
-from covidct.data.sources import SITES
+from covidct.data.sites import resolve_sites
 from covidct.errors import ConfigError
 
 # key -> (smallest allowed, largest allowed or None, null allowed)
@@ -45,6 +45,23 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _plain(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _site_names(cfg: DictConfig, key: str) -> list[str]:
+    """A list of site names, or a ConfigError: `data.sites=A` (no brackets) would iterate its letters."""
+    value = _plain(cfg, key)
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} must be a list of site names, e.g. {key}=[A,B]; got {value!r}.")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key} names a site more than once: {value}.")
+    return value
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError, naming the key and its allowed values, for the first invalid option."""
     for key, (low, high, nullable) in INTEGER_OPTIONS.items():
@@ -64,14 +81,14 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be a finite number {bound}, got {value!r}.")
     if OmegaConf.select(cfg, "data.val_fraction", default=0) >= 1:
         raise ConfigError(f"data.val_fraction must be below 1, got {cfg.data.val_fraction!r}.")
-    sites = OmegaConf.select(cfg, "data.sites", default=None)
-    names = list(sites) if sites is not None and not isinstance(sites, str) else None
-    if not names or len(set(names)) != len(names) or not set(names) <= set(SITES):
-        raise ConfigError(
-            f"data.sites must name one or more of {', '.join(SITES)}, each once, e.g. data.sites=[A,B]; got {sites!r}."
-        )
-    repeat = OmegaConf.select(cfg, "data.repeat", default=None)
-    checked_repeat(OmegaConf.to_container(repeat) if OmegaConf.is_config(repeat) else repeat)
+    names = _site_names(cfg, "data.sites")
+    if not names:
+        raise ConfigError("data.sites must name one or more sites, e.g. data.sites=[A,B] or [A,B,my_hospital].")
+    held_out = _site_names(cfg, "data.test_sites")
+    specs = resolve_sites([*names, *(s for s in held_out if s not in names)], _plain(cfg, "data.site_specs"))
+    if not {s.name for s in specs} - {s.name for s in resolve_sites(held_out, _plain(cfg, "data.site_specs"))}:
+        raise ConfigError(f"data.test_sites={held_out} leaves no site of data.sites={names} to train on.")
+    checked_repeat(_plain(cfg, "data.repeat"), specs)
     limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
     bad_fraction = isinstance(limit, float) and limit > 1
     if limit is not None and (

@@ -1,6 +1,6 @@
 """Grad-CAM overlays of test images per site, as in the paper's Figs. 4 and 5.
 
-`python -m covidct.explain ckpt=PATH [site=A|B|both] [n=8] [files=[...]] [data_root=DIR] [predictions=PATH]
+`python -m covidct.explain ckpt=PATH [site=A|B|NAME|all] [n=8] [files=[...]] [data_root=DIR] [predictions=PATH]
 [out=DIR] [device=cpu|cuda|auto] [seed=0]`
 
 By default the images are drawn from the run's predictions.csv (`<run>/predictions.csv`, the run folder
@@ -17,7 +17,7 @@ import math
 import random
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ from torch import nn
 
 from covidct.atomic import atomic_write_text
 from covidct.cli import cli_errors, parse_args
-from covidct.data.sources import COVID, SITE_LAYOUTS, SITES
+from covidct.data.sites import SiteSpec
+from covidct.data.sources import COVID
 from covidct.errors import ConfigError, DataError
 from covidct.inference import TrainedModel
 from covidct.methods import SiteMethod
@@ -45,7 +46,7 @@ from covidct.models.routing import SiteBlocks
 from covidct.records import PREDICTIONS_FILE, read_predictions, read_run_record
 
 USAGE = (
-    "python -m covidct.explain ckpt=PATH [site=A|B|both] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR] "
+    "python -m covidct.explain ckpt=PATH [site=A|B|NAME|all] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR] "
     "[predictions=PATH] [out=DIR] [device=cpu|cuda|auto] [seed=0]"
 )
 GRID_COLUMNS = 4
@@ -58,7 +59,7 @@ FLAT_NOTE = "flat map: uninformative"
 @dataclass
 class ExplainArgs:
     ckpt: str = MISSING
-    site: str = "both"
+    site: str = "all"  # a site the checkpoint was trained for, or all of them ("both" too)
     n: int = 8
     files: list[str] | None = None
     data_root: str | None = None
@@ -86,18 +87,21 @@ def grad_cam(method: SiteMethod, site: str, images: torch.Tensor) -> np.ndarray:
         return cam(input_tensor=images, targets=[ClassifierOutputTarget(COVID)] * len(images))
 
 
-def site_of(file: str) -> str:
-    """The site whose class folder starts `file` (class folders differ between the two publishers)."""
+def site_of(file: str, specs: Mapping[str, SiteSpec]) -> str:
+    """The site among `specs` whose class folder starts `file` (the paper's two publishers' differ; sites that
+    share class folder names must be explained one at a time, with site=NAME)."""
     folder, _, name = file.partition("/")
-    for site, layout in SITE_LAYOUTS.items():
-        if folder in layout.classes and name:
-            return site
-    known = "; ".join(f"site {name}: {', '.join(layout.classes)}" for name, layout in SITE_LAYOUTS.items())
+    found = [site for site, spec in specs.items() if folder in spec.classes and name]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ConfigError(f"files: {file!r} could be an image of site {' or '.join(found)}; choose one with site=NAME.")
+    known = "; ".join(f"site {site}: {', '.join(spec.classes)}" for site, spec in specs.items())
     raise ConfigError(f"files: {file!r} must be <class folder>/<file name>, the class folder one of ({known}).")
 
 
-def true_label(file: str) -> int:
-    return SITE_LAYOUTS[site_of(file)].classes[file.partition("/")[0]]
+def true_label(file: str, spec: SiteSpec) -> int:
+    return spec.classes[file.partition("/")[0]]
 
 
 def is_correct(prob_covid: float, label: int) -> bool:
@@ -121,12 +125,18 @@ def choose(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[str]:
 
 
 def _selection(
-    sites: Sequence[str], files: Sequence[str] | None, predictions: Path, selection: str, n: int, seed: int
+    sites: Sequence[str],
+    specs: Mapping[str, SiteSpec],
+    files: Sequence[str] | None,
+    predictions: Path,
+    selection: str,
+    n: int,
+    seed: int,
 ) -> dict[str, list[str]]:
     if files is not None:
         chosen: dict[str, list[str]] = {site: [] for site in sites}
         for file in files:
-            site = site_of(file)
+            site = site_of(file, specs)
             if site not in chosen:
                 raise ConfigError(
                     f"files: {file} is a site {site} image, but only site(s) {', '.join(sites)} are explained."
@@ -247,11 +257,12 @@ def explain(
     root = Path(data_root).expanduser() if data_root is not None else model.data_root
     out_dir = Path(out) if out is not None else run_dir / "gradcam"
     predictions = Path(predictions) if predictions else run_dir / PREDICTIONS_FILE
-    chosen = _selection(sites, files, predictions, selection_of(Path(ckpt)), n, seed)
+    chosen = _selection(sites, model.specs, files, predictions, selection_of(Path(ckpt)), n, seed)
     run = f"{describe_run(run_dir)} ({type(model.method).__name__})"
     written = []
     for site, picked in chosen.items():
-        paths = [root / SITE_LAYOUTS[site].folder / file for file in picked]
+        spec = model.specs[site]
+        paths = [spec.site_dir(root) / file for file in picked]
         for path in paths:
             if not path.is_file():
                 raise DataError(f"{path} does not exist; set data_root=DIR to the data root holding it.")
@@ -259,7 +270,7 @@ def explain(
         images = model.batch(resized)
         probs = model.prob_covid(images, site).tolist()
         cams = grad_cam(model.method, site, images)
-        labels = [true_label(file) for file in picked]
+        labels = [true_label(file, spec) for file in picked]
         tiles = [
             {
                 "file": file,
@@ -272,7 +283,7 @@ def explain(
         ]
         png = out_dir / f"gradcam_{site}.png"
         title = (
-            f"Grad-CAM of class COVID, site {site}: {SITE_LAYOUTS[site].dataset}\n{run}\n"
+            f"Grad-CAM of class COVID, site {site}: {spec.dataset}\n{run}\n"
             f"checkpoint {Path(ckpt).name} (selection {selection_of(Path(ckpt))})"
         )
         png.parent.mkdir(parents=True, exist_ok=True)
@@ -287,9 +298,7 @@ def explain(
 def main(argv: Sequence[str] | None = None) -> int:
     """0: grids written; 2: bad arguments, checkpoint, predictions or images."""
     args: ExplainArgs = parse_args(ExplainArgs, argv, USAGE)
-    if args.site not in ("both", *SITES):
-        raise ConfigError(f"site must be one of {', '.join(SITES)} or both, got {args.site!r}.")
-    sites = None if args.site == "both" else [args.site]
+    sites = None if args.site in ("both", "all") else [args.site]
     written = explain(
         args.ckpt, sites, args.n, args.files, args.data_root, args.predictions, args.out, args.device, args.seed
     )

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from covidct.data.dicom import LUNG_WINDOW
+from covidct.data.sites import SiteSpec, resolve_sites
 from covidct.data.sources import load_image
 from covidct.data.transforms import deterministic_resize, normalize_images, to_chw_uint8
 from covidct.errors import ConfigError
@@ -50,6 +52,13 @@ def _trained_method(path: Path, checkpoint: Mapping[str, Any], device: torch.dev
     return method.to(device).eval()
 
 
+def stored_sites(data: Mapping[str, Any]) -> list[SiteSpec]:
+    """The sites a checkpoint's data settings name, from the specs it stores (older checkpoints store none:
+    their sites are the paper's, read from conf/)."""
+    names = [*data.get("sites", ()), *data.get("test_sites", ())]
+    return resolve_sites(list(dict.fromkeys(names)), data.get("site_specs") or None)
+
+
 class TrainedModel:
     """A checkpoint's method together with the preprocessing and sites it was trained with."""
 
@@ -64,6 +73,7 @@ class TrainedModel:
                 f"{self.checkpoint} holds no data settings (datamodule_hyper_parameters), so its image size and "
                 "normalisation are unknown; it predates their recording. Retrain it with the current code."
             )
+        self.specs = {spec.name: spec for spec in stored_sites(data)}  # every site of its data, unseen ones too
         self.image_size = int(data["image_size"])
         self.data_root = Path(str(data["root"])).expanduser()
         self.sites = tuple(self.method.sites)  # the data's sites it was trained on; batch site indices point here
@@ -130,9 +140,9 @@ class TrainedModel:
         route = SiteBlocks.single(index)
         return estimate_unseen_statistics(self.method, images, lambda batch: self.method.logits(batch, route))
 
-    def load(self, path: Path) -> np.ndarray:
+    def load(self, path: Path, ct_window: Sequence[float] = LUNG_WINDOW) -> np.ndarray:
         """Decoded and resized HxWx3 uint8: what the evaluation cache holds for this image."""
-        return self._resize(load_image(path))
+        return self._resize(load_image(path, ct_window))
 
     def batch(self, resized: Sequence[np.ndarray]) -> torch.Tensor:
         """Normalised NCHW float tensor on the model's device."""

@@ -22,6 +22,7 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 TIMING_FILE = "timing.json"  # throughput and finishing time, beside the record (`covidct.timing`)
 PREDICTION_COLUMNS = ("selection", "site", "file", "patient", "label", "prob_covid")
+UNSEEN_COLUMN = "unseen_norm"  # leave-one-site-out records only: the norms an unseen site's row was classified with
 
 
 def git_commit() -> str:
@@ -59,10 +60,11 @@ def write_run_record(
     """
     output_dir = Path(output_dir)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+    columns = PREDICTION_COLUMNS + ((UNSEEN_COLUMN,) if any(UNSEEN_COLUMN in row for row in predictions) else ())
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in predictions:
-        writer.writerow({k: row[k] for k in PREDICTION_COLUMNS})
+        writer.writerow({k: row.get(k, "") for k in columns})
     atomic_write_text(output_dir / PREDICTIONS_FILE, buffer.getvalue())
     record = {"test": dict(test), "run": dict(run), "config": dict(config)}
     path = output_dir / METRICS_FILE
@@ -82,9 +84,17 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
             found = reader.fieldnames
             raise DataError(f"{path} must have the columns {', '.join(PREDICTION_COLUMNS)}; found {found}.")
         try:
-            return [{**row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])} for row in reader]
+            return [
+                {UNSEEN_COLUMN: "", **row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])}
+                for row in reader
+            ]
         except ValueError as err:
             raise DataError(f"{path}: {err}") from None
+
+
+def held_out_sites(record: Mapping[str, Any]) -> list[str]:
+    """The sites a run never trained on but tested (leave-one-site-out, data.test_sites); [] for other runs."""
+    return list(record.get("run", {}).get("splits", {}).get("test_sites", []))
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from covidct.resume import run_id
 
@@ -19,9 +19,16 @@ def experiment_name() -> str:
     return HydraConfig.get().runtime.choices.get("experiment") or NO_EXPERIMENT
 
 
-def num_sites(sites: Sequence[str]) -> int:
-    """`${num_sites:${data.sites}}`: a per-site part gets one copy per site of the data."""
-    return len(sites)
+def num_sites(sites: Sequence[str], *, _root_: DictConfig) -> int:
+    """`${num_sites:${data.sites}}`: a per-site part gets one copy per training site of the data (the sites
+    of data.test_sites, which it never trains on, have none)."""
+    held_out = OmegaConf.select(_root_, "data.test_sites", default=None)
+    if not held_out:
+        return len(sites)
+    from covidct.data.sites import resolve_sites
+
+    unseen = {spec.name for spec in resolve_sites(list(held_out))}
+    return sum(spec.name not in unseen for spec in resolve_sites(list(sites)))
 
 
 for _name, _resolver in (

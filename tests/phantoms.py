@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidct.data.sources import SITE_LAYOUTS
+from covidct.data.sites import PAPER_SITES, paper_site
 
 
 def phantom(label: int, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -40,7 +40,7 @@ def make_phantom_root(root: Path, per_class: int = 24, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     root = Path(root)
     patients = []
-    for site, layout in SITE_LAYOUTS.items():
+    for site, layout in ((name, paper_site(name)) for name in PAPER_SITES):
         for class_folder, label in layout.classes.items():
             folder = root / layout.folder / class_folder
             folder.mkdir(parents=True, exist_ok=True)

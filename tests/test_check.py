@@ -13,10 +13,10 @@ from pydicom.data import get_testdata_file
 
 from covidct.data.__main__ import main
 from covidct.data.check import DataReport, check_data, format_report
-from covidct.data.sources import SITE_LAYOUTS
+from covidct.data.sites import PAPER_SITES, paper_site
 from tests.test_dicom import write_series
 
-SITE_OF_FOLDER = {layout.folder: site for site, layout in SITE_LAYOUTS.items()}
+SITE_OF_FOLDER = {layout.folder: site for site, layout in ((site, paper_site(site)) for site in PAPER_SITES)}
 FORMAT_OF_SUFFIX = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from covidct.data.sources import SITES
+from covidct.data.sites import PAPER_SITES as SITES
 from covidct.errors import ConfigError
 from covidct.experiments import Experiment, load_experiments, table1_experiments
 from covidct.methods import Joint, MSNet, Ours, ParallelAdapter, SepNorm, SeriesAdapter, Single

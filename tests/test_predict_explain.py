@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_file
 
 from covidct import explain as explain_module
 from covidct import predict as predict_module
-from covidct.data.sources import SITE_LAYOUTS
+from covidct.data.sites import paper_site
 from covidct.errors import ConfigError, DataError
 from covidct.explain import FLAT_NOTE, TILE_TITLE_WIDTH, choose, describe_run, explain, grad_cam, gradcam_figure
 from covidct.inference import TrainedModel
@@ -92,7 +92,7 @@ def test_predict_matches_the_evaluation_path(
         folder = tmp_path / site  # the run's test images of the site, flattened: class folders share file names
         folder.mkdir()
         for row in site_rows:
-            shutil.copy(phantom_root / SITE_LAYOUTS[site].folder / row["file"], folder / row["file"].replace("/", "__"))
+            shutil.copy(phantom_root / paper_site(site).folder / row["file"], folder / row["file"].replace("/", "__"))
         got = {row["file"]: row for row in predict_folder(ckpt(run), folder, site, batch_size=5)}
         assert len(got) == len(site_rows)
         for row in site_rows:
@@ -295,7 +295,7 @@ def test_explain_titles_name_the_dataset_run_fold_and_checkpoint(ours_run: Path,
     explain(ckpt(ours_run), n=2, out=tmp_path, device="cpu")
     for site, figure in zip(("A", "B"), figures):
         title = figure.get_suptitle()
-        assert f"site {site}: {SITE_LAYOUTS[site].dataset}" in title
+        assert f"site {site}: {paper_site(site).dataset}" in title
         assert "run ours, fold 0, seed 643 (Ours)" in title and "checkpoint last.ckpt (selection last)" in title
         figure.draw_without_rendering()
         (text,) = [text for text in figure.texts if text.get_text() == title]

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy import stats
 from torchmetrics.functional.classification import binary_auroc
 
-from covidct.data.sources import SITE_LAYOUTS
+from covidct.data.sites import paper_site
 from covidct.errors import ConfigError
 from covidct.experiments import table1_experiments
 from covidct.metrics import RECORD_METRICS, binary_metrics, pool_by_patient
@@ -440,7 +440,7 @@ def test_site_figures_name_the_dataset_keep_the_legend_off_the_axes_and_caption_
         figure.draw_without_rendering()  # runs the layout
         renderer = figure.canvas.get_renderer()
         (axes,) = figure.axes
-        assert SITE_LAYOUTS[site].dataset in axes.get_title() and f"Site {site}" in axes.get_title()
+        assert paper_site(site).dataset in axes.get_title() and f"Site {site}" in axes.get_title()
         plot_area = axes.get_window_extent(renderer)
         legend = axes.get_legend().get_window_extent(renderer)
         (text,) = [t for t in figure.texts if t.get_text().startswith("Protocol")]

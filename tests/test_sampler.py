@@ -88,7 +88,7 @@ def test_cache_decodes_once_and_notices_changed_files(phantom_root: Path, tmp_pa
     shutil.copytree(phantom_root, root)
     decoded = []
     real_load = cache_module.load_image
-    monkeypatch.setattr(cache_module, "load_image", lambda p: decoded.append(p) or real_load(p))
+    monkeypatch.setattr(cache_module, "load_image", lambda p, *window: decoded.append(p) or real_load(p, *window))
     cache = cache_module.DecodedImageCache(tmp_path / "cache", image_size=32)
     path = root / "sars-cov-2" / "COVID" / "img000.png"
     first = cache.get(path, "eval")

@@ -21,7 +21,8 @@ from covidct.data.download import (
     download_site_b,
     missing_data_message,
 )
-from covidct.data.sources import GROUPINGS, SITES
+from covidct.data.sites import PAPER_SITES
+from covidct.data.sources import GROUPINGS
 
 
 def _add_root(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +53,7 @@ def _download_command(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("download", help="fetch site B from GitHub and site A from Kaggle")
     _add_root(parser)
-    parser.add_argument("--sites", nargs="+", choices=SITES, default=list(SITES), help="sites to fetch")
+    parser.add_argument("--sites", nargs="+", choices=PAPER_SITES, default=list(PAPER_SITES), help="sites to fetch")
     parser.add_argument("--force", action="store_true", help="re-download folders that already hold images")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="where site B's repository files live")
     parser.set_defaults(run=run)
@@ -71,7 +72,7 @@ def _where_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _check_command(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
-        report = check_data(args.root, args.split_seed, args.group_by, args.batch_per_site, args.workers)
+        report = check_data(args.root, args.split_seed, args.group_by, args.batch_per_site, args.workers, args.sites)
         print(format_report(report))
         if args.json:
             args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -86,6 +87,12 @@ def _check_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-per-site", type=int, default=16, help="as data.batch_per_site")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
+    parser.add_argument(
+        "--sites",
+        nargs="+",
+        default=list(PAPER_SITES),
+        help="sites to check, as data.sites names them (conf/data/site/)",
+    )
     parser.set_defaults(run=run)
 
 

@@ -12,13 +12,14 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from covidct.atomic import atomic_write
+from covidct.data.dicom import LUNG_WINDOW
 from covidct.data.sources import load_image
 from covidct.data.transforms import deterministic_resize
 from covidct.errors import DataError
@@ -41,24 +42,32 @@ class DecodedImageCache:
         self.image_size = image_size
         self._resizers = {kind: deterministic_resize(kind, image_size) for kind in ("train", "eval")}
 
-    def entry(self, path: Path, kind: str) -> Path:
+    def entry(self, path: Path, kind: str, ct_window: Sequence[float] = LUNG_WINDOW) -> Path:
         stat = Path(path).stat()
         ident = f"v{CACHE_VERSION}|{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{kind}|{self.image_size}"
+        if tuple(ct_window) != LUNG_WINDOW:  # a site's own DICOM window (the default keeps the keys it always had)
+            ident += f"|window={float(ct_window[0])},{float(ct_window[1])}"
         key = hashlib.sha1(ident.encode()).hexdigest()
         return self.cache_dir / key[:2] / f"{key}.npy"
 
-    def get(self, path: Path, kind: str, entry: Path | None = None) -> np.ndarray:
+    def get(
+        self, path: Path, kind: str, entry: Path | None = None, ct_window: Sequence[float] = LUNG_WINDOW
+    ) -> np.ndarray:
         """The resized image, decoded now if it is not cached (or its entry is unreadable). A caller that
-        keeps `entry(path, kind)` passes it, sparing a stat and a hash per read."""
-        entry = entry or self.entry(path, kind)
+        keeps `entry(path, kind, ct_window)` passes it, sparing a stat and a hash per read."""
+        entry = entry or self.entry(path, kind, ct_window)
         try:
             return read_npy(entry)
         except (FileNotFoundError, ValueError, OSError):
-            return self._fill(path, kind, entry)
+            return self._fill(path, kind, entry, ct_window)
 
-    def warm(self, items: Iterable[tuple[Path, str]], workers: int = 1) -> int:
-        """Decode every (path, kind) not cached yet; returns how many were decoded."""
-        missing = [(path, kind, entry) for path, kind in items if not (entry := self.entry(path, kind)).is_file()]
+    def warm(self, items: Iterable[tuple[Path, str, Sequence[float]]], workers: int = 1) -> int:
+        """Decode every (path, kind, DICOM window) not cached yet; returns how many were decoded."""
+        missing = [
+            (path, kind, entry, window)
+            for path, kind, window in items
+            if not (entry := self.entry(path, kind, window)).is_file()
+        ]
         if workers <= 1 or len(missing) < 64:
             for job in missing:
                 self._fill(*job)
@@ -67,11 +76,11 @@ class DecodedImageCache:
                 list(pool.map(self._fill_discard, missing, chunksize=32))
         return len(missing)
 
-    def _fill_discard(self, job: tuple[Path, str, Path]) -> None:
+    def _fill_discard(self, job: tuple[Path, str, Path, Sequence[float]]) -> None:
         self._fill(*job)
 
-    def _fill(self, path: Path, kind: str, entry: Path) -> np.ndarray:
-        image = self._resizers[kind](load_image(path))
+    def _fill(self, path: Path, kind: str, entry: Path, ct_window: Sequence[float] = LUNG_WINDOW) -> np.ndarray:
+        image = self._resizers[kind](load_image(path, ct_window))
 
         def save(temp: Path) -> None:
             with temp.open("wb") as fh:  # np.save given a path would add '.npy' to the temp file's name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +18,9 @@ from typing import Any
 from PIL import Image
 
 from covidct.data.dicom import DICOM_SUFFIX, is_dicom
-from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, SITE_A_FOLD_NOTE, assign_groups
-from covidct.data.sources import (
-    PATIENTS_CSV,
-    SITE_LAYOUTS,
-    check_grouping,
-    file_digest,
-    list_images,
-    load_image,
-    paper_prefix,
-    read_patient_ids,
-    scan_site,
-)
+from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, assign_groups
+from covidct.data.sites import PAPER_SITES, SiteSpec, read_patient_table, resolve_sites, unmapped_group
+from covidct.data.sources import check_grouping, file_digest, list_images, load_image, scan_site
 from covidct.errors import ConfigError, DataError
 
 # The training part of a site is (N_FOLDS - 1) / N_FOLDS of it under the paper's protocol (no validation part).
@@ -158,32 +150,34 @@ def _class_stats(site: str, folder: str, label: int, infos: list[tuple[Path, _Fi
     return stats
 
 
-def _patient_coverage(root: Path, images: list[tuple[Path, int]]) -> PatientCoverage:
-    """How patients.csv covers site B: what patient folds will group, and what they fall back on."""
+def _patient_coverage(root: Path, spec: SiteSpec, images: list[tuple[Path, int]]) -> PatientCoverage:
+    """How a site's patient table covers its images: what patient folds will group, and what they fall back on."""
     coverage = PatientCoverage()
-    if not (root / PATIENTS_CSV).is_file():
-        coverage.error = f"{root / PATIENTS_CSV} is missing."
+    table = spec.site_dir(root) / spec.patients.file
+    if not table.is_file():
+        coverage.error = f"{table} is missing."
         return coverage
     try:
-        patients = read_patient_ids(root)
+        patients = read_patient_table(spec, root)
     except DataError as err:
         coverage.error = str(err)
         return coverage
     names = {f"{p.parent.name}/{p.name}" for p, _ in images}
-    classes = SITE_LAYOUTS["B"].classes
+    classes = spec.classes
     coverage.mapped, coverage.unmapped = dict.fromkeys(classes, 0), dict.fromkeys(classes, 0)
     patients_of: dict[str, set[str]] = {folder: set() for folder in classes}
     for p, _ in images:
         folder, name = p.parent.name, f"{p.parent.name}/{p.name}"
         if name in patients:
             coverage.mapped[folder] += 1
-            patients_of[folder].add(patients[name].split(":", 1)[1])
+            patients_of[folder].add(patients[name].split(":", 1)[-1])
         else:
             coverage.unmapped[folder] += 1
-            prefix = f"{folder}/{paper_prefix(p.name)}"
+            fallback = unmapped_group(spec, name) if spec.patients.unmapped else f"{folder}::{p.stem}"
+            prefix = f"{folder}/{fallback.split(':', 2)[2]}"
             coverage.unmapped_by_prefix[prefix] = coverage.unmapped_by_prefix.get(prefix, 0) + 1
     coverage.patients = {folder: len(ids) for folder, ids in patients_of.items()}
-    coverage.missing_files = sorted(f"{SITE_LAYOUTS['B'].folder}/{name}" for name in patients if name not in names)
+    coverage.missing_files = sorted(f"{spec.folder}/{name}" for name in patients if name not in names)
     covid_ids, non_covid_ids = patients_of.values()
     coverage.patients_in_both_classes = sorted(covid_ids & non_covid_ids)
     return coverage
@@ -215,11 +209,11 @@ def _duplicates(
     return groups
 
 
-def unread_entries(root: Path) -> list[str]:
+def unread_entries(root: Path, specs: Sequence[SiteSpec]) -> list[str]:
     """What training silently does not read: folders beside a site's class folders, and broken symlinks."""
     found = []
-    for layout in SITE_LAYOUTS.values():
-        site_dir = Path(root) / layout.folder
+    for layout in specs:
+        site_dir = layout.site_dir(Path(root))
         if not site_dir.is_dir():
             continue
         for entry in sorted(site_dir.iterdir()):
@@ -231,7 +225,7 @@ def unread_entries(root: Path) -> list[str]:
                 for entry in sorted(class_dir.iterdir()):
                     if entry.is_symlink() and not entry.exists():
                         found.append(f"{_relative(root, entry)} is a broken symlink: not read")
-                    elif entry.is_dir():
+                    elif entry.is_dir() and layout.patients.kind != "folder":
                         found.append(f"{_relative(root, entry)}/ is a folder inside a class folder: not read")
     return found
 
@@ -242,8 +236,9 @@ def check_data(
     group_by: str = "patient",
     batch_per_site: int = 16,
     workers: int | None = None,
+    sites: Sequence[str] = PAPER_SITES,
 ) -> DataReport:
-    """Check everything training on `root` depends on; structural errors of one site do not stop the other's check."""
+    """Check everything training on `root` depends on; structural errors of one site do not stop the others' check."""
     check_grouping(group_by)
     if batch_per_site < 1:
         raise ConfigError(f"batch_per_site must be positive, got {batch_per_site}.")
@@ -251,12 +246,14 @@ def check_data(
     if workers < 1:
         raise ConfigError(f"workers must be positive, got {workers}.")
     root = Path(root)
-    report = DataReport(str(root), split_seed, group_by, batch_per_site, notes=[SITE_A_FOLD_NOTE])
+    specs = {spec.name: spec for spec in resolve_sites(sites)}
+    notes = [spec.note(group_by) for spec in specs.values() if spec.patients.kind == "none"]
+    report = DataReport(str(root), split_seed, group_by, batch_per_site, notes=notes)
     listed: dict[str, list[tuple[Path, int]]] = {}
-    report.warnings += unread_entries(root)
-    for site in SITE_LAYOUTS:
+    report.warnings += unread_entries(root, list(specs.values()))
+    for site, spec in specs.items():
         try:
-            listed[site] = list_images(root, site)
+            listed[site] = list_images(root, spec)
         except DataError as err:
             report.problems.append(Problem(site, str(err)))
     paths = [p for items in listed.values() for p, _ in items]
@@ -264,9 +261,10 @@ def check_data(
         infos = dict(zip(paths, pool.map(_inspect, paths, chunksize=max(1, len(paths) // (workers * 16)))))
 
     for site, items in listed.items():
-        layout = SITE_LAYOUTS[site]
+        layout = specs[site]
+        site_dir = layout.site_dir(root)
         for folder, label in layout.classes.items():
-            in_class = [(p, infos[p]) for p, y in items if p.parent.name == folder]
+            in_class = [(p, infos[p]) for p, y in items if p.relative_to(site_dir).parts[0] == folder]
             report.classes.append(_class_stats(site, folder, label, in_class))
         for p, _ in items:
             if infos[p].error is not None:
@@ -282,8 +280,8 @@ def check_data(
                 )
             )
 
-    if "B" in listed:
-        report.coverage = _patient_coverage(root, listed["B"])
+    if "B" in listed and specs["B"].patients.kind == "csv":
+        report.coverage = _patient_coverage(root, specs["B"], listed["B"])
         if report.coverage.error is not None:
             message = (
                 f"{report.coverage.error} Site B patient folds need it: restore the file or use data.group_by=image."
@@ -309,7 +307,11 @@ def check_data(
     for site in listed:
         if site == "B" and group_by == "patient" and report.coverage.error is not None:
             continue
-        samples = scan_site(root, site, group_by)
+        try:
+            samples = scan_site(root, specs[site], group_by)
+        except DataError as err:
+            report.problems.append(Problem(site, str(err)))
+            continue
         fold_of = assign_groups(samples, N_FOLDS, split_seed)
         folds.update((s.path, f) for s, f in zip(samples, fold_of))
         for fold in range(N_FOLDS):
@@ -415,7 +417,7 @@ def format_report(report: DataReport) -> str:
     lines.append("")
 
     cov = report.coverage
-    lines.append(f"Site B patient coverage ({PATIENTS_CSV.as_posix()}):")
+    lines.append("Site B patient coverage (covid-ct/Meta/patients.csv):")
     if cov is None:
         lines.append("  not checked: site B could not be listed")
     elif cov.error is not None:

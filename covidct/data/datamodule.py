@@ -15,9 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.cache import DecodedImageCache, default_cache_dir
-from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, SITE_A_FOLD_NOTE, split_fold
+from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, split_fold
 from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws, collate_with_site_layout
-from covidct.data.sources import SITES, Sample, scan_site, site_index
+from covidct.data.sites import PAPER_SITES, SiteSpec, resolve_sites
+from covidct.data.sources import Sample, scan_site
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, normalize_images
 from covidct.errors import ConfigError
 
@@ -68,14 +69,21 @@ class SiteImageDataset(Dataset):
     """
 
     def __init__(
-        self, samples: Sequence[Sample], kind: str, cache: DecodedImageCache, augment: CropFlip, sites: Sequence[str]
+        self,
+        samples: Sequence[Sample],
+        kind: str,
+        cache: DecodedImageCache,
+        augment: CropFlip,
+        site_ids: Mapping[str, int],
+        windows: Mapping[str, Sequence[float]],
     ):
         self.samples = list(samples)
-        self.site_ids = {site: i for i, site in enumerate(sites)}  # a site's index is its place in data.sites
+        self.site_ids = dict(site_ids)  # a site's index: its place in the training sites (see DataModule)
         self.kind = kind
         self.cache = cache
         self.augment = augment
-        self.entries = [cache.entry(s.path, kind) for s in self.samples]  # once, not per read
+        self.windows = [windows[s.site] for s in self.samples]  # each site's DICOM window
+        self.entries = [cache.entry(s.path, kind, w) for s, w in zip(self.samples, self.windows)]  # once, not per read
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -85,7 +93,7 @@ class SiteImageDataset(Dataset):
             item, augmentation_seed = item
             self.augment.set_random_seed(augmentation_seed)
         sample = self.samples[item]
-        image = self.augment(self.cache.get(sample.path, self.kind, self.entries[item]))
+        image = self.augment(self.cache.get(sample.path, self.kind, self.entries[item], self.windows[item]))
         return {
             "image": torch.from_numpy(image),  # uint8 CHW, normalised on the device (on_after_batch_transfer)
             "label": sample.label,
@@ -97,21 +105,25 @@ class SiteImageDataset(Dataset):
 PAPER_REPEAT = {"B": 4}  # site B's 4 passes per epoch: the authors' setting (auto would give 3 on fold 0)
 
 
-def checked_repeat(repeat: Mapping[str, int] | str | None) -> dict[str, int] | str:
-    """data.repeat as a {site: passes} dict or 'auto', or a ConfigError naming what is wrong (check_config
-    calls it too, before any work)."""
+def checked_repeat(repeat: Mapping[str, int] | str | None, specs: Sequence[SiteSpec]) -> dict[str, int] | str:
+    """data.repeat as a {site name: passes} dict (aliases such as covid_ct allowed; the paper's sites may be
+    named while not in the run: single-site mode) or 'auto', or a ConfigError naming what is wrong
+    (check_config calls it too, before any work)."""
     if repeat is None:
         return dict(PAPER_REPEAT)
     if isinstance(repeat, str):
         if repeat != "auto":
             raise ConfigError(f"data.repeat must be 'auto' or a mapping such as {{B: 4}}, got {repeat!r}.")
         return repeat
-    factors = dict(repeat)
-    for site, factor in factors.items():
-        if site not in SITES:
-            raise ConfigError(f"data.repeat names site {site!r}; the sites are {', '.join(SITES)}.")
+    names = {alias: spec.name for spec in specs for alias in (spec.name, *spec.aliases)}
+    names |= {site: site for site in PAPER_SITES}
+    factors = {}
+    for site, factor in dict(repeat).items():
+        if site not in names:
+            raise ConfigError(f"data.repeat names site {site!r}; the sites are {', '.join(s.name for s in specs)}.")
         if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
             raise ConfigError(f"data.repeat: site {site}'s factor must be an integer >= 1, got {factor!r}.")
+        factors[names[site]] = factor
     return factors
 
 
@@ -120,7 +132,11 @@ def _repeat_of(repeat: Mapping[str, int] | str, site: str) -> int | str:
 
 
 class TwoSiteDataModule(pl.LightningDataModule):
-    """Both sites' folds; training batches of `batch_per_site` images per site; per-site eval loaders.
+    """The sites' folds; training batches of `batch_per_site` images per site; per-site eval loaders.
+
+    `sites` names the sites by their config (data/sites.py), or `site_specs` gives them (as a checkpoint
+    stores them). `test_sites` are sites never trained on (leave-one-site-out): all their images are tested,
+    with an index past the training sites', and `sites` (what a method is built for) holds the others.
 
     An epoch is ceil(max_s(repeat_s * n_s) / batch_per_site) steps over the training parts (see
     SiteEpochDraws), where `repeat` gives each site's passes per epoch: a mapping (sites left out pass once;
@@ -133,7 +149,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str | Path,
-        sites: Sequence[str] = SITES,
+        sites: Sequence[str] = PAPER_SITES,
         fold: int = 0,
         split_seed: int = 0,
         group_by: str = "patient",
@@ -148,13 +164,25 @@ class TwoSiteDataModule(pl.LightningDataModule):
         seed: int = 0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        test_sites: Sequence[str] = (),
+        site_specs: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         super().__init__()
         root = str(Path(os.path.expanduser(str(root))).absolute())  # stored absolute: explain runs anywhere
         self.save_hyperparameters()  # stored in checkpoints: predict and explain reuse the preprocessing
-        self.sites = [str(s) for s in sites]
-        for site in self.sites:
-            site_index(site)
+        names = [str(s) for s in sites]
+        held_out = [str(s) for s in test_sites]
+        specs = resolve_sites([*names, *(s for s in held_out if s not in names)], site_specs)
+        self.specs: dict[str, SiteSpec] = {spec.name: spec for spec in specs}
+        by_given = dict(zip([*names, *(s for s in held_out if s not in names)], specs))
+        unseen = {by_given[s].name for s in held_out}
+        self.sites = [by_given[s].name for s in names if by_given[s].name not in unseen]
+        self.unseen_sites = [name for name in self.specs if name in unseen]
+        if not self.sites:
+            raise ConfigError(
+                f"data.test_sites={held_out} leaves no site to train on: data.sites={names} must name one more."
+            )
+        self.hparams["site_specs"] = {name: spec.as_dict() for name, spec in self.specs.items()}
         if not 0 <= fold < N_FOLDS:
             raise ConfigError(f"fold must be in 0..{N_FOLDS - 1}, got {fold}.")
         if batch_per_site < 2:
@@ -170,7 +198,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.image_size = image_size
         self.batch_per_site = batch_per_site
-        self.repeat = checked_repeat(repeat)
+        self.repeat = checked_repeat(repeat, specs)
         self.eval_batch_size = eval_batch_size
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -195,7 +223,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         if self.splits:
             return
         for site in self.sites:
-            samples = scan_site(self.root, site, self.group_by)
+            samples = scan_site(self.root, self.specs[site], self.group_by)
             self.splits[site] = split_fold(samples, self.fold, self.split_seed, self.val_fraction)
             n_train = len(self.splits[site]["train"])
             if n_train < self.batch_per_site:
@@ -215,12 +243,15 @@ class TwoSiteDataModule(pl.LightningDataModule):
                         covid,
                         len(samples) - covid,
                     )
+        for site in self.unseen_sites:  # never trained on: every image is a test image
+            self.splits[site] = {"train": [], "val": [], "test": scan_site(self.root, self.specs[site], self.group_by)}
 
-    def _cache_items(self) -> list[tuple[Path, str]]:
-        """Every image with the resize its part uses: training crops from 'train', evaluation uses 'eval'."""
+    def _cache_items(self) -> list[tuple[Path, str, tuple[float, float]]]:
+        """Every image with the resize its part uses (training crops from 'train', evaluation uses 'eval') and
+        its site's DICOM window."""
         return [
-            (s.path, "train" if part == "train" else "eval")
-            for parts in self.splits.values()
+            (s.path, "train" if part == "train" else "eval", self.specs[site].window)
+            for site, parts in self.splits.items()
             for part, items in parts.items()
             for s in items
         ]
@@ -251,11 +282,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
             samples.extend(part)
         repeats = self.repeat_factors()
         dataset = SiteImageDataset(
-            samples,
-            "train",
-            self.cache,
-            CropFlip("train", self.image_size),
-            self.sites,
+            samples, "train", self.cache, CropFlip("train", self.image_size), self.site_ids(), self._windows()
         )
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -284,15 +311,24 @@ class TwoSiteDataModule(pl.LightningDataModule):
             )
         self._resume_at = {"epoch": int(at["epoch"]), "batch": int(at["batch"])}
 
+    def site_ids(self) -> dict[str, int]:
+        """Each training site's index in batches and site-routed layers: its place in `sites`."""
+        return {site: i for i, site in enumerate(self.sites)}
+
+    def _windows(self) -> dict[str, tuple[float, float]]:
+        return {name: spec.window for name, spec in self.specs.items()}
+
+    def _site_loader(self, site: str, part: str, index: int) -> DataLoader:
+        augment = CropFlip("eval", self.image_size)
+        dataset = SiteImageDataset(self.splits[site][part], "eval", self.cache, augment, {site: index}, self._windows())
+        return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
+
     def _eval_loaders(self, part: str) -> list[DataLoader]:
-        loaders = []
-        for site in self.sites:
-            if not self.splits[site][part]:
-                continue
-            augment = CropFlip("eval", self.image_size)
-            dataset = SiteImageDataset(self.splits[site][part], "eval", self.cache, augment, self.sites)
-            loaders.append(self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False))
-        return loaders
+        return [self._site_loader(site, part, i) for i, site in enumerate(self.sites) if self.splits[site][part]]
+
+    def unseen_loader(self, site: str, index: int) -> DataLoader:
+        """A test site never trained on, its batches routed to `index` (the layers it was given)."""
+        return self._site_loader(site, "test", index)
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("val")
@@ -359,16 +395,23 @@ class TwoSiteDataModule(pl.LightningDataModule):
             )
         else:
             notes.append("the paper's protocol: trained on all non-test images (no validation part)")
-        if self.sites == ["A"]:
+        if len(self.sites) == 1 and not self.unseen_sites:
+            others = [site for site in (self.repeat if isinstance(self.repeat, dict) else {}) if site not in self.sites]
+            if others and _repeat_of(self.repeat, self.sites[0]) == 1:
+                notes.append(
+                    f"single-site mode: site {self.sites[0]} is shown once per epoch; a two-site run cycles it to "
+                    f"the length of site {others[0]}'s {_repeat_of(self.repeat, others[0])} passes, so these "
+                    "epochs are shorter"
+                )
+        if self.group_by == "image":
+            notes.append("folds are image-level on every site")
+        else:
+            notes.extend(self.specs[site].note(self.group_by) for site in self.sites)
+        if self.unseen_sites:
+            summary["test_sites"] = list(self.unseen_sites)
             notes.append(
-                "single-site mode: site A is shown once per epoch; a two-site run cycles it to the length of "
-                f"site B's {_repeat_of(self.repeat, 'B')} passes, so these epochs are shorter"
-            )
-        if "A" in self.sites:
-            notes.append(SITE_A_FOLD_NOTE if self.group_by == "patient" else "folds are image-level on every site")
-        if "B" in self.sites and self.group_by == "patient":
-            notes.append(
-                "site B folds are patient-disjoint (Meta/patients.csv; unmapped images grouped by source paper)"
+                f"leave-one-site-out: site(s) {', '.join(self.unseen_sites)} never trained on, all their images "
+                "tested, with the norms `unseen` names (adabn, mean, site:<name>) where a method's are per site"
             )
         summary["notes"] = notes
         return summary

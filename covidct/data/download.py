@@ -19,7 +19,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from covidct.atomic import atomic_write
-from covidct.data.sources import IMAGE_SUFFIXES, PATIENTS_CSV, SITE_LAYOUTS
+from covidct.data.sites import PAPER_SITES, paper_site
+from covidct.data.sources import IMAGE_SUFFIXES
 from covidct.errors import DataError
 
 DEFAULT_BASE_URL = "https://github.com/UCSD-AI4H/COVID-CT/raw/master"
@@ -124,13 +125,18 @@ def _unpack(archive: Path, site_dir: Path, folders: dict[str, str], fallback: st
     return counts
 
 
+def _patients_csv(root: Path) -> Path:
+    spec = paper_site("B")
+    return spec.site_dir(Path(root)) / spec.patients.file
+
+
 def download_site_b(root: Path, base_url: str = DEFAULT_BASE_URL, force: bool = False) -> None:
     """Fetch site B's image zips and split lists into `<root>/covid-ct/`.
 
     Class folders that already hold images and split lists already on disk are skipped unless `force`,
     so a rerun after an interruption only fetches what is missing.
     """
-    site_dir = Path(root) / SITE_LAYOUTS["B"].folder
+    site_dir = Path(root) / paper_site("B").folder
     site_dir.mkdir(parents=True, exist_ok=True)
     base_url = base_url.rstrip("/")
     for class_folder, rel_url in SITE_B_ZIPS.items():
@@ -159,16 +165,16 @@ def download_site_b(root: Path, base_url: str = DEFAULT_BASE_URL, force: bool = 
             _fetch(f"{base_url}/{rel_url}", dest)
         except DataError as err:
             print(f"warning: site B split list not fetched: {err}", file=sys.stderr)
-    if not (Path(root) / PATIENTS_CSV).is_file():
+    if not _patients_csv(root).is_file():
         print(
-            f"note: site B's patient-grouped folds need {Path(root) / PATIENTS_CSV} (columns folder,file,"
+            f"note: site B's patient-grouped folds need {_patients_csv(root)} (columns folder,file,"
             "patient_id), which the download does not provide; data.group_by=image works without it."
         )
 
 
 def site_a_instructions(root: Path) -> str:
     """The manual steps for site A, whose Kaggle download needs an account."""
-    site_dir = Path(root) / SITE_LAYOUTS["A"].folder
+    site_dir = Path(root) / paper_site("A").folder
     return (
         f"Site A must be downloaded from Kaggle (a free account is needed):\n"
         f"  1. Download the Kaggle dataset {KAGGLE_DATASET} from\n"
@@ -195,8 +201,8 @@ def download_site_a(root: Path, force: bool = False) -> str | None:
     Without credentials or the `kaggle` package it returns the manual instructions instead of failing,
     because site A is meant to be a manual step for most users.
     """
-    site_dir = Path(root) / SITE_LAYOUTS["A"].folder
-    classes = list(SITE_LAYOUTS["A"].classes)
+    site_dir = Path(root) / paper_site("A").folder
+    classes = list(paper_site("A").classes)
     if not force and all(_has_images(site_dir / c) for c in classes):
         print(f"site A: {site_dir} already holds images; skipping (--force re-downloads).")
         return None
@@ -233,7 +239,7 @@ def missing_data_message(root: Path) -> str | None:
     root = Path(root)
     missing: list[str] = []
     sites_missing: set[str] = set()
-    for site, layout in SITE_LAYOUTS.items():
+    for site, layout in ((name, paper_site(name)) for name in PAPER_SITES):
         for class_folder in layout.classes:
             folder = root / layout.folder / class_folder
             if not _has_images(folder):

@@ -11,10 +11,6 @@ from covidct.errors import ConfigError
 
 N_FOLDS = 4
 FEW_IMAGES_PER_CLASS = 5  # below this in a part, a run and `data check` warn: its metrics are noisy or undefined
-SITE_A_FOLD_NOTE = (
-    "site A has no patient ids: its folds are image-level (byte-identical duplicates kept together), "
-    "so slices of one patient can fall on both sides of a split"
-)
 
 
 def assign_groups(samples: Sequence[Sample], n_parts: int, seed: int) -> list[int]:

@@ -12,13 +12,13 @@ from typing import Any
 
 from covidct.atomic import atomic_write_text
 from covidct.cli import cli_errors
-from covidct.data.sources import SITE_LAYOUTS, SITES
+from covidct.data.sites import dataset_name
 from covidct.errors import ConfigError, DataError
 from covidct.metrics import PATIENT_POOLINGS
 from covidct.records import METRICS_FILE, PREDICTIONS_FILE, TIMING_FILE, read_predictions, read_run_record
 from covidct.report.curves import plot_reliability, plot_rocs
 from covidct.report.render import build_report, curve_caption, render_files
-from covidct.report.table1 import SELECTIONS, TABLE_COLUMNS, DuplicateRunError, select_records
+from covidct.report.table1 import SELECTIONS, TABLE_COLUMNS, DuplicateRunError, record_sites, select_records
 
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table1.csv"
 
@@ -111,8 +111,8 @@ def write_report(
     for name, text in render_files(report, provenance).items():
         atomic_write_text(out / name, text)
     images = {}
-    for site in SITES:
-        dataset = f"Site {site}: {SITE_LAYOUTS[site].dataset}"
+    for site in record_sites(selected, selection):
+        dataset = f"Site {site}: {dataset_name(site, selected)}"
         caption = curve_caption(report, site, (protocol, provenance.get("note")))
         rocs = {methods[e]: curve for (e, s), curve in report["rocs"].items() if s == site}
         images[f"roc_{site}"] = plot_rocs(

@@ -26,11 +26,11 @@ from typing import Any
 
 from scipy import stats
 
-from covidct.data.folds import SITE_A_FOLD_NOTE
-from covidct.data.sources import SITES
+from covidct.data.sites import PAPER_SITES, paper_site
 from covidct.errors import ConfigError
 from covidct.experiments import Experiment, parse_table1, registry, sort_experiments
 from covidct.metrics import ECE_BINS, METRIC_NAMES, RECORD_METRICS
+from covidct.records import held_out_sites
 
 # The method the t-tests and DeLong's test compare every other row with (the paper's method), by name.
 REFERENCE = "ours"
@@ -75,12 +75,13 @@ def select_records(
     records: Iterable[Mapping[str, Any]], folds: Sequence[int], seeds: Sequence[int]
 ) -> dict[tuple[str, int, int], Mapping[str, Any]]:
     """The records of the sweep's folds and seeds, one per (experiment, fold, seed), of every experiment
-    (those without a Table I row too); records of other folds or seeds are ignored."""
+    (those without a Table I row too); records of other folds or seeds, and leave-one-site-out records (their
+    own table, report/loso.py), are ignored."""
     wanted = {(f, s) for f in folds for s in seeds}
     chosen: dict[tuple[str, int, int], Mapping[str, Any]] = {}
     for record in records:
         key = _key(record)
-        if key[1:] not in wanted:
+        if key[1:] not in wanted or held_out_sites(record):
             continue
         if key in chosen:
             raise DuplicateRunError(
@@ -166,12 +167,17 @@ def expected_count(folds: Sequence[int], seeds: Sequence[int], aggregation: str)
     return len(seeds) if aggregation == "paper" else len(folds) * len(seeds)
 
 
+def record_sites(records: Iterable[Mapping[str, Any]], selection: str = "last", level: str = "images") -> list[str]:
+    """The sites the records test, in table order: the paper's A and B first (always at image level, so a gap
+    stays visible), then any other site by name."""
+    found = {site for r in records for site in r.get("test", {}).get(selection, {}).get(level, {})}
+    always = PAPER_SITES if level == "images" else ()
+    return [*always, *sorted(found - set(always), key=lambda site: (site not in PAPER_SITES, site))]
+
+
 def level_sites(chosen: Mapping[Any, Mapping[str, Any]], selection: str, level: str) -> list[str]:
     """Image level: every site (a gap stays visible); patient level: the sites whose runs have patients."""
-    if level == "images":
-        return list(SITES)
-    found = {site for r in chosen.values() for site in r.get("test", {}).get(selection, {}).get(level, {})}
-    return [site for site in SITES if site in found]
+    return record_sites(chosen.values(), selection, level)
 
 
 def collect_results(
@@ -239,7 +245,7 @@ def paired_ttests(
     chosen = select_records(records, folds, seeds)
     methods = table_methods(chosen.values(), experiments)
     rows = []
-    for site in SITES:
+    for site in record_sites(chosen.values(), selection):
         for metric in metrics:
             ours = cell_values(chosen, REFERENCE, site, metric, folds, seeds, selection, aggregation)
             for method in methods:
@@ -308,7 +314,7 @@ def _by_cell(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], Ma
 
 def provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
     lines = [f"- {key}: {value}" for key, value in provenance.items()]
-    return [*lines, f"- fold caveat: {SITE_A_FOLD_NOTE}"]
+    return [*lines, f"- fold caveat: {paper_site('A').note('patient')}"]
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -382,14 +388,15 @@ def ttests_markdown(ttests: Sequence[Mapping[str, Any]]) -> list[str]:
 def to_latex(rows: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]) -> str:
     """A booktabs table like the paper's (its five metrics): ours ± std, the paper's mean in parentheses."""
     cells = _by_cell(rows)
-    columns = [(site, metric) for site in SITES for metric in METRIC_NAMES]
+    sites = list(dict.fromkeys(row["site"] for row in rows))
+    columns = [(site, metric) for site in sites for metric in METRIC_NAMES]
     first = rows[0]
     out = [
         f"% Table I reproduced; protocol={provenance.get('protocol')}, selection={first['selection']}, "
         f"aggregation={first['aggregation']}",
         "\\begin{tabular}{l" + "c" * len(columns) + "}",
         "\\toprule",
-        " & " + " & ".join(f"\\multicolumn{{{len(METRIC_NAMES)}}}{{c}}{{Site {site}}}" for site in SITES) + " \\\\",
+        " & " + " & ".join(f"\\multicolumn{{{len(METRIC_NAMES)}}}{{c}}{{Site {site}}}" for site in sites) + " \\\\",
         "Method & " + " & ".join(METRIC_LABELS[m] for _, m in columns) + " \\\\",
         "\\midrule",
     ]

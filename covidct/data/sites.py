@@ -1,0 +1,323 @@
+"""Sites declared in config: one YAML file per site (conf/data/site/<name>.yaml), read by `SiteSpec`.
+
+A site is a folder with one subfolder per class, plus how its images group into patients, which is what
+folds keep on one side of a split:
+- `none`: no patient ids, so results are image-level (`duplicates: together` keeps byte-identical files in
+  one group, as site A needs);
+- `csv`: a table of file -> patient id (`unmapped` says what an image missing from it becomes);
+- `regex`: the patient id is the first group of a pattern matched against the file name;
+- `folder`: one folder per patient (or DICOM series) inside each class folder.
+Adding a hospital is one such file; the two paper datasets are two of them (sars_cov_2.yaml = site A,
+covid_ct.yaml = site B), found by file name or by their short name.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from covidct.data.dicom import LUNG_WINDOW
+from covidct.errors import ConfigError, DataError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+SITE_CONFIG_GROUP = Path("data") / "site"
+PATIENT_KINDS = ("none", "csv", "regex", "folder")
+COVID_LABELS = (0, 1)
+PAPER_SITES = ("A", "B")  # the paper's datasets (Table I), as the records have always named them
+
+
+@dataclass(frozen=True)
+class Patients:
+    """How a site's images group into patients (`kind`, one of PATIENT_KINDS) and that kind's settings."""
+
+    kind: str = "none"
+    duplicates: str = "apart"  # none: 'together' puts byte-identical files in one group
+    file: str = ""  # csv: the table, relative to the site folder
+    columns: dict[str, str] = field(default_factory=dict)  # csv: {file, patient[, folder]} -> column names
+    unmapped: dict[str, str] = field(default_factory=dict)  # csv: {} (an error) or {regex, tag}
+    pattern: str = ""  # regex: its first group is the patient id
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One site: its name in records, the folder holding its class folders (relative to data.root or
+    absolute), which class folder means which label (COVID = 1), its patients, where to get it, the dataset it
+    is (figures name it) and the Hounsfield window its DICOM slices are shown through."""
+
+    name: str
+    folder: str
+    classes: dict[str, int]
+    patients: Patients = field(default_factory=Patients)
+    download: str = ""
+    dataset: str = ""
+    aliases: tuple[str, ...] = ()
+    window: tuple[float, float] = LUNG_WINDOW
+    fold_note: str = ""  # what a record says of this site's folds; derived from `patients` where empty
+    source: str = ""  # the YAML file it was read from
+
+    def site_dir(self, root: Path) -> Path:
+        return Path(root) / self.folder  # an absolute folder stays itself
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, as checkpoints and records store it (from_dict reads it back)."""
+        values = asdict(self)
+        values["aliases"] = list(self.aliases)
+        values["window"] = list(self.window)
+        return values
+
+    def note(self, group_by: str) -> str:
+        """What a record says of this site's folds under data.group_by."""
+        if self.fold_note and group_by == "patient":
+            return self.fold_note
+        kind = self.patients.kind
+        if group_by == "image" or kind == "none":
+            together = " (byte-identical duplicates kept together)" if self.patients.duplicates == "together" else ""
+            if group_by == "image":
+                return f"site {self.name} folds are image-level (data.group_by=image)"
+            return (
+                f"site {self.name} has no patient ids: its folds are image-level{together}, so slices of one "
+                "patient can fall on both sides of a split"
+            )
+        where = {"csv": self.patients.file, "regex": f"file names, {self.patients.pattern}", "folder": "folders"}
+        return f"site {self.name} folds are patient-disjoint (patients from {where[kind]})"
+
+
+def _problem(source: str, message: str) -> ConfigError:
+    return ConfigError(f"site config {source}: {message}")
+
+
+def _patients(values: Any, source: str) -> Patients:
+    if values is None:
+        return Patients()
+    if isinstance(values, str):
+        values = {"kind": values}
+    if not isinstance(values, Mapping):
+        raise _problem(source, f"patients must be a mapping with a kind ({', '.join(PATIENT_KINDS)}), got {values!r}.")
+    known = {"kind", "duplicates", "file", "columns", "unmapped", "pattern"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise _problem(source, f"patients has unknown key(s) {unknown}; it may hold {sorted(known)}.")
+    kind = values.get("kind", "none")
+    if kind not in PATIENT_KINDS:
+        raise _problem(source, f"patients.kind must be one of {', '.join(PATIENT_KINDS)}, got {kind!r}.")
+    patients = Patients(
+        kind=kind,
+        duplicates=str(values.get("duplicates", "apart")),
+        file=str(values.get("file", "")),
+        columns={str(k): str(v) for k, v in (values.get("columns") or {}).items()},
+        unmapped={str(k): str(v) for k, v in (values.get("unmapped") or {}).items()},
+        pattern=str(values.get("pattern", "")),
+    )
+    if patients.duplicates not in ("apart", "together"):
+        raise _problem(source, f"patients.duplicates must be 'apart' or 'together', got {patients.duplicates!r}.")
+    if kind == "csv":
+        if not patients.file:
+            raise _problem(source, "patients.kind csv needs patients.file, the table of file -> patient id.")
+        if set(patients.columns) - {"file", "patient", "folder"}:
+            raise _problem(source, "patients.columns may map file, patient and folder to the table's column names.")
+        if patients.unmapped and set(patients.unmapped) != {"regex", "tag"}:
+            raise _problem(source, "patients.unmapped must be {regex: PATTERN, tag: WORD} (or absent: an error).")
+    for pattern in filter(None, (patients.pattern, patients.unmapped.get("regex"))):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise _problem(source, f"pattern {pattern!r} is not a regular expression ({err}).") from None
+    if kind == "regex" and not patients.pattern:
+        raise _problem(source, "patients.kind regex needs patients.pattern, whose first group is the patient id.")
+    return patients
+
+
+def site_from_dict(values: Mapping[str, Any], source: str = "", default_name: str = "") -> SiteSpec:
+    """A SiteSpec from a site file's (or a checkpoint's) mapping, or a ConfigError naming the bad key."""
+    source = source or "(inline)"
+    if not isinstance(values, Mapping):
+        raise _problem(source, f"a site config is a mapping, got {type(values).__name__}.")
+    known = {f for f in SiteSpec.__dataclass_fields__ if f != "source"}
+    unknown = sorted(set(values) - known - {"source"})  # a stored spec keeps the file it was read from
+    if unknown:
+        raise _problem(source, f"unknown key(s) {unknown}; a site config may hold {sorted(known)}.")
+    name = str(values.get("name") or default_name)
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise _problem(source, f"name must be letters, digits, '_', '.' or '-', got {name!r}.")
+    folder = values.get("folder")
+    if not folder:
+        raise _problem(
+            source, "folder is missing: the folder holding the class folders (under data.root, or absolute)."
+        )
+    classes = values.get("classes")
+    if not isinstance(classes, Mapping) or not classes:
+        raise _problem(source, "classes must map each class folder to its label, e.g. {covid: 1, normal: 0}.")
+    labels = {str(k): v for k, v in classes.items()}
+    if any(v not in COVID_LABELS or isinstance(v, bool) for v in labels.values()) or set(labels.values()) != {0, 1}:
+        raise _problem(source, f"classes must give label 1 (COVID) and 0 (non-COVID), each to a folder; got {labels}.")
+    window = tuple(float(v) for v in values.get("window", LUNG_WINDOW))
+    if len(window) != 2 or window[1] <= 0:
+        raise _problem(source, f"window must be [centre, width] in Hounsfield units, width > 0; got {list(window)}.")
+    aliases = values.get("aliases") or ()
+    return SiteSpec(
+        name=name,
+        folder=str(folder),
+        classes=labels,
+        patients=_patients(values.get("patients"), source),
+        download=str(values.get("download") or ""),
+        dataset=str(values.get("dataset") or name),
+        aliases=tuple(str(a) for a in ([aliases] if isinstance(aliases, str) else aliases)),
+        window=(window[0], window[1]),
+        fold_note=str(values.get("fold_note") or ""),
+        source=str(values.get("source") or source),
+    )
+
+
+def read_site_file(path: Path) -> SiteSpec:
+    """The site a YAML file declares (its name defaults to the file's stem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"site config {path} does not exist.")
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except OSError as err:
+        raise ConfigError(f"cannot read site config {path} ({err.strerror or err}).") from None
+    except (OmegaConfBaseException, ValueError) as err:  # bad YAML surfaces as a yaml or omegaconf error
+        raise ConfigError(f"site config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return site_from_dict(values or {}, str(path), default_name=path.stem)
+
+
+def search_dirs() -> list[Path]:
+    """The config folders sites are looked up in: Hydra's search path during a run (so `--config-dir` and
+    `hydra.searchpath` add sites), and always this project's conf/."""
+    dirs: list[Path] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            for source in HydraConfig.get().runtime.config_sources:
+                if source.schema == "file":
+                    dirs.append(Path(source.path))
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        pass
+    return [*dict.fromkeys([*dirs, CONF_DIR])]
+
+
+def _site_files(dirs: Iterable[Path]) -> list[Path]:
+    return [path for d in dirs for path in sorted((Path(d) / SITE_CONFIG_GROUP).glob("*.yaml"))]
+
+
+def find_site(name: str, dirs: Sequence[Path] | None = None) -> SiteSpec:
+    """The site `name` names: a YAML file's path, conf/data/site/<name>.yaml, or a site whose name or alias it
+    is (A and B, the paper's)."""
+    dirs = list(dirs) if dirs is not None else search_dirs()
+    name = str(name)
+    if name.endswith((".yaml", ".yml")):
+        return read_site_file(Path(name).expanduser())
+    for d in dirs:
+        path = Path(d) / SITE_CONFIG_GROUP / f"{name}.yaml"
+        if path.is_file():
+            return read_site_file(path)
+    known = sorted(
+        (read_site_file(path) for path in _site_files(dirs)), key=lambda s: (s.name not in PAPER_SITES, s.name)
+    )
+    for spec in known:
+        if name == spec.name or name in spec.aliases:
+            return spec
+    listed = ", ".join(f"{s.name} ({Path(s.source).stem})" if Path(s.source).stem != s.name else s.name for s in known)
+    where = ", ".join(str(Path(d) / SITE_CONFIG_GROUP) for d in dirs)
+    raise ConfigError(
+        f"unknown site {name!r}: no {name}.yaml in {where} and no site named so. Known sites: {listed}. "
+        "Add your own as one YAML file there (README, 'Your own hospital')."
+    )
+
+
+def resolve_sites(
+    names: Sequence[str], given: Mapping[str, Mapping[str, Any]] | None = None, dirs: Sequence[Path] | None = None
+) -> list[SiteSpec]:
+    """The specs of data.sites in order; `given` (a checkpoint's or a run's stored specs) wins over files.
+    Refuses a site named twice, under its name or an alias."""
+    specs = []
+    for name in names:
+        stored = (given or {}).get(str(name))
+        specs.append(site_from_dict(stored, f"stored site {name}") if stored is not None else find_site(name, dirs))
+    seen: dict[str, str] = {}
+    for name, spec in zip(names, specs):
+        if spec.name in seen:
+            raise ConfigError(f"data.sites names site {spec.name} twice ({seen[spec.name]!r} and {name!r}).")
+        seen[spec.name] = str(name)
+    return specs
+
+
+def paper_site(name: str) -> SiteSpec:
+    """Site A or B from this project's own conf/ (download, `data check` and the figures' defaults)."""
+    return find_site(name, [CONF_DIR])
+
+
+def dataset_name(site: str, records: Iterable[Mapping[str, Any]] = ()) -> str:
+    """The dataset a site is, for figures: from the run records' stored sites, else this project's site files,
+    else the site's name."""
+    for record in records:
+        stored = record.get("run", {}).get("sites", {}).get(site)
+        if stored:
+            return str(stored.get("dataset") or site)
+    try:
+        return find_site(site, [CONF_DIR]).dataset
+    except ConfigError:
+        return site
+
+
+# Patients ---------------------------------------------------------------------------------------------------
+def read_patient_table(spec: SiteSpec, root: Path) -> dict[str, str]:
+    """A csv site's table as '<class folder>/<file>' -> patient id ('<folder>:<id>' when the table has a
+    folder column: an id then names a patient within its class folder, as in COVID-CT). Public so `data check`
+    measures the mapping the folds use."""
+    path = spec.site_dir(root) / spec.patients.file
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing: site {spec.name}'s patient-grouped folds need it. Restore it from the dataset, "
+            "or use image-level folds with data.group_by=image."
+        )
+    columns = {"file": "file", "patient": "patient_id", **spec.patients.columns}
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        needed = {columns[k] for k in ("file", "patient", "folder") if k in columns}
+        if reader.fieldnames is None or not needed <= set(reader.fieldnames):
+            raise DataError(f"{path} must have the columns {sorted(needed)}; found {reader.fieldnames}.")
+        mapping: dict[str, str] = {}
+        first_line: dict[str, int] = {}
+        keys = ("folder", "file", "patient") if "folder" in columns else ("file", "patient")
+        for line_no, row in enumerate(reader, start=2):
+            values = {k: (row[columns[k]] or "").strip() for k in keys}
+            if not all(values.values()):
+                raise DataError(f"{path} line {line_no}: empty {', '.join(columns[k] for k in keys)}.")
+            key = f"{values['folder']}/{values['file']}" if "folder" in values else values["file"]
+            if key in first_line:
+                raise DataError(
+                    f"{path} line {line_no} repeats {key} (first at line {first_line[key]}); keep one row per image."
+                )
+            first_line[key] = line_no
+            mapping[key] = f"{values['folder']}:{values['patient']}" if "folder" in values else values["patient"]
+    return mapping
+
+
+def unmapped_group(spec: SiteSpec, name: str) -> str:
+    """The group of a csv site's image missing from its table: '<class>:<tag>:<first regex group>' (site B:
+    the source paper's prefix stands in for a patient). Public so `data check` reports the very groups the
+    folds fall back on."""
+    folder, _, file = name.rpartition("/")
+    match = re.match(spec.patients.unmapped["regex"], file)
+    prefix = match.group(1) if match and match.groups() else Path(file).stem
+    return f"{folder}:{spec.patients.unmapped['tag']}:{prefix}"
+
+
+def regex_patient(spec: SiteSpec, path: Path) -> str:
+    match = re.search(spec.patients.pattern, path.name)
+    if not match:
+        raise DataError(
+            f"{path}: its name does not match site {spec.name}'s patients.pattern {spec.patients.pattern!r}; "
+            "rename it, fix the pattern, or use data.group_by=image."
+        )
+    return match.group(1) if match.groups() else match.group(0)
