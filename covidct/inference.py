@@ -19,6 +19,7 @@ from covidct.data.sites import SiteSpec, resolve_sites
 from covidct.data.sources import load_image
 from covidct.data.transforms import deterministic_resize, normalize_images, to_chw_uint8
 from covidct.errors import ConfigError
+from covidct.evaluate import check_choice, unseen_choices
 from covidct.methods import SiteMethod, method_class
 from covidct.models.routing import SiteBlocks
 from covidct.models.unseen import UNSEEN_NORMS, add_unseen_site, estimate_unseen_statistics, has_site_copies
@@ -120,8 +121,8 @@ class TrainedModel:
         statistics on `images` (normalised batches of that site). Returns the number of images used."""
         if site in self.sites:
             raise ConfigError(f"site {site} is one the model was trained on: it needs no unseen_norm.")
-        if self._serves_any_site():
-            return 0  # nothing to choose
+        if self._serves_any_site() and not (how == "adabn" and "adabn" in unseen_choices(self.method)):
+            return 0  # nothing to choose (with one training site, adabn still re-estimates its BatchNorms)
         if self.method.networks_per_site:
             name = how.split(":", 1)[1] if how.startswith("site:") else None
             if name not in self.method.sites:
@@ -132,6 +133,7 @@ class TrainedModel:
             self._borrowed[site] = self.method.sites.index(name)
             self.unseen[site] = how
             return 0
+        check_choice(self.method, how)
         index = add_unseen_site(self.method, how, self.sites)
         self.sites = (*self.sites, site)
         self.unseen[site] = how

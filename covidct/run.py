@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from covidct.atomic import atomic_write
 from covidct.cli import cli_errors
 from covidct.config_checks import check_config
 from covidct.errors import ConfigError, CovidCTError, RunInterrupted, TrainingIncomplete
+from covidct.evaluate import unseen_results, unseen_site_rows
 from covidct.metrics import evaluate
 from covidct.records import git_commit, write_run_record
 from covidct.report.curves import roc_curve
@@ -76,6 +78,10 @@ def _finish_logger(logger: Any, test: dict[str, Any], predictions: list[dict[str
             for site, values in result[level].items():
                 for name, value in values.items():
                     experiment.summary[f"final/{selection}/{level}/{site}/{name}"] = value
+            for how, unseen in result.get("unseen", {}).items():
+                for site, values in unseen[level].items():
+                    for name, value in values.items():
+                        experiment.summary[f"final/{selection}/{level}/{site}@{how}/{name}"] = value
     for site in test["last"]["images"]:
         rows = [p for p in predictions if p["site"] == site and p["selection"] == "last"]
         fpr, tpr, auc = roc_curve([p["label"] for p in rows], [p["prob_covid"] for p in rows])
@@ -152,8 +158,29 @@ def _test_selections(
             "checkpoint": str(checkpoint.relative_to(output_dir.resolve())),  # Lightning resolves symlinks
             **evaluate(rows, datamodule.sites_with_patients(), "mean"),
         }
+        if datamodule.unseen_sites:  # the weights just tested, on the sites never trained on
+            unseen = [{"selection": selection, **row} for row in _unseen_site_rows(trainer, model, datamodule)]
+            test[selection]["unseen"] = unseen_results(unseen, datamodule.sites_with_patients())
+            rows += unseen
         predictions += rows
     return test, predictions
+
+
+def _unseen_site_rows(trainer: pl.Trainer, model: Any, datamodule: Any) -> list[dict[str, Any]]:
+    """Predictions of every site of data.test_sites with each norm choice the method allows (covidct.evaluate),
+    under the trainer's precision, as the test step."""
+    model.eval()
+    rows = []
+    for site in datamodule.unseen_sites:
+
+        def images(site: str = site) -> Iterator[torch.Tensor]:
+            for batch in datamodule.unseen_loader(site, 0):
+                batch["image"] = batch["image"].to(model.device)
+                yield datamodule.on_after_batch_transfer(batch, 0)["image"]
+
+        with trainer.precision_plugin.forward_context():
+            rows += unseen_site_rows(model, site, datamodule.splits[site]["test"], images)
+    return rows
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -240,6 +267,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "splits": datamodule.split_summary(),
         "data_fingerprint": fingerprint,
         "data_root": str(datamodule.root),  # absolute: the run's data wherever the record is read
+        "sites": {name: spec.as_dict() for name, spec in datamodule.specs.items()},
         "protocol": OmegaConf.to_container(cfg.protocol) if cfg.get("protocol") else None,
         **({"warm_start": warm_start} if warm_start else {}),
     }
@@ -263,6 +291,10 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             for site, values in sites.items():
                 text = "  ".join(f"{k}={'undefined' if v is None else f'{v:.4f}'}" for k, v in values.items())
                 log.info("test %s, %s-level, site %s: %s", selection, level, site, text)
+        for how, unseen in result.get("unseen", {}).items():
+            for site, values in unseen["images"].items():
+                text = "  ".join(f"{k}={'undefined' if v is None else f'{v:.4f}'}" for k, v in values.items())
+                log.info("test %s, image-level, unseen site %s (unseen_norm=%s): %s", selection, site, how, text)
     return test
 
 

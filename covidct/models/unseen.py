@@ -7,7 +7,8 @@ that list has none: which copy it gets must be chosen, and is recorded.
 - `adabn` (Li et al. 2016, "Revisiting Batch Normalization For Practical Domain Adaptation"): the mean's
   affine parameters and adapter weights, with BatchNorm statistics re-estimated on the new site's own
   (unlabelled) images.
-Layers with one copy (shared norms: Joint) serve every site as they are.
+Layers with one copy shared by two or more sites (Joint's norms) serve every site as they are; with one
+training site (leave-one-site-out of two) every routed layer is that site's, so `adabn` re-estimates them all.
 """
 
 from __future__ import annotations
@@ -25,20 +26,30 @@ from covidct.models.norms import SiteBatchNorm
 UNSEEN_NORMS = ("adabn", "mean", "site:<name>")
 
 
-def _site_specific(net: nn.Module) -> list[nn.ModuleList]:
-    """The per-site module lists of `net` that hold more than one copy."""
+def _routed(net: nn.Module) -> list[nn.ModuleList]:
+    """The site-routed module lists of `net` (BatchNorms and adapter convolutions), one copy per site or one."""
     lists = []
     for module in net.modules():
         if isinstance(module, SiteBatchNorm):
             lists.append(module.norms)
         elif isinstance(module, SiteConv1x1):
             lists.append(module.convs)
-    return [copies for copies in lists if len(copies) > 1]
+    return lists
+
+
+def _site_specific(net: nn.Module, n_sites: int) -> list[nn.ModuleList]:
+    """The lists holding one copy per training site (with one site: every routed list)."""
+    return [copies for copies in _routed(net) if len(copies) == n_sites]
+
+
+def has_routed_copies(net: nn.Module, n_sites: int) -> bool:
+    """Whether `net` has layers with one copy per each of `n_sites` training sites (what an unseen site needs)."""
+    return bool(_site_specific(net, n_sites))
 
 
 def has_site_copies(net: nn.Module) -> bool:
-    """Whether `net` has site-specific layers (else it serves any site as it is)."""
-    return bool(_site_specific(net))
+    """Whether `net` has layers with a copy per site (else it serves any site as it is)."""
+    return any(len(copies) > 1 for copies in _routed(net))
 
 
 def _average(copies: Sequence[nn.Module]) -> nn.Module:
@@ -66,9 +77,10 @@ def add_unseen_site(net: nn.Module, how: str, sites: Sequence[str]) -> int:
         borrowed = list(sites).index(name)
     elif how not in ("adabn", "mean"):
         raise ConfigError(f"unseen_norm must be one of {', '.join(UNSEEN_NORMS)}; got {how!r}.")
-    for copies in _site_specific(net):
-        if len(copies) != len(sites):
-            raise ConfigError(f"the network has {len(copies)} site copies per layer but {len(sites)} sites were given.")
+    specific = _site_specific(net, len(sites))
+    if not specific:
+        raise ConfigError(f"the network has no layer with one copy per site of {list(sites)}.")
+    for copies in specific:
         unseen = copy.deepcopy(copies[borrowed]) if borrowed is not None else _average(list(copies))
         if how == "adabn" and isinstance(unseen, nn.modules.batchnorm._BatchNorm):
             unseen.reset_running_stats()
@@ -84,7 +96,11 @@ def estimate_unseen_statistics(
     """AdaBN: run `forward` (the network on a batch of the unseen site, routed to its index) over `batches`
     with every layer in eval mode but the unseen site's BatchNorms, which accumulate that site's statistics.
     Returns the number of images seen."""
-    unseen = [copies[-1] for copies in _site_specific(net) if isinstance(copies[-1], nn.modules.batchnorm._BatchNorm)]
+    unseen = [
+        copies[-1]
+        for copies in _routed(net)
+        if len(copies) > 1 and isinstance(copies[-1], nn.modules.batchnorm._BatchNorm) and copies[-1].momentum is None
+    ]
     was_training = net.training
     net.eval()
     for norm in unseen:

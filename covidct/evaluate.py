@@ -1,0 +1,249 @@
+"""Evaluate a trained checkpoint on a labelled site, seen in training or not, as a run record.
+
+`python -m covidct.evaluate ckpt=PATH site=NAME|FILE.yaml|FOLDER [out=DIR] [unseen_norm=all|adabn|mean|site:<name>]
+[classes={covid: 1, normal: 0}] [data_root=DIR] [batch_size=32] [device=auto|cpu|cuda]`
+
+The site is a site config (conf/data/site/<name>.yaml, or a YAML file), or a folder with one subfolder per
+class. A site the checkpoint was trained on is classified with its own branch; any other with each of the
+norms `unseen_choices` allows (or the one asked for), and for each the record holds metrics per image and
+per patient (where the site has patient ids). Leave-one-site-out runs (`data.test_sites`, covidct.run) use
+the same functions on their held-out sites. Writes metrics.json and predictions.csv in the run-record format,
+and a ROC figure per norm choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import MISSING
+
+from covidct.cli import cli_errors, parse_args
+from covidct.data.sites import SiteSpec, find_site, site_from_dict
+from covidct.data.sources import Sample, scan_site
+from covidct.errors import ConfigError, DataError
+from covidct.methods import SiteMethod
+from covidct.metrics import evaluate as evaluate_rows
+from covidct.models.routing import SiteBlocks
+from covidct.models.unseen import UNSEEN_NORMS, add_unseen_site, estimate_unseen_statistics, has_routed_copies
+from covidct.records import UNSEEN_COLUMN, git_commit, write_run_record
+
+SHARED = "shared"  # the choice of a model whose layers all sites share: it classifies any site as it is
+USAGE = (
+    "python -m covidct.evaluate ckpt=PATH site=NAME|FILE.yaml|FOLDER [out=DIR] "
+    "[unseen_norm=all|adabn|mean|site:<name>] [classes={covid: 1, normal: 0}] [data_root=DIR] [batch_size=32] "
+    "[device=auto|cpu|cuda]"
+)
+
+
+def unseen_choices(method: SiteMethod) -> list[str]:
+    """The norms a site the method never saw can be classified with: a network per site (Single) only
+    borrows one; site-specific layers (or, with one training site, all routed layers) take adabn, mean or a
+    trained site's copies; layers shared by several sites serve any site as they are."""
+    if method.networks_per_site:
+        return [f"site:{site}" for site in method.sites]
+    if not has_routed_copies(method, len(method.sites)):
+        return [SHARED]
+    return ["adabn", "mean", *(f"site:{site}" for site in method.sites)]
+
+
+def check_choice(method: SiteMethod, how: str) -> None:
+    allowed = unseen_choices(method)
+    if how not in allowed:
+        raise ConfigError(
+            f"unseen_norm={how} does not apply to {type(method).__name__} trained on site(s) "
+            f"{', '.join(method.sites)}: choose one of {', '.join(allowed)} (or all)."
+        )
+
+
+def with_unseen_site(
+    method: SiteMethod, how: str, images: Callable[[], Iterable[torch.Tensor]]
+) -> tuple[SiteMethod, int]:
+    """A copy of `method` that classifies a site it never saw as `how` says, and the site index to route that
+    site's images with; `adabn` estimates the new BatchNorm statistics on `images()` (normalised batches of
+    the site, labels unused). The trained method itself is left as it was."""
+    check_choice(method, how)
+    if how == SHARED:
+        return method, 0
+    if method.networks_per_site:
+        return method, method.sites.index(how.split(":", 1)[1])
+    net = copy.deepcopy(method).eval()
+    index = add_unseen_site(net, how, method.sites)
+    if how == "adabn":
+        route = SiteBlocks.single(index)
+        seen = estimate_unseen_statistics(net, images(), lambda batch: net.logits(batch, route))
+        if seen < 2:
+            raise DataError("unseen_norm=adabn needs at least 2 images of the site to estimate its statistics.")
+    return net, index
+
+
+@torch.inference_mode()
+def site_probabilities(method: SiteMethod, index: int, images: Iterable[torch.Tensor]) -> list[float]:
+    """P(COVID) of every image, routed to site `index`, as the test step computes it."""
+    route = SiteBlocks.single(index)
+    probs: list[float] = []
+    for batch in images:
+        probs += method.logits(batch, route).float().softmax(-1)[:, 1].tolist()
+    return probs
+
+
+def unseen_site_rows(
+    method: SiteMethod,
+    site: str,
+    samples: Sequence[Sample],
+    images: Callable[[], Iterable[torch.Tensor]],
+    choices: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Prediction rows of a site the method never saw, one set per norm choice (each row names its choice)."""
+    rows = []
+    for how in choices or unseen_choices(method):
+        net, index = with_unseen_site(method, how, images)
+        probs = site_probabilities(net, index, images())
+        if len(probs) != len(samples):
+            raise RuntimeError(f"{len(probs)} predictions for {len(samples)} images of site {site}")
+        rows += [
+            {
+                "site": site,
+                "file": s.name,
+                "patient": s.patient,
+                "label": s.label,
+                "prob_covid": p,
+                UNSEEN_COLUMN: how,
+            }
+            for s, p in zip(samples, probs)
+        ]
+    return rows
+
+
+def unseen_results(rows: Sequence[Mapping[str, Any]], patient_sites: Iterable[str]) -> dict[str, Any]:
+    """{choice: {"images": {site: metrics}, "patients": {site: metrics}}} of the rows of unseen sites."""
+    choices = list(dict.fromkeys(r[UNSEEN_COLUMN] for r in rows))
+    sites = list(patient_sites)
+    return {how: evaluate_rows([r for r in rows if r[UNSEEN_COLUMN] == how], sites, "mean") for how in choices}
+
+
+# The CLI ----------------------------------------------------------------------------------------------------
+@dataclass
+class EvaluateArgs:
+    ckpt: str = MISSING
+    site: str = MISSING  # a site name (conf/data/site/), a site YAML file, or a folder of class folders
+    out: str | None = None  # default: <run folder>/evaluate/<site>
+    unseen_norm: str = "all"  # for a site the model never saw: all its choices, or one
+    classes: dict[str, int] = field(default_factory=dict)  # a folder site's class folder -> label (COVID = 1)
+    data_root: str | None = None  # where a site config's relative folder lies (default: the checkpoint's)
+    batch_size: int = 32
+    device: str = "auto"
+
+
+def folder_site(folder: Path, classes: Mapping[str, int], known: Iterable[SiteSpec]) -> SiteSpec:
+    """A site from a folder of class folders: labels from `classes`, else from the class folders' names in the
+    known sites (COVID, CT_COVID, ...)."""
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        labels = {name: label for spec in known for name, label in spec.classes.items()}
+        classes = {name: labels[name] for name in subfolders if name in labels}
+        if set(classes.values()) != {0, 1}:
+            raise ConfigError(
+                f"{folder} has the subfolders {subfolders}; say which is which with classes={{<covid folder>: 1, "
+                "<other folder>: 0}}."
+            )
+    return site_from_dict(
+        {"name": folder.name, "folder": str(folder.resolve()), "classes": dict(classes), "dataset": str(folder)},
+        f"folder {folder}",
+    )
+
+
+def evaluated_site(site: str, classes: Mapping[str, int], known: Iterable[SiteSpec]) -> SiteSpec:
+    path = Path(site).expanduser()
+    if path.is_dir():
+        return folder_site(path, classes, known)
+    spec = find_site(site)
+    if classes:
+        return site_from_dict({**spec.as_dict(), "classes": dict(classes)}, spec.source)
+    return spec
+
+
+def _image_batches(model: Any, samples: Sequence[Sample], window: Sequence[float], size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(samples), size):
+        resized = [model.load(s.path, window) for s in samples[start : start + size]]
+        yield model.batch(resized)
+
+
+def evaluate_checkpoint(args: EvaluateArgs) -> Path:
+    """Classify every image of the site and write the run record; returns its metrics.json."""
+    from covidct.inference import TrainedModel  # Lightning and the methods load only when a command runs
+    from covidct.report.curves import plot_rocs, roc_curve
+
+    model = TrainedModel(args.ckpt, args.device)
+    if args.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {args.batch_size}.")
+    spec = evaluated_site(args.site, args.classes, model.specs.values())
+    root = Path(args.data_root).expanduser() if args.data_root else model.data_root
+    samples = scan_site(root, spec, "image")  # every image is a test image: the grouping only names patients
+    trained = spec.name in model.method.sites
+    if args.unseen_norm != "all" and trained:
+        raise ConfigError(f"site {spec.name} is one the model was trained on: it needs no unseen_norm.")
+
+    def images() -> Iterator[torch.Tensor]:
+        return _image_batches(model, samples, spec.window, args.batch_size)
+
+    if trained:
+        probs = site_probabilities(model.method, model.method.sites.index(spec.name), images())
+        rows = [
+            {"site": spec.name, "file": s.name, "patient": s.patient, "label": s.label, "prob_covid": p}
+            for s, p in zip(samples, probs)
+        ]
+    else:
+        choices = None if args.unseen_norm == "all" else [args.unseen_norm]
+        rows = unseen_site_rows(model.method, spec.name, samples, images, choices)
+    patient_sites = [spec.name] if any(s.patient for s in samples) else []
+    selection = "best_val_auc" if Path(args.ckpt).name.startswith("best-") else "last"
+    checkpoint = str(Path(args.ckpt).resolve())
+    if trained:
+        result = {"checkpoint": checkpoint, **evaluate_rows(rows, patient_sites, "mean")}
+    else:
+        result = {"checkpoint": checkpoint, "images": {}, "patients": {}, "unseen": unseen_results(rows, patient_sites)}
+    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluate" / spec.name
+    run = {
+        "experiment": "evaluate",
+        "checkpoint": checkpoint,
+        "trained_sites": list(model.method.sites),
+        "method": type(model.method).__name__,
+        "selections": [selection],
+        "patient_pooling": "mean",
+        "git_commit": git_commit(),
+        "device": str(model.device),
+        "data_root": str(root.absolute()),
+        "sites": {spec.name: spec.as_dict()},
+        "splits": {"sites": {spec.name: {"test": {"images": len(samples), "covid": sum(s.label for s in samples)}}}}
+        | ({} if trained else {"test_sites": [spec.name]}),
+    }
+    path = write_run_record(out, {selection: result}, [{"selection": selection, **r} for r in rows], run, {})
+    curves = {}
+    for how in dict.fromkeys(r.get("unseen_norm", "") for r in rows):
+        mine = [r for r in rows if r.get("unseen_norm", "") == how]
+        fpr, tpr, auc = roc_curve([r["label"] for r in mine], [r["prob_covid"] for r in mine])
+        curves[f"{type(model.method).__name__}{f' ({how})' if how else ''}"] = (fpr, tpr, auc)
+    title = f"Site {spec.name}: {spec.dataset}\nROC of {Path(args.ckpt).name}"
+    caption = f"{len(samples)} images; trained on site(s) {', '.join(model.method.sites)}"
+    plot_rocs(curves, title, out / f"roc_{spec.name}.png", caption)
+    return path
+
+
+@cli_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    args: EvaluateArgs = parse_args(EvaluateArgs, argv, USAGE)
+    if args.unseen_norm != "all" and not (args.unseen_norm in UNSEEN_NORMS[:2] or args.unseen_norm.startswith("site:")):
+        raise ConfigError(f"unseen_norm must be all, adabn, mean or site:<name>; got {args.unseen_norm!r}.")
+    path = evaluate_checkpoint(args)
+    print(f"wrote {path}, {path.parent / 'predictions.csv'} and the ROC figure in {path.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
