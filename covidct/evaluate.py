@@ -57,7 +57,7 @@ def check_choice(method: SiteMethod, how: str) -> None:
     if how not in allowed:
         raise ConfigError(
             f"unseen_norm={how} does not apply to {type(method).__name__} trained on site(s) "
-            f"{', '.join(method.sites)}: choose one of {', '.join(allowed)} (or all)."
+            f"{', '.join(method.sites)}: choose one of {', '.join(allowed)}."
         )
 
 
@@ -152,10 +152,13 @@ def folder_site(folder: Path, classes: Mapping[str, int], known: Iterable[SiteSp
                 f"{folder} has the subfolders {subfolders}; say which is which with classes={{<covid folder>: 1, "
                 "<other folder>: 0}}."
             )
-    return site_from_dict(
-        {"name": folder.name, "folder": str(folder.resolve()), "classes": dict(classes), "dataset": str(folder)},
-        f"folder {folder}",
-    )
+    nested = any(
+        any(p.is_dir() for p in (folder / name).iterdir()) and not any(p.is_file() for p in (folder / name).iterdir())
+        for name in classes
+        if (folder / name).is_dir()
+    )  # class folders of patient (or series) folders, as DICOM exports are
+    values = {"name": folder.name, "folder": str(folder.resolve()), "classes": dict(classes), "dataset": str(folder)}
+    return site_from_dict({**values, "patients": {"kind": "folder" if nested else "none"}}, f"folder {folder}")
 
 
 def evaluated_site(site: str, classes: Mapping[str, int], known: Iterable[SiteSpec]) -> SiteSpec:

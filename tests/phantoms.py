@@ -70,3 +70,31 @@ def make_phantom_root(root: Path, per_class: int = 24, seed: int = 0) -> Path:
         writer.writerow(["folder", "file", "patient_id"])
         writer.writerows(patients)
     return root
+
+
+def make_hospital_site(root: Path, name: str = "hospital", patients: int = 4, slices: int = 5, seed: int = 1) -> Path:
+    """A third site as a user's own hospital would be laid out: <name>/{covid,normal}/<patient>/<slice>.png, the
+    folder kind of patients (conf/data/site/my_hospital.yaml), `patients` per class, `slices` each."""
+    rng = np.random.default_rng(seed)
+    for class_folder, label in (("covid", 1), ("normal", 0)):
+        for p in range(patients):
+            folder = Path(root) / name / class_folder / f"P{label}{p:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(slices):
+                size = (int(rng.integers(60, 90)), int(rng.integers(70, 110)))
+                Image.fromarray(phantom(label, size, rng)).save(folder / f"slice{k:02d}.png")
+    return Path(root) / name
+
+
+def hospital_site_config(config_dir: Path, name: str = "hospital", folder: str | None = None) -> Path:
+    """The one YAML file that adds make_hospital_site's site: <config_dir>/data/site/<name>.yaml."""
+    path = Path(config_dir) / "data" / "site" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"name: {name}\n"
+        f"dataset: phantom hospital {name}\n"
+        f"folder: {folder or name}\n"
+        "classes: {covid: 1, normal: 0}\n"
+        "patients: {kind: folder}\n"
+    )
+    return path

@@ -242,7 +242,10 @@ def test_predict_cli_exit_codes(ours_run: Path, tmp_path: Path, capsys):
         ([f"ckpt={ckpt(ours_run)}", f"images={tmp_path / 'nowhere'}", "site=A"], "does not exist"),
         ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=A", "colour=red"], "valid ones are ckpt, images"),
         ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=C"], "add unseen_norm=adabn|mean|site:<name>"),
-        ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=C", "unseen_norm=median"], "must be one of adabn"),
+        (
+            [f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=C", "unseen_norm=median"],
+            "choose one of adabn, mean, site:A, site:B.",
+        ),
         ([f"ckpt={ckpt(ours_run)}", f"images={unreadable}", "site=A", "batch_size=many"], "batch_size"),
         ([f"ckpt={ckpt(ours_run)}", "site=A"], "missing required argument(s) images"),
     ]:
@@ -418,7 +421,7 @@ def test_explain_draws_from_the_predictions_of_its_own_checkpoint(tmp_path: Path
     assert selection_of(Path("run/checkpoints/best-epoch004.ckpt")) == "best_val_auc"
     assert selection_of(Path("run/checkpoints/last.ckpt")) == "last"
     for selection in ("last", "best_val_auc"):
-        chosen = _selection(["A"], None, path, selection, 4, 0)["A"]
+        chosen = _selection(["A"], {"A": paper_site("A")}, None, path, selection, 4, 0)["A"]
         prefix = "COVID/last" if selection == "last" else "COVID/best"
         assert len(chosen) == 4 and all(f.startswith(prefix) for f in chosen)
 

@@ -72,13 +72,15 @@ def test_adabn_statistics_are_the_unseen_site_s_own_and_the_trained_sites_keep_t
     assert all(torch.equal(n.running_mean, m) for n, m in zip(net.stem_norm.norm.norms[:2], trained))
 
 
-def test_a_shared_norm_network_needs_no_copy_and_is_unchanged():
+def test_norms_shared_by_two_sites_get_no_copy_but_one_training_sites_norms_are_its_own():
     net = _trained(num_sites=1)
+    with pytest.raises(ConfigError, match=r"no layer with one copy per site of \['A', 'B'\]"):
+        add_unseen_site(net, "adabn", SITES)  # shared by A and B: they serve any site as they are
     x = torch.randn(2, 3, 64, 64)
-    expected = net(x, SiteBlocks.single(0))
-    index = add_unseen_site(net, "adabn", ["A"])
-    assert net.stem_norm.norm.num_sites == 1
-    assert torch.equal(net(x, SiteBlocks.single(index)), expected)
+    expected = net.eval()(x, SiteBlocks.single(0))
+    index = add_unseen_site(net, "mean", ["A"])  # trained on A alone: every norm is A's, and gets a copy
+    assert index == 1 and net.stem_norm.norm.num_sites == 2
+    assert torch.equal(net(x, SiteBlocks.single(index)), expected)  # the mean of one copy is that copy
 
 
 @pytest.mark.parametrize(

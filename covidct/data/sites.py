@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml  # omegaconf's own parser: its errors are what a bad site file raises
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -184,7 +185,7 @@ def read_site_file(path: Path) -> SiteSpec:
         values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OSError as err:
         raise ConfigError(f"cannot read site config {path} ({err.strerror or err}).") from None
-    except (OmegaConfBaseException, ValueError) as err:  # bad YAML surfaces as a yaml or omegaconf error
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
         raise ConfigError(f"site config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     return site_from_dict(values or {}, str(path), default_name=path.stem)
 
@@ -242,7 +243,8 @@ def resolve_sites(
     specs = []
     for name in names:
         stored = (given or {}).get(str(name))
-        specs.append(site_from_dict(stored, f"stored site {name}") if stored is not None else find_site(name, dirs))
+        found = site_from_dict(stored, f"data.site_specs.{name}", str(name)) if stored is not None else None
+        specs.append(found or find_site(name, dirs))
     seen: dict[str, str] = {}
     for name, spec in zip(names, specs):
         if spec.name in seen:
