@@ -162,10 +162,14 @@ def folder_site(folder: Path, classes: Mapping[str, int], known: Iterable[SiteSp
 
 
 def evaluated_site(site: str, classes: Mapping[str, int], known: Iterable[SiteSpec]) -> SiteSpec:
+    """The site `site` names: a folder of class folders, one of the checkpoint's own sites (as it stored them;
+    by name or alias), or a site config (conf/data/site/, or a YAML file)."""
+    known = list(known)
     path = Path(site).expanduser()
     if path.is_dir():
         return folder_site(path, classes, known)
-    spec = find_site(site)
+    stored = [spec for spec in known if site in (spec.name, *spec.aliases)]
+    spec = stored[0] if stored else find_site(site)
     if classes:
         return site_from_dict({**spec.as_dict(), "classes": dict(classes)}, spec.source)
     return spec

@@ -1,0 +1,172 @@
+"""Sites never trained on: leave-one-site-out runs (data.test_sites) and `covidct.evaluate`, through the CLI, on
+phantoms, DICOM series and the real PNG sites."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from covidct import evaluate as evaluate_module
+from covidct.records import read_predictions
+from tests.helpers import FAST, run_cli
+from tests.phantoms import hospital_site_config, make_hospital_site, make_phantom_root
+from tests.test_dicom import write_series
+
+CHOICES = {
+    "ours": ["adabn", "mean", "site:A", "site:B"],  # per-site norms
+    "single": ["site:A", "site:B"],  # a network per site: borrow one
+    "joint": ["shared"],  # norms shared by A and B serve any site
+}
+HOSPITAL_IMAGES = 2 * 4 * 5
+
+
+@pytest.fixture(scope="module")
+def loso_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """ours, single and joint trained on A and B with the hospital held out, in one multirun."""
+    base = tmp_path_factory.mktemp("loso")
+    root = make_phantom_root(base / "data", per_class=16)
+    make_hospital_site(root)
+    hospital_site_config(base / "conf")
+    sweep = base / "sweep"
+    result = run_cli(
+        [
+            "-m",
+            f"experiment={','.join(CHOICES)}",
+            f"data.root={root}",
+            "data.sites=[A,B,hospital]",
+            "data.test_sites=[hospital]",
+            f"hydra.searchpath=[file://{base / 'conf'}]",
+            f"hydra.sweep.dir={sweep}",
+            *FAST,
+        ],
+        base,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {json.loads(p.read_text())["run"]["experiment"]: p.parent for p in sweep.rglob("metrics.json")}
+    assert set(runs) == set(CHOICES)
+    return runs
+
+
+@pytest.mark.parametrize("experiment", list(CHOICES))
+def test_a_held_out_site_is_tested_with_every_norm_choice_its_method_allows(loso_runs, experiment: str):
+    run = loso_runs[experiment]
+    record = json.loads((run / "metrics.json").read_text())
+    last = record["test"]["last"]
+    assert set(last["images"]) == {"A", "B"}  # the training sites' own test folds
+    assert list(last["unseen"]) == CHOICES[experiment]
+    for results in last["unseen"].values():
+        assert set(results["images"]) == {"hospital"} and set(results["patients"]) == {"hospital"}
+        assert results["images"]["hospital"]["auc"] is not None
+    splits = record["run"]["splits"]
+    assert splits["test_sites"] == ["hospital"]
+    assert splits["sites"]["hospital"]["train"]["images"] == 0 and splits["sites"]["hospital"]["test"]["images"] == 40
+    assert any("leave-one-site-out" in note for note in splits["notes"])
+    rows = [r for r in read_predictions(run) if r["site"] == "hospital"]
+    assert len(rows) == HOSPITAL_IMAGES * len(CHOICES[experiment])
+    assert {r["unseen_norm"] for r in rows} == set(CHOICES[experiment])
+    assert all(r["unseen_norm"] == "" for r in read_predictions(run) if r["site"] != "hospital")
+
+
+def _probs(rows: list[dict], choice: str) -> dict[str, float]:
+    return {r["file"]: r["prob_covid"] for r in rows if r["unseen_norm"] == choice}
+
+
+def test_the_norm_choices_differ_as_defined(loso_runs):
+    rows = read_predictions(loso_runs["ours"])
+    adabn, mean, a, b = (_probs(rows, how) for how in CHOICES["ours"])
+    assert adabn != mean and a != b  # its own statistics, and each site's copies, classify differently
+    assert mean != a and mean != b
+
+
+def test_evaluate_reproduces_the_runs_held_out_predictions(loso_runs, tmp_path: Path, capsys):
+    """The evaluate CLI on the run's checkpoint gives the run's own unseen-site predictions, every choice."""
+    for experiment in ("ours", "single"):
+        run = loso_runs[experiment]
+        out = tmp_path / experiment
+        args = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "site=hospital", f"out={out}", "batch_size=16"]
+        assert evaluate_module.main([*args, "device=cpu"]) == 0, capsys.readouterr().err
+        mine, theirs = read_predictions(out), read_predictions(run)
+        for how in CHOICES[experiment]:
+            ours, expected = _probs(mine, how), _probs(theirs, how)
+            assert ours.keys() == expected.keys() and len(ours) == HOSPITAL_IMAGES
+            assert all(abs(ours[f] - expected[f]) < 1e-5 for f in ours), how
+        record = json.loads((out / "metrics.json").read_text())
+        assert list(record["test"]["last"]["unseen"]) == CHOICES[experiment]
+        assert record["run"]["splits"]["test_sites"] == ["hospital"] and (out / "roc_hospital.png").is_file()
+
+
+def test_evaluate_reads_a_folder_of_dicom_series_per_patient(loso_runs, tmp_path: Path, capsys):
+    site = tmp_path / "dicom_hospital"
+    for class_folder in ("covid", "normal"):
+        for patient in ("p1", "p2"):
+            write_series(site / class_folder / patient, [0.0, 2.5, 5.0], patient=patient)
+    out = tmp_path / "out"
+    ckpt = loso_runs["ours"] / "checkpoints" / "last.ckpt"
+    argv = [f"ckpt={ckpt}", f"site={site}", "classes={covid: 1, normal: 0}", f"out={out}", "device=cpu"]
+    assert evaluate_module.main([*argv, "unseen_norm=adabn"]) == 0, capsys.readouterr().err
+    record = json.loads((out / "metrics.json").read_text())
+    results = record["test"]["last"]["unseen"]["adabn"]
+    assert set(results["patients"]) == {"dicom_hospital"}
+    rows = read_predictions(out)
+    assert len(rows) == 12 and {r["patient"] for r in rows} == {
+        f"{c}:{p}" for c in ("covid", "normal") for p in ("p1", "p2")
+    }
+    assert rows[0]["file"] == "covid/p1/slice001.dcm"
+
+
+def test_evaluate_on_a_real_png_site_it_was_trained_on(loso_runs, real_data: Path, tmp_path: Path, capsys):
+    ckpt = loso_runs["joint"] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "real_b"
+    argv = [f"ckpt={ckpt}", "site=covid_ct", f"data_root={real_data}", f"out={out}", "device=cpu", "batch_size=64"]
+    assert evaluate_module.main(argv) == 0, capsys.readouterr().err
+    record = json.loads((out / "metrics.json").read_text())
+    last = record["test"]["last"]
+    assert set(last["images"]) == {"B"} and set(last["patients"]) == {"B"} and "unseen" not in last
+    assert len(read_predictions(out)) == 746  # every image of the real site B
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["site=nowhere_hospital"], "unknown site 'nowhere_hospital'"),
+        (["site=A", "unseen_norm=adabn"], "site A is one the model was trained on: it needs no unseen_norm"),
+        (["site=hospital", "unseen_norm=median"], "unseen_norm must be all, adabn, mean or site:<name>"),
+        (["site=hospital", "unseen_norm=site:C"], "choose one of adabn, mean, site:A, site:B"),
+        (["site=hospital", "batch_size=0"], "batch_size must be at least 1"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line(loso_runs, capsys, extra: list[str], message: str):
+    ckpt = loso_runs["ours"] / "checkpoints" / "last.ckpt"
+    assert evaluate_module.main([f"ckpt={ckpt}", "device=cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_evaluate_asks_which_folder_is_covid(loso_runs, tmp_path: Path, capsys):
+    site = tmp_path / "ward"
+    for name in ("x", "y"):
+        (site / name).mkdir(parents=True)
+    ckpt = loso_runs["ours"] / "checkpoints" / "last.ckpt"
+    assert evaluate_module.main([f"ckpt={ckpt}", f"site={site}", "device=cpu"]) == 2
+    assert "say which is which with classes={<covid folder>: 1, <other folder>: 0}" in capsys.readouterr().err
+
+
+def test_leave_one_site_out_on_the_real_data(real_data: Path, tmp_path: Path):
+    """B held out: trained on the real site A alone, the real site B tested whole with every choice."""
+    result = run_cli(
+        [
+            "experiment=ours",
+            f"data.root={real_data}",
+            "data.test_sites=[B]",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *FAST,
+            "data.batch_per_site=8",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    unseen = record["test"]["last"]["unseen"]
+    assert list(unseen) == ["adabn", "mean", "site:A"]  # one training site: mean and site:A are its norms
+    assert all(results["images"]["B"]["auc"] is not None for results in unseen.values())
+    assert record["run"]["splits"]["sites"]["B"]["test"]["images"] == 746
