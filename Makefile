@@ -32,12 +32,16 @@ SEEDS ?= 643,644,645
 endif
 HYDRA_ARGS ?=
 REPORT_ARGS ?=
+# Leave-one-site-out (make loso): the held-out site lists swept, e.g. [A],[B] (with data.sites=[A,B,C]: [C])
+HELD_OUT ?= [A],[B]
+LOSO_RUNS ?= outputs/loso-$(SWEEP)
+LOSO_OUT ?= $(RESULTS)/loso-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
 
 # Benchmark: DEVICE=auto|cpu|cuda; results to $(RESULTS)/bench/bench-<device>.json and .md
 DEVICE ?= auto
 BENCH_ARGS ?=
 
-.PHONY: setup train test lint format clean table1 table1-collect bench
+.PHONY: setup train test lint format clean table1 table1-collect loso bench
 
 setup: $(VENV)/.installed
 
@@ -65,6 +69,15 @@ table1: setup
 	$(PY) -m covidct.run -m experiment=$(TABLE1) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
 		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
 	$(MAKE) --no-print-directory table1-collect
+
+## leave-one-site-out: every Table I method trained on all sites but one and tested on that one, for each of
+## HELD_OUT (a Hydra sweep of site lists), then Table I's report with the LOSO table (loso.md) beside it
+loso: setup
+	@$(PY) -m covidct.data where --root "$(DATA)"
+	$(PY) -m covidct.run -m experiment=$(TABLE1) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
+		$(SPLIT_SEED_ARG) 'data.test_sites=$(HELD_OUT)' data.root="$(DATA)" paths.log_dir="$(LOSO_RUNS)" $(HYDRA_ARGS)
+	$(PY) -m covidct.report --runs "$(LOSO_RUNS)" --out "$(LOSO_OUT)" --protocol $(PROTOCOL) --select $(SELECT) \
+		--folds $(FOLDS) --seeds $(SEEDS) $(REPORT_ARGS)
 
 ## only aggregate existing run records: tables, t-tests, intervals, DeLong, ROC and reliability figures in OUT
 table1-collect: setup

@@ -170,3 +170,59 @@ def test_leave_one_site_out_on_the_real_data(real_data: Path, tmp_path: Path):
     assert list(unseen) == ["adabn", "mean", "site:A"]  # one training site: mean and site:A are its norms
     assert all(results["images"]["B"]["auc"] is not None for results in unseen.values())
     assert record["run"]["splits"]["sites"]["B"]["test"]["images"] == 746
+
+
+def _loso_record(experiment: str, fold: int, unseen: dict[str, float], held: str = "B") -> dict:
+    def metrics(auc: float) -> dict:
+        return {"acc": auc - 0.1, "f1": None, "recall": None, "precision": None, "auc": auc, "ece": 0.1}
+
+    trained = "A" if held == "B" else "B"
+    return {
+        "run": {
+            "experiment": experiment,
+            "fold": fold,
+            "seed": 643,
+            "splits": {"sites": {trained: {}, held: {}}, "test_sites": [held]},
+        },
+        "test": {
+            "last": {
+                "images": {trained: metrics(0.9)},
+                "patients": {},
+                "unseen": {how: {"images": {held: metrics(auc)}, "patients": {}} for how, auc in unseen.items()},
+            }
+        },
+        "config": {},
+    }
+
+
+LOSO_RECORDS = [
+    _loso_record("ours", 0, {"adabn": 0.80, "mean": 0.60, "site:A": 0.60}),
+    _loso_record("ours", 1, {"adabn": 0.70, "mean": 0.65, "site:A": 0.65}),
+    _loso_record("joint", 0, {"adabn": 0.75, "mean": 0.70, "site:A": 0.70}),
+    _loso_record("ours", 0, {"adabn": 0.55, "mean": 0.50, "site:B": 0.50}, held="A"),
+]
+
+
+def test_the_loso_table_matches_its_golden_files():
+    from covidct.report.loso import LOSO_COLUMNS, loso_markdown, loso_rows
+    from covidct.report.table1 import to_csv
+
+    golden = Path(__file__).parent / "golden"
+    rows = loso_rows(LOSO_RECORDS, folds=[0, 1], seeds=[643])
+    ours_adabn = next(
+        r
+        for r in rows
+        if r["experiment"] == "ours" and r["unseen_norm"] == "adabn" and r["metric"] == "auc" and r["held_out"] == "B"
+    )
+    assert (ours_adabn["n"], ours_adabn["mean"], round(ours_adabn["std"], 6)) == (2, 75.0, round(7.0710678, 6))
+    assert loso_markdown(rows) == (golden / "loso.md").read_text()
+    assert to_csv(rows, LOSO_COLUMNS) == (golden / "loso.csv").read_text()
+
+
+def test_loso_records_stay_out_of_table1_and_duplicates_are_refused():
+    from covidct.report.loso import loso_rows
+    from covidct.report.table1 import DuplicateRunError, select_records
+
+    assert select_records(LOSO_RECORDS, [0, 1], [643]) == {}
+    with pytest.raises(DuplicateRunError, match="two leave-one-site-out records for experiment=ours fold=0"):
+        loso_rows([*LOSO_RECORDS, LOSO_RECORDS[0]], [0, 1], [643])

@@ -1,4 +1,5 @@
-"""`python -m covidct.report --runs DIR --out DIR [--select last|best_val_auc]`: Table I and its statistics."""
+"""`python -m covidct.report --runs DIR --out DIR [--select last|best_val_auc]`: Table I and its statistics, and
+the leave-one-site-out table (loso.md, loso.csv) where the runs hold such records."""
 
 from __future__ import annotations
 
@@ -15,10 +16,25 @@ from covidct.cli import cli_errors
 from covidct.data.sites import dataset_name
 from covidct.errors import ConfigError, DataError
 from covidct.metrics import PATIENT_POOLINGS
-from covidct.records import METRICS_FILE, PREDICTIONS_FILE, TIMING_FILE, read_predictions, read_run_record
+from covidct.records import (
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    TIMING_FILE,
+    held_out_sites,
+    read_predictions,
+    read_run_record,
+)
 from covidct.report.curves import plot_reliability, plot_rocs
+from covidct.report.loso import LOSO_COLUMNS, loso_markdown, loso_rows
 from covidct.report.render import build_report, curve_caption, render_files
-from covidct.report.table1 import SELECTIONS, TABLE_COLUMNS, DuplicateRunError, record_sites, select_records
+from covidct.report.table1 import (
+    SELECTIONS,
+    TABLE_COLUMNS,
+    DuplicateRunError,
+    record_sites,
+    select_records,
+    to_csv,
+)
 
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table1.csv"
 
@@ -110,6 +126,13 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     for name, text in render_files(report, provenance).items():
         atomic_write_text(out / name, text)
+    if any(held_out_sites(r) for r in records):  # leave-one-site-out records: their own table beside Table I
+        try:
+            rows = loso_rows(records, folds, seeds, selection)
+        except DuplicateRunError as err:
+            raise ConfigError(f"{runs}: {err}") from err
+        atomic_write_text(out / "loso.md", loso_markdown(rows))
+        atomic_write_text(out / "loso.csv", to_csv(rows, LOSO_COLUMNS))
     images = {}
     for site in record_sites(selected, selection):
         dataset = f"Site {site}: {dataset_name(site, selected)}"
