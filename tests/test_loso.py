@@ -226,3 +226,35 @@ def test_loso_records_stay_out_of_table1_and_duplicates_are_refused():
     assert select_records(LOSO_RECORDS, [0, 1], [643]) == {}
     with pytest.raises(DuplicateRunError, match="two leave-one-site-out records for experiment=ours fold=0"):
         loso_rows([*LOSO_RECORDS, LOSO_RECORDS[0]], [0, 1], [643])
+
+
+def test_predict_on_a_real_png_site_and_a_site_it_never_saw(loso_runs, real_data: Path, tmp_path: Path, capsys):
+    from covidct import predict as predict_module
+
+    ckpt = loso_runs["ours"] / "checkpoints" / "last.ckpt"
+    images = real_data / "covid-ct" / "CT_COVID"
+    out = tmp_path / "b.csv"
+    assert predict_module.main([f"ckpt={ckpt}", f"images={images}", "site=B", f"out={out}", "device=cpu"]) == 0
+    rows = out.read_text().splitlines()
+    assert len(rows) == 1 + len([p for p in images.iterdir() if p.is_file()])  # 349 COVID images of site B
+    unseen = tmp_path / "hospital.csv"
+    argv = [f"ckpt={ckpt}", f"images={images}", "site=hospital", "unseen_norm=adabn", f"out={unseen}", "device=cpu"]
+    assert predict_module.main(argv) == 0
+    assert "unseen_norm=adabn" in capsys.readouterr().err
+
+
+def test_data_check_reads_a_hospital_site_file(three_sites_root: tuple[Path, Path]):
+    from covidct.data.check import check_data, format_report
+
+    root, site_file = three_sites_root
+    report = check_data(root, batch_per_site=4, workers=1, sites=["A", "B", str(site_file)])
+    assert report.ok, format_report(report)
+    counts = {(c.site, c.folder): c.images for c in report.classes if c.site == "hospital"}
+    assert counts == {("hospital", "covid"): 20, ("hospital", "normal"): 20}
+
+
+@pytest.fixture
+def three_sites_root(tmp_path: Path) -> tuple[Path, Path]:
+    root = make_phantom_root(tmp_path / "data", per_class=8)
+    make_hospital_site(root)
+    return root, hospital_site_config(tmp_path / "conf")
