@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidct.data.datamodule import checked_repeat
 from covidct.data.folds import N_FOLDS
-from covidct.data.sites import resolve_sites
+from covidct.data.sites import split_sites
 from covidct.errors import ConfigError
 
 # key -> (smallest allowed, largest allowed or None, null allowed)
@@ -84,11 +84,8 @@ def check_config(cfg: DictConfig) -> None:
     names = _site_names(cfg, "data.sites")
     if not names:
         raise ConfigError("data.sites must name one or more sites, e.g. data.sites=[A,B] or [A,B,my_hospital].")
-    held_out = _site_names(cfg, "data.test_sites")
-    specs = resolve_sites([*names, *(s for s in held_out if s not in names)], _plain(cfg, "data.site_specs"))
-    if not {s.name for s in specs} - {s.name for s in resolve_sites(held_out, _plain(cfg, "data.site_specs"))}:
-        raise ConfigError(f"data.test_sites={held_out} leaves no site of data.sites={names} to train on.")
-    checked_repeat(_plain(cfg, "data.repeat"), specs)
+    trained, held = split_sites(names, _site_names(cfg, "data.test_sites"), _plain(cfg, "data.site_specs"))
+    checked_repeat(_plain(cfg, "data.repeat"), [*trained, *held])
     limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
     bad_fraction = isinstance(limit, float) and limit > 1
     if limit is not None and (

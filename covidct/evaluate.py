@@ -24,41 +24,21 @@ import torch
 from omegaconf import MISSING
 
 from covidct.cli import cli_errors, parse_args
+from covidct.data.folds import split_fold
 from covidct.data.sites import SiteSpec, find_site, site_from_dict
 from covidct.data.sources import Sample, scan_site
 from covidct.errors import ConfigError, DataError
 from covidct.methods import SiteMethod
 from covidct.metrics import evaluate as evaluate_rows
 from covidct.models.routing import SiteBlocks
-from covidct.models.unseen import UNSEEN_NORMS, add_unseen_site, estimate_unseen_statistics, has_routed_copies
-from covidct.records import UNSEEN_COLUMN, git_commit, write_run_record
+from covidct.models.unseen import SHARED, add_unseen_site, check_choice, estimate_unseen_statistics, unseen_choices
+from covidct.records import EVALUATION, UNSEEN_COLUMN, git_commit, write_run_record
 
-SHARED = "shared"  # the choice of a model whose layers all sites share: it classifies any site as it is
 USAGE = (
     "python -m covidct.evaluate ckpt=PATH site=NAME|FILE.yaml|FOLDER [out=DIR] "
     "[unseen_norm=all|adabn|mean|site:<name>] [classes={covid: 1, normal: 0}] [data_root=DIR] [batch_size=32] "
     "[device=auto|cpu|cuda]"
 )
-
-
-def unseen_choices(method: SiteMethod) -> list[str]:
-    """The norms a site the method never saw can be classified with: a network per site (Single) only
-    borrows one; site-specific layers (or, with one training site, all routed layers) take adabn, mean or a
-    trained site's copies; layers shared by several sites serve any site as they are."""
-    if method.networks_per_site:
-        return [f"site:{site}" for site in method.sites]
-    if not has_routed_copies(method, len(method.sites)):
-        return [SHARED]
-    return ["adabn", "mean", *(f"site:{site}" for site in method.sites)]
-
-
-def check_choice(method: SiteMethod, how: str) -> None:
-    allowed = unseen_choices(method)
-    if how not in allowed:
-        raise ConfigError(
-            f"unseen_norm={how} does not apply to {type(method).__name__} trained on site(s) "
-            f"{', '.join(method.sites)}: choose one of {', '.join(allowed)}."
-        )
 
 
 def with_unseen_site(
@@ -106,18 +86,19 @@ def unseen_site_rows(
         probs = site_probabilities(net, index, images())
         if len(probs) != len(samples):
             raise RuntimeError(f"{len(probs)} predictions for {len(samples)} images of site {site}")
-        rows += [
-            {
-                "site": site,
-                "file": s.name,
-                "patient": s.patient,
-                "label": s.label,
-                "prob_covid": p,
-                UNSEEN_COLUMN: how,
-            }
-            for s, p in zip(samples, probs)
-        ]
+        rows += [{**prediction_row(s, p), UNSEEN_COLUMN: how} for s, p in zip(samples, probs)]
     return rows
+
+
+def prediction_row(sample: Sample, prob_covid: float) -> dict[str, Any]:
+    """A test prediction as run records hold it (predictions.csv, without its selection)."""
+    return {
+        "site": sample.site,
+        "file": sample.name,
+        "patient": sample.patient,
+        "label": sample.label,
+        "prob_covid": prob_covid,
+    }
 
 
 def unseen_results(rows: Sequence[Mapping[str, Any]], patient_sites: Iterable[str]) -> dict[str, Any]:
@@ -167,7 +148,15 @@ def evaluated_site(site: str, classes: Mapping[str, int], known: Iterable[SiteSp
     known = list(known)
     path = Path(site).expanduser()
     if path.is_dir():
-        return folder_site(path, classes, known)
+        spec = folder_site(path, classes, known)
+        if spec.name in {s.name for s in known} | {a for s in known for a in s.aliases}:
+            raise ConfigError(
+                f"folder {path} is named like the checkpoint's site {spec.name}: an external dataset needs a name "
+                "of its own (rename the folder, or describe it in a site YAML file)."
+            )
+        return spec
+    if "/" in site and not site.endswith((".yaml", ".yml")):
+        raise ConfigError(f"site={site}: no such folder (a site is a folder of class folders, a name or a YAML file).")
     stored = [spec for spec in known if site in (spec.name, *spec.aliases)]
     spec = stored[0] if stored else find_site(site)
     if classes:
@@ -181,43 +170,54 @@ def _image_batches(model: Any, samples: Sequence[Sample], window: Sequence[float
         yield model.batch(resized)
 
 
+def test_images(model: Any, spec: SiteSpec, root: Path) -> list[Sample]:
+    """What is tested of a site: a site the model trained on, its fold's test part only (the rest trained
+    it); any other site, every image (its grouping only names the patients)."""
+    if spec.name not in model.method.sites:
+        return scan_site(root, spec, "image")
+    data = model.data
+    samples = scan_site(root, spec, data["group_by"])
+    return split_fold(samples, int(data["fold"]), int(data["split_seed"]), float(data["val_fraction"]))["test"]
+
+
 def evaluate_checkpoint(args: EvaluateArgs) -> Path:
-    """Classify every image of the site and write the run record; returns its metrics.json."""
-    from covidct.inference import TrainedModel  # Lightning and the methods load only when a command runs
+    """Classify the site's test images and write the run record; returns its metrics.json."""
+    from covidct.inference import TrainedModel, selection_of  # Lightning loads only when a command runs
     from covidct.report.curves import plot_rocs, roc_curve
 
-    model = TrainedModel(args.ckpt, args.device)
     if args.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {args.batch_size}.")
+    model = TrainedModel(args.ckpt, args.device)
     spec = evaluated_site(args.site, args.classes, model.specs.values())
     root = Path(args.data_root).expanduser() if args.data_root else model.data_root
-    samples = scan_site(root, spec, "image")  # every image is a test image: the grouping only names patients
     trained = spec.name in model.method.sites
     if args.unseen_norm != "all" and trained:
         raise ConfigError(f"site {spec.name} is one the model was trained on: it needs no unseen_norm.")
+    if args.unseen_norm != "all":
+        check_choice(model.method, args.unseen_norm)
+    samples = test_images(model, spec, root)
 
     def images() -> Iterator[torch.Tensor]:
         return _image_batches(model, samples, spec.window, args.batch_size)
 
     if trained:
         probs = site_probabilities(model.method, model.method.sites.index(spec.name), images())
-        rows = [
-            {"site": spec.name, "file": s.name, "patient": s.patient, "label": s.label, "prob_covid": p}
-            for s, p in zip(samples, probs)
-        ]
+        rows = [prediction_row(s, p) for s, p in zip(samples, probs)]
     else:
         choices = None if args.unseen_norm == "all" else [args.unseen_norm]
         rows = unseen_site_rows(model.method, spec.name, samples, images, choices)
     patient_sites = [spec.name] if any(s.patient for s in samples) else []
-    selection = "best_val_auc" if Path(args.ckpt).name.startswith("best-") else "last"
+    selection = selection_of(Path(args.ckpt))
     checkpoint = str(Path(args.ckpt).resolve())
     if trained:
         result = {"checkpoint": checkpoint, **evaluate_rows(rows, patient_sites, "mean")}
     else:
         result = {"checkpoint": checkpoint, "images": {}, "patients": {}, "unseen": unseen_results(rows, patient_sites)}
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluate" / spec.name
+    part = f"fold {model.data['fold']}'s test part" if trained else "every image"
     run = {
-        "experiment": "evaluate",
+        "experiment": EVALUATION,
+        "tested": f"{part} of site {spec.name}",
         "checkpoint": checkpoint,
         "trained_sites": list(model.method.sites),
         "method": type(model.method).__name__,
@@ -232,12 +232,12 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
     }
     path = write_run_record(out, {selection: result}, [{"selection": selection, **r} for r in rows], run, {})
     curves = {}
-    for how in dict.fromkeys(r.get("unseen_norm", "") for r in rows):
-        mine = [r for r in rows if r.get("unseen_norm", "") == how]
+    for how in dict.fromkeys(r.get(UNSEEN_COLUMN, "") for r in rows):
+        mine = [r for r in rows if r.get(UNSEEN_COLUMN, "") == how]
         fpr, tpr, auc = roc_curve([r["label"] for r in mine], [r["prob_covid"] for r in mine])
         curves[f"{type(model.method).__name__}{f' ({how})' if how else ''}"] = (fpr, tpr, auc)
     title = f"Site {spec.name}: {spec.dataset}\nROC of {Path(args.ckpt).name}"
-    caption = f"{len(samples)} images; trained on site(s) {', '.join(model.method.sites)}"
+    caption = f"{len(samples)} images ({part}); trained on site(s) {', '.join(model.method.sites)}"
     plot_rocs(curves, title, out / f"roc_{spec.name}.png", caption)
     return path
 
@@ -245,8 +245,6 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args: EvaluateArgs = parse_args(EvaluateArgs, argv, USAGE)
-    if args.unseen_norm != "all" and not (args.unseen_norm in UNSEEN_NORMS[:2] or args.unseen_norm.startswith("site:")):
-        raise ConfigError(f"unseen_norm must be all, adabn, mean or site:<name>; got {args.unseen_norm!r}.")
     path = evaluate_checkpoint(args)
     print(f"wrote {path}, {path.parent / 'predictions.csv'} and the ROC figure in {path.parent}")
     return 0

@@ -39,7 +39,7 @@ from covidct.cli import cli_errors, parse_args
 from covidct.data.sites import SiteSpec
 from covidct.data.sources import COVID
 from covidct.errors import ConfigError, DataError
-from covidct.inference import TrainedModel
+from covidct.inference import TrainedModel, selection_of
 from covidct.methods import SiteMethod
 from covidct.metrics import predicts_covid
 from covidct.models.routing import SiteBlocks
@@ -87,13 +87,14 @@ def grad_cam(method: SiteMethod, site: str, images: torch.Tensor) -> np.ndarray:
         return cam(input_tensor=images, targets=[ClassifierOutputTarget(COVID)] * len(images))
 
 
-def site_of(file: str, specs: Mapping[str, SiteSpec]) -> str:
-    """The site among `specs` whose class folder starts `file` (the paper's two publishers' differ; sites that
-    share class folder names must be explained one at a time, with site=NAME)."""
+def site_of(file: str, specs: Mapping[str, SiteSpec], explained: Sequence[str] = ()) -> str:
+    """The site among `specs` whose class folder starts `file` (the paper's two publishers' differ); where
+    several share that folder name, the one of them being `explained` (else: choose with site=NAME)."""
     folder, _, name = file.partition("/")
     found = [site for site, spec in specs.items() if folder in spec.classes and name]
-    if len(found) == 1:
-        return found[0]
+    chosen = [site for site in found if site in explained]
+    if len(found) == 1 or len(chosen) == 1:
+        return (chosen or found)[0]
     if found:
         raise ConfigError(f"files: {file!r} could be an image of site {' or '.join(found)}; choose one with site=NAME.")
     known = "; ".join(f"site {site}: {', '.join(spec.classes)}" for site, spec in specs.items())
@@ -107,11 +108,6 @@ def true_label(file: str, spec: SiteSpec) -> int:
 def is_correct(prob_covid: float, label: int) -> bool:
     """Judged by the evaluation's decision rule, so the figure agrees with the run's accuracy."""
     return predicts_covid(prob_covid) == (label == COVID)
-
-
-def selection_of(checkpoint: Path) -> str:
-    """Which of a run's test selections a checkpoint file is: its predictions are the ones to explain."""
-    return "best_val_auc" if Path(checkpoint).name.startswith("best-") else "last"
 
 
 def choose(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[str]:
@@ -136,7 +132,7 @@ def _selection(
     if files is not None:
         chosen: dict[str, list[str]] = {site: [] for site in sites}
         for file in files:
-            site = site_of(file, specs)
+            site = site_of(file, specs, sites)
             if site not in chosen:
                 raise ConfigError(
                     f"files: {file} is a site {site} image, but only site(s) {', '.join(sites)} are explained."
@@ -246,7 +242,7 @@ def explain(
     if n < 1:
         raise ConfigError(f"n must be at least 1, got {n}.")
     model = TrainedModel(ckpt, device)
-    sites = list(model.sites if sites is None else sites)
+    sites = list(model.sites if sites is None else (model.site_name(site) for site in sites))
     for site in sites:
         if site not in model.sites:  # the tiles come from the run's own test predictions of its sites
             raise ConfigError(
@@ -266,7 +262,7 @@ def explain(
         for path in paths:
             if not path.is_file():
                 raise DataError(f"{path} does not exist; set data_root=DIR to the data root holding it.")
-        resized = [model.load(path) for path in paths]
+        resized = [model.load(path, spec.window) for path in paths]
         images = model.batch(resized)
         probs = model.prob_covid(images, site).tolist()
         cams = grad_cam(model.method, site, images)

@@ -15,14 +15,20 @@ import numpy as np
 import torch
 
 from covidct.data.dicom import LUNG_WINDOW
-from covidct.data.sites import SiteSpec, resolve_sites
+from covidct.data.sites import SiteSpec, split_sites
 from covidct.data.sources import load_image
 from covidct.data.transforms import deterministic_resize, normalize_images, to_chw_uint8
 from covidct.errors import ConfigError
-from covidct.evaluate import check_choice, unseen_choices
 from covidct.methods import SiteMethod, method_class
 from covidct.models.routing import SiteBlocks
-from covidct.models.unseen import UNSEEN_NORMS, add_unseen_site, estimate_unseen_statistics, has_site_copies
+from covidct.models.unseen import (
+    UNSEEN_NORMS,
+    add_unseen_site,
+    check_choice,
+    estimate_unseen_statistics,
+    has_site_copies,
+    unseen_choices,
+)
 from covidct.resume import read_checkpoint
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -56,8 +62,13 @@ def _trained_method(path: Path, checkpoint: Mapping[str, Any], device: torch.dev
 def stored_sites(data: Mapping[str, Any]) -> list[SiteSpec]:
     """The sites a checkpoint's data settings name, from the specs it stores (older checkpoints store none:
     their sites are the paper's, read from conf/)."""
-    names = [*data.get("sites", ()), *data.get("test_sites", ())]
-    return resolve_sites(list(dict.fromkeys(names)), data.get("site_specs") or None)
+    trained, held = split_sites(list(data.get("sites", ())), list(data.get("test_sites", ())), data.get("site_specs"))
+    return [*trained, *held]
+
+
+def selection_of(checkpoint: Path) -> str:
+    """Which of a run's test selections a checkpoint file is: 'best_val_auc' (best-*.ckpt) or 'last'."""
+    return "best_val_auc" if Path(checkpoint).name.startswith("best-") else "last"
 
 
 class TrainedModel:
@@ -75,6 +86,7 @@ class TrainedModel:
                 "normalisation are unknown; it predates their recording. Retrain it with the current code."
             )
         self.specs = {spec.name: spec for spec in stored_sites(data)}  # every site of its data, unseen ones too
+        self.data = dict(data)  # the DataModule's settings: folds, grouping, preprocessing
         self.image_size = int(data["image_size"])
         self.data_root = Path(str(data["root"])).expanduser()
         self.sites = tuple(self.method.sites)  # the data's sites it was trained on; batch site indices point here
@@ -82,6 +94,14 @@ class TrainedModel:
         self._borrowed: dict[str, int] = {}  # such a site -> the trained site whose network it uses (Single)
         self._resize = deterministic_resize("eval", self.image_size)
         self.mean, self.std = tuple(data["mean"]), tuple(data["std"])
+
+    def site_name(self, site: str) -> str:
+        """A site's name as the model knows it: `site`, or the site it is an alias of (covid_ct: B)."""
+        return next((spec.name for spec in self.specs.values() if site in spec.aliases), site)
+
+    def window(self, site: str) -> tuple[float, float]:
+        """The DICOM window the site's images were shown through in training (the lung window if unknown)."""
+        return self.specs[site].window if site in self.specs else LUNG_WINDOW
 
     def check_site(self, site: str) -> int:
         """The site's index, if the model has a branch for it (trained, or given by add_unseen_site); an
@@ -114,6 +134,8 @@ class TrainedModel:
             return f"unseen_norm={self.unseen[site]}"
         if self.method.networks_per_site:
             return f"its one network, trained on site {self.method.sites[0]}, classifies it"
+        if len(self.method.sites) == 1:
+            return f"the layers of its one training site, {self.method.sites[0]}, classify it (or: unseen_norm=adabn)"
         return "its layers are shared by all sites, so it is classified as it is"
 
     def add_unseen_site(self, site: str, how: str, images: Iterable[torch.Tensor] = ()) -> int:

@@ -1,7 +1,7 @@
 """Classify a folder of CT images with a trained checkpoint.
 
 `python -m covidct.predict ckpt=PATH images=DIR site=A|B|NAME [recursive=false] [out=predictions.csv]
-[unseen_norm=adabn|mean|site:<name>] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]`
+[unseen_norm=adabn|mean|site:<name>] [window=[-600,1500]] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]`
 
 Images go through exactly the evaluation path of training (the checkpoint's image size, mean and std;
 square resize, then normalisation) and the chosen site's branch (its norms, adapters or network).
@@ -37,7 +37,7 @@ CSV_COLUMNS = ("file", "prob_covid", "prediction", "error")
 PATIENT_COLUMNS = ("patient", "series", "slices", "unreadable", "prob_mean", "prob_max", "prediction")
 USAGE = (
     "python -m covidct.predict ckpt=PATH images=DIR site=A|B|NAME [recursive=false] [out=predictions.csv] "
-    "[unseen_norm=adabn|mean|site:<name>] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]"
+    "[unseen_norm=adabn|mean|site:<name>] [window=[-600,1500]] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]"
 )
 
 
@@ -52,6 +52,7 @@ class PredictArgs:
     device: str = "auto"
     threshold: float = DECISION_THRESHOLD
     unseen_norm: str | None = None  # for a site the model never saw: adabn, mean or site:<trained site>
+    window: list[float] | None = None  # DICOM [centre, width] in HU (default: the site's, else the lung window)
 
 
 def image_files(folder: Path, recursive: bool = False) -> list[Path]:
@@ -82,6 +83,7 @@ def predict_folder(
     threshold: float = DECISION_THRESHOLD,
     recursive: bool = False,
     unseen_norm: str | None = None,
+    window: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per image file: file (its path under `images`), prob_covid, prediction and error (set, with no
     prob, if unreadable).
@@ -95,9 +97,13 @@ def predict_folder(
     folder = Path(images)
     files, patients = along_the_body(image_files(folder, recursive))
     model = TrainedModel(ckpt, device)
+    site = model.site_name(site)
+    if window is not None and (len(window) != 2 or window[1] <= 0):
+        raise ConfigError(f"window must be [centre, width] in Hounsfield units, width > 0; got {list(window)}.")
+    ct_window = tuple(window) if window is not None else model.window(site)
     used = 0
     if unseen_norm is not None:
-        used = model.add_unseen_site(site, unseen_norm, _batches(model, files, batch_size))
+        used = model.add_unseen_site(site, unseen_norm, _batches(model, files, batch_size, ct_window))
         if unseen_norm == "adabn" and site in model.unseen and not used:
             raise DataError(f"unseen_norm=adabn needs at least 2 readable images in {folder} to estimate site {site}.")
     model.check_site(site)
@@ -115,7 +121,7 @@ def predict_folder(
                 row["patient"] = patients[path]
             rows.append(row)
             try:
-                readable.append((row, model.load(path)))
+                readable.append((row, model.load(path, ct_window)))
             except DataError as err:
                 row["error"] = f"cannot read image: {err.__cause__ or err}"
         if readable:
@@ -178,13 +184,15 @@ def _write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Pat
     atomic_write_text(path, buffer.getvalue())
 
 
-def _batches(model: TrainedModel, files: Sequence[Path], batch_size: int) -> Iterator[torch.Tensor]:
+def _batches(
+    model: TrainedModel, files: Sequence[Path], batch_size: int, ct_window: Sequence[float]
+) -> Iterator[torch.Tensor]:
     """The readable images of `files` as normalised batches of at least 2 (BatchNorm statistics need 2)."""
     for start in range(0, len(files), batch_size):
         loaded = []
         for path in files[start : start + batch_size]:
             try:
-                loaded.append(model.load(path))
+                loaded.append(model.load(path, ct_window))
             except DataError:
                 continue  # listed as unreadable when classified
         if len(loaded) > 1:
@@ -212,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.threshold,
         args.recursive,
         args.unseen_norm,
+        args.window,
     )
     out = Path(args.out)
     write_predictions(rows, out)

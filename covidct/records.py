@@ -22,6 +22,7 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 TIMING_FILE = "timing.json"  # throughput and finishing time, beside the record (`covidct.timing`)
 PREDICTION_COLUMNS = ("selection", "site", "file", "patient", "label", "prob_covid")
+EVALUATION = "evaluate"  # run.experiment of a `covidct.evaluate` record: a checkpoint evaluated, not a sweep's run
 UNSEEN_COLUMN = "unseen_norm"  # leave-one-site-out records only: the norms an unseen site's row was classified with
 
 

@@ -25,10 +25,11 @@ def num_sites(sites: Sequence[str], *, _root_: DictConfig) -> int:
     held_out = OmegaConf.select(_root_, "data.test_sites", default=None)
     if not held_out:
         return len(sites)
-    from covidct.data.sites import resolve_sites
+    from covidct.data.sites import split_sites
 
-    unseen = {spec.name for spec in resolve_sites(list(held_out))}
-    return sum(spec.name not in unseen for spec in resolve_sites(list(sites)))
+    given = OmegaConf.select(_root_, "data.site_specs", default=None)
+    given = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else given
+    return len(split_sites(list(sites), list(held_out), given)[0])
 
 
 for _name, _resolver in (

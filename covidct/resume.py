@@ -63,8 +63,14 @@ NON_SEMANTIC_KEYS = (
 )
 
 
+# options added after runs were recorded, left out of the run id at the value that changes nothing, so those
+# runs keep their ids (and folders)
+INERT_DEFAULTS: dict[str, Any] = {"data.test_sites": [], "data.site_specs": None}
+
+
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without NON_SEMANTIC_KEYS: two runs with equal values give equal numbers."""
+    """The resolved config without NON_SEMANTIC_KEYS (and INERT_DEFAULTS at their inert value): two runs with
+    equal values give equal numbers."""
     top = [k for k in cfg if k not in NON_SEMANTIC_KEYS and not (k == "warm_start" and not cfg.warm_start)]
     resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, top), resolve=True)
     for dotted in NON_SEMANTIC_KEYS:
@@ -72,6 +78,11 @@ def semantic_config(cfg: DictConfig) -> dict[str, Any]:
         node = resolved.get(parent) if parent else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    for dotted, inert in INERT_DEFAULTS.items():
+        parent, _, leaf = dotted.rpartition(".")
+        node = resolved.get(parent)
+        if isinstance(node, dict) and leaf in node and node[leaf] == inert:
+            node.pop(leaf)
     return resolved
 
 

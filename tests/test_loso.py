@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from covidct import evaluate as evaluate_module
+from covidct.data.folds import split_fold
+from covidct.data.sources import scan_site
 from covidct.records import read_predictions
 from tests.helpers import FAST, run_cli
 from tests.phantoms import hospital_site_config, make_hospital_site, make_phantom_root
@@ -93,6 +95,19 @@ def test_evaluate_reproduces_the_runs_held_out_predictions(loso_runs, tmp_path: 
         record = json.loads((out / "metrics.json").read_text())
         assert list(record["test"]["last"]["unseen"]) == CHOICES[experiment]
         assert record["run"]["splits"]["test_sites"] == ["hospital"] and (out / "roc_hospital.png").is_file()
+    # by default into the run's folder, which the report then reads past: an evaluation is not a sweep's run
+    assert evaluate_module.main([f"ckpt={loso_runs['ours'] / 'checkpoints' / 'last.ckpt'}", "site=hospital"]) == 0
+    assert (loso_runs["ours"] / "evaluate" / "hospital" / "metrics.json").is_file()
+    sweep = loso_runs["ours"].parent.parent
+    report = run_cli(
+        ["--runs", str(sweep), "--out", str(tmp_path / "report"), "--folds", "0", "--seeds", "643"],
+        tmp_path,
+        module="covidct.report",
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (
+        "## Site hospital held out (trained on A,B): AUC, image level" in (tmp_path / "report" / "loso.md").read_text()
+    )
 
 
 def test_evaluate_reads_a_folder_of_dicom_series_per_patient(loso_runs, tmp_path: Path, capsys):
@@ -122,7 +137,9 @@ def test_evaluate_on_a_real_png_site_it_was_trained_on(loso_runs, real_data: Pat
     record = json.loads((out / "metrics.json").read_text())
     last = record["test"]["last"]
     assert set(last["images"]) == {"B"} and set(last["patients"]) == {"B"} and "unseen" not in last
-    assert len(read_predictions(out)) == 746  # every image of the real site B
+    test_part = split_fold(scan_site(real_data, "B"), fold=0, split_seed=0, val_fraction=0.0)["test"]
+    assert sorted(r["file"] for r in read_predictions(out)) == sorted(s.name for s in test_part)  # not its training
+    assert record["run"]["tested"] == "fold 0's test part of site B"
 
 
 @pytest.mark.parametrize(

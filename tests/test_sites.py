@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 
 from covidct.data.datamodule import TwoSiteDataModule
 from covidct.data.sites import find_site, paper_site, read_site_file, resolve_sites
@@ -16,10 +17,12 @@ from covidct.errors import ConfigError, DataError
 from covidct.experiments import registry
 from covidct.models.norms import SiteBatchNorm
 from covidct.records import read_predictions
-from tests.helpers import FAST, run_cli, tiny_method
+from covidct.resume import semantic_config
+from tests.helpers import FAST, compose_experiment, run_cli, tiny_method
 from tests.phantoms import hospital_site_config, make_hospital_site, make_phantom_root
 
 SITES3 = ["A", "B", "hospital"]
+WARD = {"folder": "/nowhere/ward", "classes": {"covid": 1, "normal": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,15 @@ def test_every_experiment_runs_on_three_sites_added_by_one_yaml_file(three_sites
         assert record["run"]["sites"]["hospital"]["dataset"] == "phantom hospital hospital"
         assert {row["site"] for row in read_predictions(path.parent)} == set(SITES3)
         assert "site hospital folds are patient-disjoint (patients from folders)" in record["run"]["splits"]["notes"]
+    report = run_cli(
+        ["--runs", str(tmp_path / "sweep"), "--out", str(tmp_path / "report"), "--folds", "0", "--seeds", "643"],
+        tmp_path,
+        module="covidct.report",
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = (tmp_path / "report" / "table1.md").read_text()
+    assert all(f"### Site {site}" in table for site in SITES3)  # one block per site
+    assert (tmp_path / "report" / "roc_hospital.png").is_file()
 
 
 def _three_site_datamodule(root: Path, tmp_path: Path, **kwargs) -> TwoSiteDataModule:
@@ -143,6 +155,26 @@ def test_three_sites_each_bn_sees_only_its_own_samples_and_batches_hold_batch_pe
         assert len(shown[site]) == sizes[site]  # every training image of every site
         assert min(shown[site].values()) >= repeats[site]  # each at least its repeat factor
     assert min(shown["hospital"].values()) == 3 and max(shown["B"].values()) >= 4
+
+
+def test_a_held_out_site_may_be_named_by_its_alias_and_is_stored_by_name(tmp_path: Path, phantom_root: Path):
+    datamodule = TwoSiteDataModule(phantom_root, sites=["sars_cov_2", "covid_ct"], test_sites=["B"], cache_dir=tmp_path)
+    assert (datamodule.sites, datamodule.unseen_sites) == (["A"], ["B"])
+    assert (datamodule.hparams["sites"], datamodule.hparams["test_sites"]) == (["A"], ["B"])
+    cfg = OmegaConf.create(
+        {
+            "data": {"sites": ["A", "covid_ct", "ward"], "test_sites": ["ward"], "site_specs": {"ward": WARD}},
+            "n": "${num_sites:${data.sites}}",
+        }
+    )
+    assert cfg.n == 2  # the training sites': an inline site counts too
+
+
+def test_options_at_their_inert_default_leave_the_run_id_unchanged():
+    cfg = compose_experiment("ours", [])
+    assert "test_sites" not in semantic_config(cfg)["data"] and "site_specs" not in semantic_config(cfg)["data"]
+    held = compose_experiment("ours", ["data.test_sites=[B]"])
+    assert semantic_config(held)["data"]["test_sites"] == ["B"]
 
 
 def test_repeat_auto_evens_three_sites_passes(three_sites, tmp_path: Path):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from covidct.data.cache import DecodedImageCache, default_cache_dir
 from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, split_fold
 from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws, collate_with_site_layout
-from covidct.data.sites import PAPER_SITES, SiteSpec, resolve_sites
+from covidct.data.sites import PAPER_SITES, SiteSpec, split_sites
 from covidct.data.sources import Sample, scan_site
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, normalize_images
 from covidct.errors import ConfigError
@@ -170,18 +170,12 @@ class TwoSiteDataModule(pl.LightningDataModule):
         super().__init__()
         root = str(Path(os.path.expanduser(str(root))).absolute())  # stored absolute: explain runs anywhere
         self.save_hyperparameters()  # stored in checkpoints: predict and explain reuse the preprocessing
-        names = [str(s) for s in sites]
-        held_out = [str(s) for s in test_sites]
-        specs = resolve_sites([*names, *(s for s in held_out if s not in names)], site_specs)
-        self.specs: dict[str, SiteSpec] = {spec.name: spec for spec in specs}
-        by_given = dict(zip([*names, *(s for s in held_out if s not in names)], specs))
-        unseen = {by_given[s].name for s in held_out}
-        self.sites = [by_given[s].name for s in names if by_given[s].name not in unseen]
-        self.unseen_sites = [name for name in self.specs if name in unseen]
-        if not self.sites:
-            raise ConfigError(
-                f"data.test_sites={held_out} leaves no site to train on: data.sites={names} must name one more."
-            )
+        trained, held = split_sites([str(s) for s in sites], [str(s) for s in test_sites], site_specs)
+        self.specs: dict[str, SiteSpec] = {spec.name: spec for spec in (*trained, *held)}
+        self.sites = [spec.name for spec in trained]
+        self.unseen_sites = [spec.name for spec in held]
+        # stored by name, with their specs: a checkpoint rebuilds its sites on any machine, without the files
+        self.hparams.update(sites=self.sites, test_sites=self.unseen_sites)
         self.hparams["site_specs"] = {name: spec.as_dict() for name, spec in self.specs.items()}
         if not 0 <= fold < N_FOLDS:
             raise ConfigError(f"fold must be in 0..{N_FOLDS - 1}, got {fold}.")
@@ -198,7 +192,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.image_size = image_size
         self.batch_per_site = batch_per_site
-        self.repeat = checked_repeat(repeat, specs)
+        self.repeat = checked_repeat(repeat, list(self.specs.values()))
         self.eval_batch_size = eval_batch_size
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory

@@ -64,11 +64,14 @@ class SiteSpec:
     source: str = ""  # the YAML file it was read from
 
     def site_dir(self, root: Path) -> Path:
-        return Path(root) / self.folder  # an absolute folder stays itself
+        """The folder of the class folders: `folder` under the data root, or `folder` itself if absolute."""
+        return Path(root) / self.folder
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain data, as checkpoints and records store it (from_dict reads it back)."""
+        """Plain data, as checkpoints and records store it (site_from_dict reads it back); without the file it
+        came from, a path of one machine."""
         values = asdict(self)
+        del values["source"]
         values["aliases"] = list(self.aliases)
         values["window"] = list(self.window)
         return values
@@ -78,10 +81,10 @@ class SiteSpec:
         if self.fold_note and group_by == "patient":
             return self.fold_note
         kind = self.patients.kind
-        if group_by == "image" or kind == "none":
+        if group_by == "image":
+            return f"site {self.name} folds are image-level (data.group_by=image)"
+        if kind == "none":
             together = " (byte-identical duplicates kept together)" if self.patients.duplicates == "together" else ""
-            if group_by == "image":
-                return f"site {self.name} folds are image-level (data.group_by=image)"
             return (
                 f"site {self.name} has no patient ids: its folds are image-level{together}, so slices of one "
                 "patient can fall on both sides of a split"
@@ -221,9 +224,13 @@ def find_site(name: str, dirs: Sequence[Path] | None = None) -> SiteSpec:
         path = Path(d) / SITE_CONFIG_GROUP / f"{name}.yaml"
         if path.is_file():
             return read_site_file(path)
-    known = sorted(
-        (read_site_file(path) for path in _site_files(dirs)), key=lambda s: (s.name not in PAPER_SITES, s.name)
-    )
+    known, broken = [], []
+    for path in _site_files(dirs):
+        try:
+            known.append(read_site_file(path))
+        except ConfigError as err:  # one broken file must not hide the others' names
+            broken.append(str(err))
+    known.sort(key=lambda s: (s.name not in PAPER_SITES, s.name))
     for spec in known:
         if name == spec.name or name in spec.aliases:
             return spec
@@ -232,13 +239,14 @@ def find_site(name: str, dirs: Sequence[Path] | None = None) -> SiteSpec:
     raise ConfigError(
         f"unknown site {name!r}: no {name}.yaml in {where} and no site named so. Known sites: {listed}. "
         "Add your own as one YAML file there (README, 'Your own hospital')."
+        + (f" Unreadable: {'; '.join(broken)}" if broken else "")
     )
 
 
 def resolve_sites(
     names: Sequence[str], given: Mapping[str, Mapping[str, Any]] | None = None, dirs: Sequence[Path] | None = None
 ) -> list[SiteSpec]:
-    """The specs of data.sites in order; `given` (a checkpoint's or a run's stored specs) wins over files.
+    """The specs of `names` in order; `given` (a checkpoint's or a run's stored specs) wins over files.
     Refuses a site named twice, under its name or an alias."""
     specs = []
     for name in names:
@@ -251,6 +259,24 @@ def resolve_sites(
             raise ConfigError(f"data.sites names site {spec.name} twice ({seen[spec.name]!r} and {name!r}).")
         seen[spec.name] = str(name)
     return specs
+
+
+def split_sites(
+    names: Sequence[str],
+    held_out: Sequence[str] = (),
+    given: Mapping[str, Mapping[str, Any]] | None = None,
+    dirs: Sequence[Path] | None = None,
+) -> tuple[list[SiteSpec], list[SiteSpec]]:
+    """data.sites and data.test_sites as (the sites trained on, the sites only tested), each resolved once: a
+    held-out site named by an alias is the same site, and one outside data.sites is tested too."""
+    listed, held = resolve_sites(names, given, dirs), resolve_sites(held_out, given, dirs)
+    unseen = {spec.name for spec in held}
+    trained = [spec for spec in listed if spec.name not in unseen]
+    if not trained:
+        raise ConfigError(
+            f"data.test_sites={list(held_out)} leaves no site of data.sites={list(names)} to train on: name one more."
+        )
+    return trained, held
 
 
 def paper_site(name: str) -> SiteSpec:
@@ -315,8 +341,12 @@ def unmapped_group(spec: SiteSpec, name: str) -> str:
     return f"{folder}:{spec.patients.unmapped['tag']}:{prefix}"
 
 
-def regex_patient(spec: SiteSpec, path: Path) -> str:
+def regex_patient(spec: SiteSpec, path: Path, required: bool = True) -> str:
+    """The patient id in a file's name by the site's pattern ('' for a name it does not match, unless the
+    patient is `required`: patient-level folds)."""
     match = re.search(spec.patients.pattern, path.name)
+    if not match and not required:
+        return ""
     if not match:
         raise DataError(
             f"{path}: its name does not match site {spec.name}'s patients.pattern {spec.patients.pattern!r}; "

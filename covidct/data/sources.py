@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from covidct.data.dicom import DICOM_SUFFIX, LUNG_WINDOW, is_dicom, load_ct_slice
+from covidct.data.dicom import DICOM_SUFFIX, LUNG_WINDOW, ct_series, is_dicom, load_ct_slice
 from covidct.data.sites import SiteSpec, find_site, read_patient_table, regex_patient, unmapped_group
 from covidct.errors import ConfigError, DataError
 
 log = logging.getLogger("covidct.data")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", DICOM_SUFFIX}
-COVID, NON_COVID = 1, 0
+COVID, NON_COVID = 1, 0  # the labels site configs give their class folders
 
 
 GROUPINGS = ("patient", "image")  # data.group_by: what folds keep on one side of a split
@@ -56,6 +56,19 @@ def _image_files(folder: Path, spec: SiteSpec) -> list[Path]:
     return [p for p in files if p.is_file()]
 
 
+def _patient_images(patient: Path, spec: SiteSpec) -> list[Path]:
+    """A patient folder's images, in it and its subfolders (DICOM exports nest studies and series); a folder of
+    DICOM slices is checked as one series (ct_series refuses a folder that mixes series)."""
+    folders = [patient, *sorted(p for p in patient.rglob("*") if p.is_dir() and not p.name.startswith("."))]
+    images = []
+    for folder in folders:
+        found = _image_files(folder, spec)
+        if any(is_dicom(p) for p in found):
+            ct_series(folder)
+        images += found
+    return images
+
+
 def list_images(root: Path, site: str | SiteSpec) -> list[tuple[Path, int]]:
     """(path, label) for every image of a site, sorted; clear errors for a missing or bad layout. A site whose
     patients are folders holds '<class>/<patient>/<image>'; any other '<class>/<image>'."""
@@ -87,7 +100,7 @@ def list_images(root: Path, site: str | SiteSpec) -> list[tuple[Path, int]]:
                     "(patients.kind: folder): move each patient's images into a folder of their own."
                 )
             patients = sorted(p for p in class_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-            images = [image for patient in patients for image in _image_files(patient, spec)]
+            images = [image for patient in patients for image in _patient_images(patient, spec)]
         else:
             images = _image_files(class_dir, spec)
         if not images:
@@ -148,7 +161,7 @@ def _patient_ids(spec: SiteSpec, root: Path, items: Sequence[tuple[Path, int]], 
     if kind == "folder":
         return {p: f"{p.parent.parent.name}:{p.parent.name}" for p, _ in items}
     if kind == "regex":
-        return {p: regex_patient(spec, p) for p, _ in items}
+        return {p: regex_patient(spec, p, required) for p, _ in items}
     if kind == "csv":
         table = read_patient_table(spec, root) if required else _optional_patient_ids(spec, root)
         site_dir = spec.site_dir(root)

@@ -24,6 +24,7 @@ from covidct.models.adapters import SiteConv1x1
 from covidct.models.norms import SiteBatchNorm
 
 UNSEEN_NORMS = ("adabn", "mean", "site:<name>")
+SHARED = "shared"  # the choice of a model whose layers its sites share: it classifies any site as it is
 
 
 def _routed(net: nn.Module) -> list[nn.ModuleList]:
@@ -114,3 +115,24 @@ def estimate_unseen_statistics(
         norm.momentum = 0.1
     net.train(was_training)
     return images
+
+
+def unseen_choices(method: nn.Module) -> list[str]:
+    """The norms a site a method (a SiteMethod: its `sites`, `networks_per_site`) never saw can be classified
+    with, in the order records list them: a network per site (Single) only
+    borrows one; site-specific layers (or, with one training site, all routed layers) take adabn, mean or a
+    trained site's copies; layers shared by several sites serve any site as they are."""
+    if method.networks_per_site:
+        return [f"site:{site}" for site in method.sites]
+    if not has_routed_copies(method, len(method.sites)):
+        return [SHARED]
+    return ["adabn", "mean", *(f"site:{site}" for site in method.sites)]
+
+
+def check_choice(method: nn.Module, how: str) -> None:
+    allowed = unseen_choices(method)
+    if how not in allowed:
+        raise ConfigError(
+            f"unseen_norm={how} does not apply to {type(method).__name__} trained on site(s) "
+            f"{', '.join(method.sites)}: choose one of {', '.join(allowed)}."
+        )

@@ -17,6 +17,7 @@ from covidct.data.sites import dataset_name
 from covidct.errors import ConfigError, DataError
 from covidct.metrics import PATIENT_POOLINGS
 from covidct.records import (
+    EVALUATION,
     METRICS_FILE,
     PREDICTIONS_FILE,
     TIMING_FILE,
@@ -60,6 +61,8 @@ def load_run_records(runs: Path, skip_broken: bool = False) -> tuple[list[dict[s
                 ) from None
             broken.append(f"{path}: {err}")
             continue
+        if record["run"].get("experiment") == EVALUATION:
+            continue  # covidct.evaluate's, e.g. under a run's folder: a checkpoint on other data, not a sweep's run
         record["_dir"] = str(path.parent)
         timing = path.parent / TIMING_FILE
         record["_finished_at"] = json.loads(timing.read_text()).get("finished_at") if timing.is_file() else None

@@ -42,21 +42,21 @@ def loso_rows(
     """One row per (experiment, held-out site, norm choice, level, metric) of the LOSO records of the sweep's
     folds and seeds, in % (mean, sample std, n over runs); methods in Table I order."""
     wanted = {(f, s) for f in folds for s in seeds}
-    chosen: dict[tuple[str, int, int, tuple[str, ...]], Mapping[str, Any]] = {}
+    chosen: dict[tuple[str, int, int, tuple[str, ...], str], Mapping[str, Any]] = {}
     for record in records:
         run = record["run"]
         held = tuple(held_out_sites(record))
-        key = (run["experiment"], int(run["fold"]), int(run["seed"]), held)
+        key = (run["experiment"], int(run["fold"]), int(run["seed"]), held, _trained_on(record) if held else "")
         if not held or key[1:3] not in wanted:
             continue
         if key in chosen:
             raise DuplicateRunError(
                 f"two leave-one-site-out records for experiment={key[0]} fold={key[1]} seed={key[2]} held out "
-                f"{','.join(held)}; keep one per configuration in the runs folder."
+                f"{','.join(held)} (trained on {key[4]}); keep one per configuration in the runs folder."
             )
         chosen[key] = record
     values: dict[tuple[str, str, str, str, str, str], list[float]] = {}
-    for (experiment, _, _, _), record in chosen.items():
+    for (experiment, *_), record in chosen.items():
         trained = _trained_on(record)
         for choice, results in record.get("test", {}).get(selection, {}).get("unseen", {}).items():
             for level in ("images", "patients"):
