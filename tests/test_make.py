@@ -31,3 +31,14 @@ def test_train_runs_the_cpu_protocol_without_a_gpu_and_the_paper_when_asked():
     assert "+protocol=cpu" in plan and "its numbers are not the paper's" in plan
     forced = _dry_run("train", "PROTOCOL=paper")
     assert "+protocol=paper" in forced and "CPU protocol" not in forced
+
+
+def test_loso_sweeps_every_table1_method_over_the_held_out_sites_then_reports():
+    from covidct.experiments import table1_experiments
+
+    plan = _dry_run("loso", "PROTOCOL=smoke")
+    methods = ",".join(e.name for e in table1_experiments())
+    assert f"-m experiment={methods} +protocol=smoke" in plan and "'data.test_sites=[A],[B]'" in plan
+    assert 'paths.log_dir="outputs/loso-smoke"' in plan
+    assert '--runs "outputs/loso-smoke" --out "outputs/loso-smoke"' in plan
+    assert "'data.test_sites=[C]'" in _dry_run("loso", "PROTOCOL=smoke", "HELD_OUT=[C]")
