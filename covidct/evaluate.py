@@ -1,7 +1,8 @@
 """Evaluate a trained checkpoint on a labelled site, seen in training or not, as a run record.
 
 `python -m covidct.evaluate ckpt=PATH site=NAME|FILE.yaml|FOLDER [out=DIR] [unseen_norm=all|adabn|mean|site:<name>]
-[classes={covid: 1, normal: 0}] [data_root=DIR] [batch_size=32] [device=auto|cpu|cuda]`
+['classes={covid: 1, normal: 0}'] [window=[-600,1500]] [data_root=DIR] [batch_size=32]
+[device=auto|cpu|cuda]`
 
 The site is a site config (conf/data/site/<name>.yaml, or a YAML file), or a folder with one subfolder per
 class. A site the checkpoint was trained on is classified with its own branch; any other with each of the
@@ -36,8 +37,8 @@ from covidct.records import EVALUATION, UNSEEN_COLUMN, git_commit, write_run_rec
 
 USAGE = (
     "python -m covidct.evaluate ckpt=PATH site=NAME|FILE.yaml|FOLDER [out=DIR] "
-    "[unseen_norm=all|adabn|mean|site:<name>] [classes={covid: 1, normal: 0}] [data_root=DIR] [batch_size=32] "
-    "[device=auto|cpu|cuda]"
+    "[unseen_norm=all|adabn|mean|site:<name>] ['classes={covid: 1, normal: 0}'] [window=[-600,1500]] "
+    "[data_root=DIR] [batch_size=32] [device=auto|cpu|cuda]"
 )
 
 
@@ -116,6 +117,7 @@ class EvaluateArgs:
     out: str | None = None  # default: <run folder>/evaluate/<site>
     unseen_norm: str = "all"  # for a site the model never saw: all its choices, or one
     classes: dict[str, int] = field(default_factory=dict)  # a folder site's class folder -> label (COVID = 1)
+    window: list[float] | None = None  # DICOM [centre, width] in HU (default: the site's, else the lung window)
     data_root: str | None = None  # where a site config's relative folder lies (default: the checkpoint's)
     batch_size: int = 32
     device: str = "auto"
@@ -196,6 +198,8 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
     if args.unseen_norm != "all":
         check_choice(model.method, args.unseen_norm)
     samples = test_images(model, spec, root)
+    if args.window is not None:
+        spec = site_from_dict({**spec.as_dict(), "window": list(args.window)}, spec.source or "window=")
 
     def images() -> Iterator[torch.Tensor]:
         return _image_batches(model, samples, spec.window, args.batch_size)

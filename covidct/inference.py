@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from covidct.data.dicom import LUNG_WINDOW
-from covidct.data.sites import SiteSpec, split_sites
+from covidct.data.sites import SiteSpec, find_site, split_sites
 from covidct.data.sources import load_image
 from covidct.data.transforms import deterministic_resize, normalize_images, to_chw_uint8
 from covidct.errors import ConfigError
@@ -100,8 +100,14 @@ class TrainedModel:
         return next((spec.name for spec in self.specs.values() if site in spec.aliases), site)
 
     def window(self, site: str) -> tuple[float, float]:
-        """The DICOM window the site's images were shown through in training (the lung window if unknown)."""
-        return self.specs[site].window if site in self.specs else LUNG_WINDOW
+        """The DICOM window of a site: as in training for the checkpoint's own sites, else its site file's
+        (conf/data/site/), else the lung window."""
+        if site in self.specs:
+            return self.specs[site].window
+        try:
+            return find_site(site).window
+        except ConfigError:
+            return LUNG_WINDOW
 
     def check_site(self, site: str) -> int:
         """The site's index, if the model has a branch for it (trained, or given by add_unseen_site); an

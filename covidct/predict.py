@@ -61,7 +61,7 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise ConfigError(f"image folder {folder} does not exist or is not a folder.")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in candidates if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p)))
     if files:
         return files
     subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())

@@ -119,3 +119,12 @@ def test_a_folder_mixing_series_is_refused_naming_them(tmp_path: Path):
     extra.save_as(tmp_path / "mixed" / "other.dcm")
     with pytest.raises(DataError, match=r"mixes 2 series: 1.2.3.1 \(2 files\), 1.2.3.2 \(1 files\)"):
         ct_series(tmp_path / "mixed")
+
+
+def test_predict_lists_dicom_files_without_a_suffix(tmp_path: Path):
+    from covidct.predict import image_files
+
+    (tmp_path / "IM0001").write_bytes(CT.read_bytes())
+    (tmp_path / "1.2.840.10008.5").write_bytes(CT.read_bytes())
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert [p.name for p in image_files(tmp_path)] == ["1.2.840.10008.5", "IM0001"]

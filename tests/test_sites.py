@@ -262,3 +262,32 @@ def test_a_missing_site_folder_or_patient_folder_layout_is_named(three_sites, tm
     (tmp_path / "loose" / "hospital" / "normal").mkdir()
     with pytest.raises(DataError, match=r"a.png lies directly in .*patients are folders \(patients.kind: folder\)"):
         scan_site(tmp_path / "loose", spec)
+
+
+def test_a_users_site_file_wins_over_the_templates_name_in_conf(tmp_path: Path):
+    own = tmp_path / "data" / "site" / "my_hospital.yaml"
+    own.parent.mkdir(parents=True)
+    own.write_text("folder: /mine\nclasses: {covid: 1, normal: 0}\n")
+    compose_experiment("ours", [f"hydra.searchpath=[file://{tmp_path}]"])  # Hydra's state, as in a run
+    spec = find_site("my_hospital")
+    assert (spec.name, spec.folder) == ("my_hospital", "/mine")  # the name defaults to the file's
+
+
+def test_patients_are_the_first_folder_under_the_class_whatever_lies_below(tmp_path: Path, three_sites):
+    root, _ = three_sites
+    image = (root / "sars-cov-2" / "COVID" / "img000.png").read_bytes()
+    for class_folder, patient in (("covid", "P1"), ("normal", "P2")):
+        for series in ("series1", "series2"):
+            folder = tmp_path / "nested" / class_folder / patient / "study1" / series
+            folder.mkdir(parents=True)
+            (folder / "x.png").write_bytes(image)
+    spec = resolve_sites(
+        ["nested"], {"nested": {"folder": "nested", "classes": {"covid": 1, "normal": 0}, "patients": "folder"}}
+    )[0]
+    samples = scan_site(tmp_path, spec)
+    assert [(s.name, s.patient) for s in samples] == [
+        ("covid/P1/study1/series1/x.png", "covid:P1"),
+        ("covid/P1/study1/series2/x.png", "covid:P1"),
+        ("normal/P2/study1/series1/x.png", "normal:P2"),
+        ("normal/P2/study1/series2/x.png", "normal:P2"),
+    ]

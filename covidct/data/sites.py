@@ -195,7 +195,8 @@ def read_site_file(path: Path) -> SiteSpec:
 
 def search_dirs() -> list[Path]:
     """The config folders sites are looked up in: Hydra's search path during a run (so `--config-dir` and
-    `hydra.searchpath` add sites), and always this project's conf/."""
+    `hydra.searchpath` add sites), first, so that a user's file wins over a name in this project's conf/,
+    which comes last."""
     dirs: list[Path] = []
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -206,7 +207,7 @@ def search_dirs() -> list[Path]:
                     dirs.append(Path(source.path))
     except ImportError:  # pragma: no cover - hydra is a dependency
         pass
-    return [*dict.fromkeys([*dirs, CONF_DIR])]
+    return [*dict.fromkeys([*(d for d in dirs if d.resolve() != CONF_DIR), CONF_DIR])]
 
 
 def _site_files(dirs: Iterable[Path]) -> list[Path]:

@@ -158,8 +158,9 @@ def _optional_patient_ids(spec: SiteSpec, root: Path) -> dict[str, str]:
 def _patient_ids(spec: SiteSpec, root: Path, items: Sequence[tuple[Path, int]], required: bool) -> dict[Path, str]:
     """Each image's patient id, where the site gives one."""
     kind = spec.patients.kind
-    if kind == "folder":
-        return {p: f"{p.parent.parent.name}:{p.parent.name}" for p, _ in items}
+    if kind == "folder":  # the first folder under the class folder, whatever studies or series lie below it
+        site_dir = spec.site_dir(root)
+        return {p: ":".join(p.relative_to(site_dir).parts[:2]) for p, _ in items}
     if kind == "regex":
         return {p: regex_patient(spec, p, required) for p, _ in items}
     if kind == "csv":
