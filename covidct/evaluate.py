@@ -14,7 +14,6 @@ and a ROC figure per norm choice.
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from covidct.errors import ConfigError, DataError
 from covidct.methods import SiteMethod
 from covidct.metrics import evaluate as evaluate_rows
 from covidct.models.routing import SiteBlocks
-from covidct.models.unseen import SHARED, add_unseen_site, check_choice, estimate_unseen_statistics, unseen_choices
+from covidct.models.unseen import check_choice, unseen_choices, unseen_site_model
 from covidct.records import EVALUATION, UNSEEN_COLUMN, git_commit, write_run_record
 
 USAGE = (
@@ -40,27 +39,6 @@ USAGE = (
     "[unseen_norm=all|adabn|mean|site:<name>] ['classes={covid: 1, normal: 0}'] [window=[-600,1500]] "
     "[data_root=DIR] [batch_size=32] [device=auto|cpu|cuda]"
 )
-
-
-def with_unseen_site(
-    method: SiteMethod, how: str, images: Callable[[], Iterable[torch.Tensor]]
-) -> tuple[SiteMethod, int]:
-    """A copy of `method` that classifies a site it never saw as `how` says, and the site index to route that
-    site's images with; `adabn` estimates the new BatchNorm statistics on `images()` (normalised batches of
-    the site, labels unused). The trained method itself is left as it was."""
-    check_choice(method, how)
-    if how == SHARED:
-        return method, 0
-    if method.networks_per_site:
-        return method, method.sites.index(how.split(":", 1)[1])
-    net = copy.deepcopy(method).eval()
-    index = add_unseen_site(net, how, method.sites)
-    if how == "adabn":
-        route = SiteBlocks.single(index)
-        seen = estimate_unseen_statistics(net, images(), lambda batch: net.logits(batch, route))
-        if seen < 2:
-            raise DataError("unseen_norm=adabn needs at least 2 images of the site to estimate its statistics.")
-    return net, index
 
 
 @torch.inference_mode()
@@ -83,7 +61,9 @@ def unseen_site_rows(
     """Prediction rows of a site the method never saw, one set per norm choice (each row names its choice)."""
     rows = []
     for how in choices or unseen_choices(method):
-        net, index = with_unseen_site(method, how, images)
+        net, index, seen = unseen_site_model(method, how, images)
+        if how == "adabn" and seen < 2:
+            raise DataError("unseen_norm=adabn needs at least 2 images of the site to estimate its statistics.")
         probs = site_probabilities(net, index, images())
         if len(probs) != len(samples):
             raise RuntimeError(f"{len(probs)} predictions for {len(samples)} images of site {site}")

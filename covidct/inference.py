@@ -21,14 +21,7 @@ from covidct.data.transforms import deterministic_resize, normalize_images, to_c
 from covidct.errors import ConfigError
 from covidct.methods import SiteMethod, method_class
 from covidct.models.routing import SiteBlocks
-from covidct.models.unseen import (
-    UNSEEN_NORMS,
-    add_unseen_site,
-    check_choice,
-    estimate_unseen_statistics,
-    has_site_copies,
-    unseen_choices,
-)
+from covidct.models.unseen import UNSEEN_NORMS, has_site_copies, unseen_choices, unseen_site_model
 from covidct.resume import read_checkpoint
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -158,17 +151,13 @@ class TrainedModel:
                     f"{type(self.method).__name__} keeps one network per site, so a site it never saw can only "
                     f"borrow one: unseen_norm=site:<{'|'.join(self.method.sites)}>, not {how!r}."
                 )
-            self._borrowed[site] = self.method.sites.index(name)
-            self.unseen[site] = how
-            return 0
-        check_choice(self.method, how)
-        index = add_unseen_site(self.method, how, self.sites)
-        self.sites = (*self.sites, site)
+        _, index, seen = unseen_site_model(self.method, how, lambda: images, in_place=True)
+        if self.method.networks_per_site:
+            self._borrowed[site] = index
+        else:
+            self.sites = (*self.sites, site)
         self.unseen[site] = how
-        if how != "adabn":
-            return 0
-        route = SiteBlocks.single(index)
-        return estimate_unseen_statistics(self.method, images, lambda batch: self.method.logits(batch, route))
+        return seen
 
     def load(self, path: Path, ct_window: Sequence[float] = LUNG_WINDOW) -> np.ndarray:
         """Decoded and resized HxWx3 uint8: what the evaluation cache holds for this image."""

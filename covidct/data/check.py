@@ -173,8 +173,8 @@ def _patient_coverage(root: Path, spec: SiteSpec, images: list[tuple[Path, int]]
             patients_of[folder].add(patients[name].split(":", 1)[-1])
         else:
             coverage.unmapped[folder] += 1
-            fallback = unmapped_group(spec, name) if spec.patients.unmapped else f"{folder}::{p.stem}"
-            prefix = f"{folder}/{fallback.split(':', 2)[2]}"
+            group = unmapped_group(spec, name).split(":", 2)[2] if spec.patients.unmapped else p.stem
+            prefix = f"{folder}/{group}"
             coverage.unmapped_by_prefix[prefix] = coverage.unmapped_by_prefix.get(prefix, 0) + 1
     coverage.patients = {folder: len(ids) for folder, ids in patients_of.items()}
     coverage.missing_files = sorted(f"{spec.folder}/{name}" for name in patients if name not in names)

@@ -127,10 +127,6 @@ def checked_repeat(repeat: Mapping[str, int] | str | None, specs: Sequence[SiteS
     return factors
 
 
-def _repeat_of(repeat: Mapping[str, int] | str, site: str) -> int | str:
-    return repeat if isinstance(repeat, str) else repeat.get(site, 1)
-
-
 class TwoSiteDataModule(pl.LightningDataModule):
     """The sites' folds; training batches of `batch_per_site` images per site; per-site eval loaders.
 
@@ -389,13 +385,12 @@ class TwoSiteDataModule(pl.LightningDataModule):
             )
         else:
             notes.append("the paper's protocol: trained on all non-test images (no validation part)")
-        if len(self.sites) == 1 and not self.unseen_sites:
-            others = [site for site in (self.repeat if isinstance(self.repeat, dict) else {}) if site not in self.sites]
-            if others and _repeat_of(self.repeat, self.sites[0]) == 1:
+        if len(self.sites) == 1 and not self.unseen_sites and isinstance(self.repeat, dict):
+            others = [site for site in self.repeat if site not in self.sites]
+            if others and self.repeat.get(self.sites[0], 1) == 1:
                 notes.append(
                     f"single-site mode: site {self.sites[0]} is shown once per epoch; a two-site run cycles it to "
-                    f"the length of site {others[0]}'s {_repeat_of(self.repeat, others[0])} passes, so these "
-                    "epochs are shorter"
+                    f"the length of site {others[0]}'s {self.repeat[others[0]]} passes, so these epochs are shorter"
                 )
         if self.group_by == "image":
             notes.append("folds are image-level on every site")

@@ -14,6 +14,7 @@ covid_ct.yaml = site B), found by file name or by their short name.
 from __future__ import annotations
 
 import csv
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -180,10 +181,16 @@ def site_from_dict(values: Mapping[str, Any], source: str = "", default_name: st
 
 
 def read_site_file(path: Path) -> SiteSpec:
-    """The site a YAML file declares (its name defaults to the file's stem)."""
+    """The site a YAML file declares (its name defaults to the file's stem); read once while it is unchanged
+    (a run looks its sites up from the config check, the resolvers, the DataModule and the figures)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"site config {path} does not exist.")
+    return _parsed_site_file(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_site_file(path: Path, mtime_ns: int) -> SiteSpec:
     try:
         values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OSError as err:

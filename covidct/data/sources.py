@@ -16,7 +16,8 @@ from covidct.data.sites import SiteSpec, find_site, read_patient_table, regex_pa
 from covidct.errors import ConfigError, DataError
 
 log = logging.getLogger("covidct.data")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", DICOM_SUFFIX}
+PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {*PICTURE_SUFFIXES, DICOM_SUFFIX}
 COVID, NON_COVID = 1, 0  # the labels site configs give their class folders
 
 
@@ -32,20 +33,15 @@ class Sample:
     path: Path
     label: int
     group: str
+    name: str  # what records call it: its path under the site folder ('<class>/<file>', '<class>/<patient>/...')
     patient: str = ""
-    relative: str = ""  # its path under the site folder ('<class>/<file>', or '<class>/<patient>/<file>')
-
-    @property
-    def name(self) -> str:
-        """What records call the image: its path under the site folder."""
-        return self.relative or f"{self.path.parent.name}/{self.path.name}"
 
 
 def _spec(site: str | SiteSpec) -> SiteSpec:
     return site if isinstance(site, SiteSpec) else find_site(site)
 
 
-def _image_files(folder: Path, spec: SiteSpec) -> list[Path]:
+def _image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     strays = [p for p in files if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and not is_dicom(p)]
     if strays:
@@ -56,14 +52,14 @@ def _image_files(folder: Path, spec: SiteSpec) -> list[Path]:
     return [p for p in files if p.is_file()]
 
 
-def _patient_images(patient: Path, spec: SiteSpec) -> list[Path]:
+def _patient_images(patient: Path) -> list[Path]:
     """A patient folder's images, in it and its subfolders (DICOM exports nest studies and series); a folder of
     DICOM slices is checked as one series (ct_series refuses a folder that mixes series)."""
     folders = [patient, *sorted(p for p in patient.rglob("*") if p.is_dir() and not p.name.startswith("."))]
     images = []
     for folder in folders:
-        found = _image_files(folder, spec)
-        if any(is_dicom(p) for p in found):
+        found = _image_files(folder)
+        if any(p.suffix.lower() not in PICTURE_SUFFIXES for p in found):  # the rest passed as DICOM
             ct_series(folder)
         images += found
     return images
@@ -100,9 +96,9 @@ def list_images(root: Path, site: str | SiteSpec) -> list[tuple[Path, int]]:
                     "(patients.kind: folder): move each patient's images into a folder of their own."
                 )
             patients = sorted(p for p in class_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-            images = [image for patient in patients for image in _patient_images(patient, spec)]
+            images = [image for patient in patients for image in _patient_images(patient)]
         else:
-            images = _image_files(class_dir, spec)
+            images = _image_files(class_dir)
         if not images:
             raise DataError(f"class folder {class_dir} holds no images; re-download site {spec.name}.")
         items.extend((p, label) for p in images)
@@ -199,7 +195,7 @@ def scan_site(root: Path, site: str | SiteSpec, group_by: str = "patient") -> li
             group = patient
         elif group_by == "patient" and spec.patients.duplicates == "together":
             group = first_of_digest.setdefault(file_digest(p), name)
-        samples.append(Sample(spec.name, p, y, f"{spec.name}:{group}", patient, name))
+        samples.append(Sample(spec.name, p, y, f"{spec.name}:{group}", name, patient))
     if unmapped:
         raise DataError(
             f"{len(unmapped)} image(s) of site {spec.name} are not in {site_dir / spec.patients.file} (first: "

@@ -22,6 +22,7 @@ from torch import nn
 from covidct.errors import ConfigError
 from covidct.models.adapters import SiteConv1x1
 from covidct.models.norms import SiteBatchNorm
+from covidct.models.routing import SiteBlocks
 
 UNSEEN_NORMS = ("adabn", "mean", "site:<name>")
 SHARED = "shared"  # the choice of a model whose layers its sites share: it classifies any site as it is
@@ -136,3 +137,23 @@ def check_choice(method: nn.Module, how: str) -> None:
             f"unseen_norm={how} does not apply to {type(method).__name__} trained on site(s) "
             f"{', '.join(method.sites)}: choose one of {', '.join(allowed)}."
         )
+
+
+def unseen_site_model(
+    method: nn.Module, how: str, images: Callable[[], Iterable[torch.Tensor]], in_place: bool = False
+) -> tuple[nn.Module, int, int]:
+    """A method (a SiteMethod) that classifies a site it never saw as `how` says, the site index to route that
+    site's images with, and the number of images `adabn` estimated its statistics on (`images()`: normalised
+    batches of the site, labels unused). A copy, unless `in_place`; borrowed networks and shared layers need
+    none."""
+    check_choice(method, how)
+    if how == SHARED:
+        return method, 0, 0
+    if method.networks_per_site:
+        return method, list(method.sites).index(how.split(":", 1)[1]), 0
+    net = method if in_place else copy.deepcopy(method).eval()
+    index = add_unseen_site(net, how, method.sites)
+    if how != "adabn":
+        return net, index, 0
+    route = SiteBlocks.single(index)
+    return net, index, estimate_unseen_statistics(net, images(), lambda batch: net.logits(batch, route))
