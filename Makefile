@@ -10,8 +10,9 @@ ARGS ?=
 # Table I: PROTOCOL=paper|paper_val|smoke, SELECT=last|best_val_auc (chosen at report time; best_val_auc
 # needs runs with a validation part, e.g. PROTOCOL=paper_val), SPLIT_SEED=N|per-seed (per-seed: folds re-drawn
 # for every seed, i.e. repeated cross-validation), OUT (tables), RUNS (run folders), HYDRA_ARGS (e.g. a launcher).
-# Results go under outputs/ (ignored by git); RECORD=1 writes the tables and the bench into the tracked
-# experiments/ instead, so a committed measurement changes only on purpose.
+# Results go under outputs/ (ignored by git); RECORD=1 writes the run records (without checkpoints), the tables
+# and the bench into the tracked experiments/ instead, so a committed measurement changes only on purpose, and a
+# committed sweep's runs are found (and skipped) by the same command.
 RECORD ?=
 RESULTS := $(if $(RECORD),experiments,outputs)
 PROTOCOL ?= paper
@@ -21,7 +22,7 @@ SPLIT_SEED_ARG := $(if $(filter per-seed,$(SPLIT_SEED)),'split_seed=$${seed}',sp
 # another split seed is another sweep, another selection another table: each gets its own folder
 SWEEP := $(PROTOCOL)$(if $(filter-out 0,$(SPLIT_SEED)),-split$(SPLIT_SEED))
 OUT ?= $(RESULTS)/table1-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
-RUNS ?= outputs/table1-$(SWEEP)
+RUNS ?= $(if $(RECORD),experiments,outputs)/table1-$(SWEEP)$(if $(RECORD),/runs)
 TABLE1 = $(or $(shell $(PY) -m covidct.experiments),$(error no Table I experiments from $(PY) -m covidct.experiments))
 ifeq ($(PROTOCOL),smoke)
 FOLDS ?= 0
@@ -34,8 +35,10 @@ HYDRA_ARGS ?=
 REPORT_ARGS ?=
 # Leave-one-site-out (make loso): the held-out site lists swept, e.g. [A],[B] (with data.sites=[A,B,C]: [C])
 HELD_OUT ?= [A],[B]
-LOSO_RUNS ?= outputs/loso-$(SWEEP)
+# LOSO_EXPERIMENTS: the methods it trains (default: every Table I method), e.g. ours,sepnorm,joint,single
+LOSO_EXPERIMENTS ?= $(TABLE1)
 LOSO_OUT ?= $(RESULTS)/loso-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
+LOSO_RUNS ?= $(if $(RECORD),experiments,outputs)/loso-$(SWEEP)$(if $(RECORD),/runs)
 
 # Benchmark: DEVICE=auto|cpu|cuda; results to $(RESULTS)/bench/bench-<device>.json and .md
 DEVICE ?= auto
@@ -63,10 +66,11 @@ train: setup
 	20 epochs, about 10 minutes); its numbers are not the paper's. make train PROTOCOL=paper runs the full one.",true)
 	$(PY) -m covidct.run experiment=ours fold=0 +protocol=$(TRAIN_PROTOCOL) data.root="$(DATA)" $(ARGS)
 
-## every missing run of the Table I sweep (finished ones are skipped), then the tables
+## every missing run of the Table I sweep (finished ones are skipped), fold by fold (every method's fold 0 first), then
+## the tables
 table1: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
-	$(PY) -m covidct.run -m experiment=$(TABLE1) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
+	$(PY) -m covidct.run -m fold=$(FOLDS) seed=$(SEEDS) experiment=$(TABLE1) +protocol=$(PROTOCOL) \
 		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
 	$(MAKE) --no-print-directory table1-collect
 
@@ -74,7 +78,7 @@ table1: setup
 ## HELD_OUT (a Hydra sweep of site lists), then Table I's report with the LOSO table (loso.md) beside it
 loso: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
-	$(PY) -m covidct.run -m experiment=$(TABLE1) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
+	$(PY) -m covidct.run -m experiment=$(LOSO_EXPERIMENTS) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
 		$(SPLIT_SEED_ARG) 'data.test_sites=$(HELD_OUT)' data.root="$(DATA)" paths.log_dir="$(LOSO_RUNS)" $(HYDRA_ARGS)
 	$(PY) -m covidct.report --runs "$(LOSO_RUNS)" --out "$(LOSO_OUT)" --protocol $(PROTOCOL) --select $(SELECT) \
 		--folds $(FOLDS) --seeds $(SEEDS) $(REPORT_ARGS)

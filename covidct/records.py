@@ -101,3 +101,26 @@ def held_out_sites(record: Mapping[str, Any]) -> list[str]:
 def read_run_record(run_dir: Path) -> dict[str, Any]:
     """A run folder's metrics.json as written; OSError or ValueError (JSON) when it cannot be read."""
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+TRAINING_LOG = Path("csv")  # <run>/csv/version_<attempt>/metrics.csv: the CSV logger's (conf/logger/csv.yaml)
+
+
+def read_training_losses(run_dir: Path, term: str = "loss") -> list[float]:
+    """A run's epoch-mean training loss (`train/<term>_epoch`, as logged) per epoch, from its CSV logs; a resumed
+    run's later attempt (version) overrides the epochs an earlier one logged. [] where the run kept no CSV log
+    (logger=wandb or none); DataError names a log that cannot be read."""
+    by_epoch: dict[int, float] = {}
+    column = f"train/{term}_epoch"
+    logs = sorted(
+        (Path(run_dir) / TRAINING_LOG).glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:] or 0)
+    )
+    for path in logs:
+        try:
+            with path.open(newline="") as fh:
+                for row in csv.DictReader(fh):
+                    if row.get(column) and row.get("epoch"):
+                        by_epoch[int(row["epoch"])] = float(row[column])
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path} cannot be read as a training log ({err}); delete it or rerun the run.") from None
+    return [by_epoch[e] for e in sorted(by_epoch)]

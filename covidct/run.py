@@ -194,11 +194,22 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         return _train_locked(cfg, Path(output_dir))
 
 
+def _stop_logging_into(folder: Path) -> None:
+    """A finished run's folder is never written, so a committed record stays byte-identical: the job's log file
+    there (Hydra's run.log) is closed; the console still says why the run is skipped."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder.resolve():
+            root.removeHandler(handler)
+            handler.close()
+
+
 def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     datamodule = _build(cfg.data, _convert_="all")
     fingerprint = datamodule.fingerprint()
     state = prepare_run_dir(cfg, output_dir, fingerprint)
     if state.record is not None:
+        _stop_logging_into(output_dir)
         log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
         return state.record["test"]
     note = OmegaConf.select(cfg, "protocol.note", default=None)

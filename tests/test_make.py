@@ -42,3 +42,22 @@ def test_loso_sweeps_every_table1_method_over_the_held_out_sites_then_reports():
     assert 'paths.log_dir="outputs/loso-smoke"' in plan
     assert '--runs "outputs/loso-smoke" --out "outputs/loso-smoke"' in plan
     assert "'data.test_sites=[C]'" in _dry_run("loso", "PROTOCOL=smoke", "HELD_OUT=[C]")
+
+
+def test_a_recorded_sweep_keeps_its_runs_beside_its_tables_and_runs_fold_by_fold():
+    """RECORD=1: the runs are committed with their tables (so a fresh clone finds and skips them), every
+    method's fold 0 first (Hydra sweeps the first override slowest); the selection names tables, not runs."""
+    plan = _dry_run("table1", "PROTOCOL=cpu", "SEEDS=643", "RECORD=1")
+    assert "-m fold=0,1,2,3 seed=643 experiment=" in plan
+    assert 'paths.log_dir="experiments/table1-cpu/runs"' in plan
+    assert '--runs "experiments/table1-cpu/runs" --out "experiments/table1-cpu"' in plan
+    best = _dry_run("table1-collect", "PROTOCOL=cpu", "RECORD=1", "SELECT=best_val_auc")
+    assert '--runs "experiments/table1-cpu/runs" --out "experiments/table1-cpu-best_val_auc"' in best
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "experiments/table1-cpu/runs/ours/fold0-seed643-x/checkpoints/last.ckpt"],
+        cwd=REPO,
+    )
+    assert ignored.returncode == 0, "committed run records leave their checkpoints out"
+    loso = _dry_run("loso", "PROTOCOL=cpu", "FOLDS=0", "SEEDS=643", "RECORD=1", "LOSO_EXPERIMENTS=ours,sepnorm")
+    assert "-m experiment=ours,sepnorm +protocol=cpu fold=0 seed=643" in loso
+    assert '--runs "experiments/loso-cpu/runs" --out "experiments/loso-cpu"' in loso

@@ -24,8 +24,9 @@ from covidct.records import (
     held_out_sites,
     read_predictions,
     read_run_record,
+    read_training_losses,
 )
-from covidct.report.curves import plot_reliability, plot_rocs
+from covidct.report.curves import plot_learning_curves, plot_reliability, plot_rocs
 from covidct.report.loso import LOSO_COLUMNS, loso_markdown, loso_rows
 from covidct.report.render import build_report, curve_caption, render_files
 from covidct.report.table1 import (
@@ -85,6 +86,18 @@ def run_predictions(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         tag = {"experiment": run["experiment"], "fold": int(run["fold"]), "seed": int(run["seed"])}
         rows += [{**row, **tag} for row in read_predictions(Path(record["_dir"]))]
     return rows
+
+
+def learning_curves(records: Sequence[dict[str, Any]], methods: dict[str, str]) -> dict[str, list[list[float]]]:
+    """Each method's runs' epoch-mean training losses (method label -> one list per run), in table order; runs
+    that kept no CSV log are left out."""
+    curves: dict[str, list[list[float]]] = {}
+    for experiment, label in methods.items():
+        runs = [r for r in records if r["run"]["experiment"] == experiment]
+        losses = [read_training_losses(Path(r["_dir"])) for r in sorted(runs, key=lambda r: r["_dir"])]
+        if any(losses):
+            curves[label] = [run for run in losses if run]
+    return curves
 
 
 def write_report(
@@ -147,6 +160,15 @@ def write_report(
         bins = {methods[e]: b for (e, s), b in report["reliability"].items() if s == site}
         images[f"reliability_{site}"] = plot_reliability(
             bins, f"{dataset}\nreliability of pooled test predictions", out / f"reliability_{site}.png", caption
+        )
+    curves = learning_curves(selected, methods)
+    if curves:
+        images["learning_curves"] = plot_learning_curves(
+            curves,
+            "Training loss per epoch (both sites' batches)",
+            out / "learning_curves.png",
+            f"{protocol} protocol; {provenance['runs']}. From each run's CSV log (train/loss_epoch); a method's losses "
+            "differ in their terms (e.g. ours adds the contrastive term), so compare shapes, not levels.",
         )
     if wandb:
         rows = [row for table in report["tables"].values() for row in table]

@@ -88,3 +88,28 @@ def plot_reliability(
     bins_by_method: Mapping[str, Sequence[Mapping[str, float]]], title: str, path: Path, caption: str = ""
 ) -> Path:
     return _save(reliability_figure(bins_by_method, title, caption), path)
+
+
+def learning_curve_figure(
+    losses_by_method: Mapping[str, Sequence[Sequence[float]]], title: str, caption: str = ""
+) -> Figure:
+    """Each method's epoch-mean training loss: the mean over its runs (folds, seeds) as a line, each run faint
+    beside it, so a run that diverged or stalled shows against its method's mean."""
+    figure, axes = _figure(title, caption)
+    for index, (label, runs) in enumerate(losses_by_method.items()):
+        color = f"C{index % 10}"
+        for losses in runs:
+            axes.plot(range(1, len(losses) + 1), losses, color=color, lw=0.6, alpha=0.35)
+        epochs = min(len(losses) for losses in runs)
+        mean = [sum(losses[e] for losses in runs) / len(runs) for e in range(epochs)]
+        axes.plot(range(1, epochs + 1), mean, color=color, lw=1.6, label=f"{label} ({len(runs)} runs)")
+    axes.set(xlabel="Epoch", ylabel="Training loss (epoch mean, the loss each method optimises)")
+    axes.set_ylim(bottom=0)
+    _legend(axes, "method: mean over runs")
+    return figure
+
+
+def plot_learning_curves(
+    losses_by_method: Mapping[str, Sequence[Sequence[float]]], title: str, path: Path, caption: str = ""
+) -> Path:
+    return _save(learning_curve_figure(losses_by_method, title, caption), path)
