@@ -14,6 +14,7 @@ from typing import Any
 
 from covidct.experiments import Experiment
 from covidct.metrics import evaluate
+from covidct.report.claims import CLAIM_COLUMNS, CLAIM_EXPERIMENTS, claim_rows, claims_markdown
 from covidct.report.curves import roc_curve
 from covidct.report.table1 import (
     AGGREGATIONS,
@@ -136,6 +137,7 @@ def build_report(
         ]
         if REFERENCE in with_runs
         else [],
+        "claims": claim_rows(rows, seeds, patient_sites, pooling) if set(CLAIM_EXPERIMENTS) <= set(methods) else [],
         "rocs": {
             key: roc_curve([r["label"] for r in items], [r["prob_covid"] for r in items])
             for key, items in by_method_site.items()
@@ -288,4 +290,12 @@ def render_files(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> di
         "intervals.csv": to_csv(report["intervals"], INTERVAL_COLUMNS),
         "delong.csv": to_csv(report["delong"], DELONG_COLUMNS),
         "provenance.json": json.dumps(dict(provenance), indent=2) + "\n",
+        **(
+            {
+                "claims.md": claims_markdown(report["claims"], report["methods"]),
+                "claims.csv": to_csv(report["claims"], CLAIM_COLUMNS),
+            }
+            if report["claims"]
+            else {}
+        ),
     }
