@@ -28,7 +28,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "table1-cpu"
 RUNS = RESULTS / "runs"
 FOLDS, SEEDS = [0, 1, 2, 3], [643]
 THRESHOLD = 0.5  # P(COVID) above it predicts COVID
-TEXT_OUTPUTS = ("table1.md", "table1.csv", "table1.tex", "ttests.csv", "delong.csv", "intervals.csv")
+TEXT_OUTPUTS = (
+    *("table1.md", "table1.csv", "table1.tex", "ttests.csv", "delong.csv", "intervals.csv"),
+    *("claims.md", "claims.csv", "provenance.json"),
+)
 
 
 def _run_dirs() -> list[Path]:
