@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -222,14 +223,30 @@ def _differing_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents (memory-mapped, so cheap even for large files), or a clear error."""
+    """A checkpoint's contents (memory-mapped, so cheap even for large files), or a clear error. Checkpoints may
+    come from another institution: torch's weights-only unpickler reads tensors and plain data and refuses any other
+    object, so loading one never runs its code (a covidct checkpoint needs no other global)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist.")
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(
+            f"checkpoint {path} is refused: loading it would run code it carries ({_unsafe_globals(path)}); covidct "
+            "reads only tensors and plain data from a checkpoint. Use one that covidct wrote."
+        ) from None
     except Exception as err:  # torch raises many types for a damaged file
         raise DataError(f"checkpoint {path} cannot be read ({err}); delete or replace it.") from err
+
+
+def _unsafe_globals(path: Path) -> str:
+    """What a refused checkpoint would import and call (e.g. posix.system), as torch lists it without loading."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: torch cannot list them without unpickling
+        return "objects other than tensors and plain data"
+    return ", ".join(names) or "objects other than tensors and plain data"
 
 
 def check_checkpoint(path: Path, model: pl.LightningModule, run: dict[str, Any], warm_start: bool = False) -> dict:

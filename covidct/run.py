@@ -25,7 +25,7 @@ import covidct.resolvers  # noqa: F401  (the config's interpolations)
 from covidct.atomic import atomic_write
 from covidct.cli import cli_errors
 from covidct.config_checks import check_config
-from covidct.errors import ConfigError, CovidCTError, RunInterrupted, TrainingIncomplete
+from covidct.errors import ConfigError, CovidCTError, DataError, RunInterrupted, TrainingIncomplete
 from covidct.evaluate import unseen_results, unseen_site_rows
 from covidct.metrics import evaluate
 from covidct.records import git_commit, write_run_record
@@ -94,7 +94,11 @@ def _finish_logger(logger: Any, test: dict[str, Any], predictions: list[dict[str
 def _drop_optimizer_state(folder: Path) -> None:
     """A finished run is never resumed: keep the weights, drop the Adam state (two thirds of each file)."""
     for path in folder.glob("*.ckpt"):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            checkpoint = read_checkpoint(path)
+        except DataError as err:  # not ours (e.g. a file that would run code): left as it is, never loaded
+            log.warning("%s", err)
+            continue
         checkpoint.pop("optimizer_states", None)
         checkpoint.pop("lr_schedulers", None)
         try:
@@ -147,7 +151,7 @@ def _test_selections(
     predictions: list[dict[str, Any]] = []
     for selection, choice in choices.items():  # 'last' first: the weights in memory are the last epoch's
         model.test_log_prefix = "test" if selection == "last" else f"test_{selection}"
-        trainer.test(model, datamodule=datamodule, ckpt_path=choice["checkpoint"], verbose=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=choice["checkpoint"], verbose=False, weights_only=True)
         rows = [
             {"selection": selection, **p, "patient": patients.get((p["site"], p["file"]), "")}
             for p in model.test_predictions
@@ -255,7 +259,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     trainer = make_trainer(
         cfg, logger=logger, callbacks=list(callbacks.values()), default_root_dir=str(output_dir), **no_validation
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     if trainer.interrupted or trainer.current_epoch < trainer.max_epochs or trainer.global_step == 0:
         raise TrainingIncomplete(
             f"training stopped after {trainer.current_epoch} of {trainer.max_epochs} epochs "
