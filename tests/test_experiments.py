@@ -210,9 +210,10 @@ def test_a_validation_part_records_the_last_and_the_best_validation_checkpoint(p
     assert f"site A {n_val['A']}, site B {n_val['B']} training images fewer" in notes and min(n_val.values()) > 0
 
 
-def test_wandb_logger_offline(phantom_root: Path, tmp_path: Path, monkeypatch):
+def test_wandb_logger_is_offline_unless_asked(phantom_root: Path, tmp_path: Path, monkeypatch):
     pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline by default: no mode, no key, no network
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "logger=wandb", "fold=1"])
     assert (cfg.logger.group, cfg.logger.job_type) == ("joint", "fold1")

@@ -108,7 +108,7 @@ def write_report(
     seeds: list[int],
     selection: str = "last",
     pooling: str = "mean",
-    wandb: bool = False,
+    wandb: str | None = None,
     skip_broken: bool = False,
 ) -> Path:
     records, broken = load_run_records(runs, skip_broken)
@@ -172,15 +172,19 @@ def write_report(
         )
     if wandb:
         rows = [row for table in report["tables"].values() for row in table]
-        _log_to_wandb(rows, images, provenance, out)
+        _log_to_wandb(rows, images, provenance, out, wandb == "online")
     return out / "table1.md"
 
 
-def _log_to_wandb(rows: list[dict[str, Any]], images: dict[str, Path], provenance: dict[str, Any], out: Path) -> None:
-    """One W&B run (job_type table1) with the table, the ROC images and the provenance as config."""
+def _log_to_wandb(
+    rows: list[dict[str, Any]], images: dict[str, Path], provenance: dict[str, Any], out: Path, online: bool
+) -> None:
+    """One W&B run (job_type table1) with the table, the ROC images and the provenance as config; offline (under
+    OUT/wandb, for `wandb sync`) unless `online`."""
     import wandb
 
-    run = wandb.init(project="covidct", job_type="table1", group="table1", config=provenance, dir=str(out))
+    mode = "online" if online else "offline"  # the network only when asked (--wandb online)
+    run = wandb.init(project="covidct", job_type="table1", group="table1", config=provenance, dir=str(out), mode=mode)
     run.log(
         {
             "table1": wandb.Table(columns=list(TABLE_COLUMNS), data=[[r[c] for c in TABLE_COLUMNS] for r in rows]),
@@ -217,7 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="leave out unreadable run records (named in the provenance; their cells count as missing)",
     )
-    parser.add_argument("--wandb", action="store_true", help="also log the table and ROC curves to W&B")
+    parser.add_argument(
+        "--wandb",
+        nargs="?",
+        const="offline",
+        choices=("offline", "online"),
+        help="also log the table and ROC curves to W&B: offline (the default, for `wandb sync`) or online",
+    )
     args = parser.parse_args(argv)
     if not args.runs.is_dir():
         raise ConfigError(f"runs folder {args.runs} does not exist; run the sweep first (make table1).")
