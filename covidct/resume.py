@@ -329,14 +329,15 @@ class AtomicCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = filepath
 
 
-_STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+# SIGHUP: the terminal or SSH session closed; treated as SIGTERM, so a run started without nohup keeps its epoch
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 RANKS_AGREE_EVERY = 10  # steps between the ranks' agreement on a stop or a timed checkpoint (a device sync each)
 
 
 class LastCheckpoint(AtomicCheckpoint):
     """The checkpoint a rerun resumes from, so that a stopped run loses at most `every_minutes` of training:
     written at every epoch's end, after the first step that ends `every_minutes` or more after the last one
-    was written, and, on SIGINT (Ctrl-C) or SIGTERM, after the step in progress, before the run stops with
+    was written, and, on SIGINT (Ctrl-C), SIGTERM or SIGHUP, after the step in progress, before the run stops with
     RunInterrupted. A second Ctrl-C stops at once. Mid-epoch checkpoints hold the sampler's next batch
     (TwoSiteDataModule.state_dict), so the resumed run sees exactly the batches an uninterrupted one would.
     The last step of an epoch is never saved on its own: the epoch's own checkpoint follows it, after the
@@ -354,7 +355,7 @@ class LastCheckpoint(AtomicCheckpoint):
         self._saved_at = time.monotonic()
         self._stop = signal.SIGTERM if trainer.received_sigterm else None  # one that came while setting up
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._handlers = {number: signal.signal(number, self._request_stop) for number in _STOP_SIGNALS}
+            self._handlers = {number: signal.signal(number, self._request_stop) for number in STOP_SIGNALS}
 
     def _request_stop(self, number: int, frame: Any) -> None:
         if self._stop is not None and number == signal.SIGINT:
@@ -365,7 +366,7 @@ class LastCheckpoint(AtomicCheckpoint):
                 number,
             )
         self._stop = number
-        message = f"\n{_STOP_SIGNALS[number]}: stopping once the step in progress is done and saved"
+        message = f"\n{STOP_SIGNALS[number]}: stopping once the step in progress is done and saved"
         message += " (Ctrl-C again stops at once, losing the steps since the last checkpoint)\n"
         os.write(2, message.encode())  # print and logging are not safe inside a signal handler
 
@@ -420,4 +421,4 @@ class LastCheckpoint(AtomicCheckpoint):
             kept = "nothing was trained yet: rerun the same command to start"
         else:
             kept = "this run's folder holds no checkpoint yet: rerun the same command to start again"
-        raise RunInterrupted(f"stopped by {_STOP_SIGNALS[number]} {where}; {kept}.", number)
+        raise RunInterrupted(f"stopped by {STOP_SIGNALS[number]} {where}; {kept}.", number)

@@ -32,6 +32,7 @@ from covidct.records import git_commit, write_run_record
 from covidct.report.curves import roc_curve
 from covidct.resume import (
     LAST_CHECKPOINT,
+    STOP_SIGNALS,
     check_checkpoint,
     prepare_run_dir,
     read_checkpoint,
@@ -335,7 +336,7 @@ def silence_known_noise() -> None:
 def _train_here(cfg: DictConfig) -> int:
     """Train into Hydra's run folder; the exit status (Hydra ignores a task's return value)."""
     silence_known_noise()
-    previous = signal.signal(signal.SIGINT, _stop_outside_training)
+    previous = {number: signal.signal(number, _stop_outside_training) for number in (signal.SIGINT, signal.SIGHUP)}
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
     except RunInterrupted as err:  # a status of its own: a sweep must not count the run as finished
@@ -349,16 +350,17 @@ def _train_here(cfg: DictConfig) -> int:
         )
         return 128 + signal.SIGTERM
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return 0
 
 
 def _stop_outside_training(number: int, frame: Any) -> None:
-    """Ctrl-C while the data is scanned or cached, or while the trained model is tested (LastCheckpoint
-    handles it during training)."""
+    """Ctrl-C or SIGHUP while the data is scanned or cached, or while the trained model is tested
+    (LastCheckpoint handles them during training)."""
     raise RunInterrupted(
-        "stopped by Ctrl-C (SIGINT) outside training: no record written, any checkpoint is kept; rerun the same "
-        "command to resume.",
+        f"stopped by {STOP_SIGNALS[number]} outside training: no record written, any checkpoint is kept; rerun the "
+        "same command to resume.",
         number,
     )
 

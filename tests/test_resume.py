@@ -261,14 +261,16 @@ def test_a_run_that_stops_training_early_writes_no_record(phantom_root: Path, tm
 
 
 @pytest.mark.slow
-def test_sigterm_exits_non_zero_and_the_rerun_resumes(phantom_root: Path, tmp_path: Path):
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal closed
+def test_sigterm_or_sighup_exits_non_zero_and_the_rerun_resumes(phantom_root: Path, tmp_path: Path, number: int):
     args = ["experiment=joint", f"data.root={phantom_root}", *LONG]
     process, folder = _start_run(args, tmp_path)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(number)
     process.wait(timeout=240)
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert re.search(r"error: stopped by SIGTERM (after batch|at the start of epoch)", stderr), stderr[-2000:]
+    name = signal.Signals(number).name
+    assert process.returncode == 128 + number, stderr[-2000:]
+    assert re.search(rf"error: stopped by {name} (after batch|at the start of epoch)", stderr), stderr[-2000:]
     assert "Traceback" not in stderr
     assert not (folder / "metrics.json").exists()
     resumed = run_cli(args, tmp_path)
