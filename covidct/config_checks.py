@@ -16,24 +16,27 @@ from covidct.data.folds import N_FOLDS
 from covidct.data.sites import split_sites
 from covidct.errors import ConfigError
 
+SEED_MAX = 2**32 - 1  # the largest seed numpy (and so Lightning's seed_everything) accepts
 # key -> (smallest allowed, largest allowed or None, null allowed)
 INTEGER_OPTIONS: dict[str, tuple[int, int | None, bool]] = {
     "fold": (0, N_FOLDS - 1, False),
-    "seed": (0, None, False),
-    "split_seed": (0, None, False),
+    "seed": (0, SEED_MAX, False),
+    "split_seed": (0, SEED_MAX, False),
     "trainer.max_epochs": (1, None, False),
     "data.image_size": (32, None, False),
     "data.batch_per_site": (2, None, False),
     "data.eval_batch_size": (1, None, False),
     "data.num_workers": (0, None, True),
 }
-# key -> (lower bound, bound included): a number above it, finite
-NUMBER_OPTIONS: dict[str, tuple[float, bool]] = {
-    "model.optimizer.lr": (0.0, False),
-    "model.optimizer.weight_decay": (0.0, True),
-    "model.tau": (0.0, False),
-    "model.alpha": (0.0, True),
-    "data.val_fraction": (0.0, True),
+# key -> (lower bound, bound included, upper bound (included) or None): a finite number in that range
+NUMBER_OPTIONS: dict[str, tuple[float, bool, float | None]] = {
+    "model.optimizer.lr": (0.0, False, None),
+    "model.optimizer.weight_decay": (0.0, True, None),
+    "model.tau": (0.0, False, None),
+    "model.alpha": (0.0, True, None),
+    "model.kt_weight": (0.0, True, 1.0),  # MS-Net: the label term is weighted 1 - kt_weight
+    "model.backbone.width": (0.0, False, None),  # a width <= 0 would be clamped to 4 channels, silently
+    "data.val_fraction": (0.0, True, None),
 }
 
 
@@ -71,13 +74,14 @@ def check_config(cfg: DictConfig) -> None:
         if not _is_integer(value) or value < low or (high is not None and value > high):
             null = " (or null for the default)" if nullable else ""
             raise ConfigError(f"{key} must be {_allowed(low, high)}{null}, got {value!r}.")
-    for key, (low, inclusive) in NUMBER_OPTIONS.items():
+    for key, (low, inclusive, high) in NUMBER_OPTIONS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:
             continue
         valid = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not valid or value < low or (value == low and not inclusive):
+        if not valid or value < low or (value == low and not inclusive) or (high is not None and value > high):
             bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            bound += f" and <= {high:g}" if high is not None else ""
             raise ConfigError(f"{key} must be a finite number {bound}, got {value!r}.")
     if OmegaConf.select(cfg, "data.val_fraction", default=0) >= 1:
         raise ConfigError(f"data.val_fraction must be below 1, got {cfg.data.val_fraction!r}.")

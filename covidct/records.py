@@ -113,8 +113,9 @@ def read_training_losses(run_dir: Path, term: str = "loss") -> list[float]:
     by_epoch: dict[int, float] = {}
     column = f"train/{term}_epoch"
     logs = sorted(
-        (Path(run_dir) / TRAINING_LOG).glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:] or 0)
-    )
+        (p for p in (Path(run_dir) / TRAINING_LOG).glob("version_*/metrics.csv") if p.parent.name[8:].isdigit()),
+        key=lambda p: int(p.parent.name[8:]),
+    )  # the logger's attempts in order; any other folder there is not one of its logs
     for path in logs:
         try:
             with path.open(newline="") as fh:

@@ -28,7 +28,7 @@ from covidct.config_checks import check_config
 from covidct.errors import ConfigError, CovidCTError, DataError, RunInterrupted, TrainingIncomplete
 from covidct.evaluate import unseen_results, unseen_site_rows
 from covidct.metrics import evaluate
-from covidct.records import git_commit, write_run_record
+from covidct.records import METRICS_FILE, git_commit, write_run_record
 from covidct.report.curves import roc_curve
 from covidct.resume import (
     LAST_CHECKPOINT,
@@ -195,6 +195,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     resumes from its last checkpoint.
     """
     check_config(cfg)
+    if (Path(output_dir) / METRICS_FILE).is_file():  # before anything logs: the data scan, the lock
+        _stop_logging_into(Path(output_dir))
     with run_dir_lock(Path(output_dir), wait=bool(cfg.get("wait_for_run_folder"))):
         return _train_locked(cfg, Path(output_dir))
 
@@ -204,7 +206,7 @@ def _stop_logging_into(folder: Path) -> None:
     there (Hydra's run.log) is closed; the console still says why the run is skipped."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder.resolve():
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().parent == folder.resolve():
             root.removeHandler(handler)
             handler.close()
 
@@ -214,7 +216,6 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     fingerprint = datamodule.fingerprint()
     state = prepare_run_dir(cfg, output_dir, fingerprint)
     if state.record is not None:
-        _stop_logging_into(output_dir)
         log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
         return state.record["test"]
     note = OmegaConf.select(cfg, "protocol.note", default=None)

@@ -212,6 +212,7 @@ def test_a_validation_part_records_the_last_and_the_best_validation_checkpoint(p
 
 def test_wandb_logger_is_offline_unless_asked(phantom_root: Path, tmp_path: Path, monkeypatch):
     pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "unset")  # recorded, so the logger's own setting is undone after
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline by default: no mode, no key, no network
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -469,6 +469,7 @@ def test_a_caption_falls_back_on_the_cli_protocol_and_names_every_protocol_of_mi
 
 def test_cli_logs_the_table_to_wandb_offline_unless_asked(tmp_path: Path, monkeypatch):
     pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "unset")  # recorded, so the logger's own setting is undone after
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline by default: no mode, no key, no network
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

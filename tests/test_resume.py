@@ -214,8 +214,11 @@ def test_bad_data_gets_a_clear_error_and_writes_no_record(phantom_root: Path, tm
         ("fold=4", "fold must be an integer in 0..3, got 4"),
         ("fold=1.5", "fold must be an integer in 0..3, got 1.5"),
         ("fold=abc", "fold must be an integer in 0..3, got 'abc'"),
-        ("seed=-1", "seed must be an integer >= 0, got -1"),
-        ("split_seed=0.5", "split_seed must be an integer >= 0, got 0.5"),
+        ("seed=-1", "seed must be an integer in 0..4294967295, got -1"),
+        ("seed=4294967296", "seed must be an integer in 0..4294967295, got 4294967296"),
+        ("model.backbone.width=0", "model.backbone.width must be a finite number > 0, got 0"),
+        ("model.backbone.width=-3", "model.backbone.width must be a finite number > 0, got -3"),
+        ("split_seed=0.5", "split_seed must be an integer in 0..4294967295, got 0.5"),
         ("trainer.max_epochs=0", "trainer.max_epochs must be an integer >= 1, got 0"),
         ("data.batch_per_site=2.5", "data.batch_per_site must be an integer >= 2, got 2.5"),
         ("data.eval_batch_size=0", "data.eval_batch_size must be an integer >= 1, got 0"),
@@ -246,6 +249,13 @@ def test_bad_settings_get_a_clear_error_before_any_work(
     assert not (tmp_path / "run" / "metrics.json").exists()
     if override != "data.batch_per_site=40":  # that one needs the data to be read
         assert not (tmp_path / "run").exists(), "the run folder was claimed before the check"
+
+
+def test_an_msnet_transfer_weight_above_one_is_refused(phantom_root: Path, tmp_path: Path):
+    """kt_weight=5 would weight MS-Net's label term 1 - 5 = -4: refused before any work."""
+    with pytest.raises(ConfigError, match=r"model.kt_weight must be a finite number >= 0 and <= 1, got 5"):
+        train(compose_experiment("msnet", [f"data.root={phantom_root}", *FAST, "model.kt_weight=5"]), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_run_that_stops_training_early_writes_no_record(phantom_root: Path, tmp_path: Path):

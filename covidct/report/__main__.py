@@ -140,6 +140,8 @@ def write_report(
             "smoke protocol: networks trained for 2 steps; the numbers test the pipeline, not the methods"
         )
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("claims.md", "claims.csv", "learning_curves.png"):  # outputs this report may not write again
+        (out / stale).unlink(missing_ok=True)
     for name, text in render_files(report, provenance).items():
         atomic_write_text(out / name, text)
     if any(held_out_sites(r) for r in records):  # leave-one-site-out records: their own table beside Table I
