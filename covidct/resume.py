@@ -231,14 +231,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"checkpoint {path} does not exist.")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):  # a damaged file, not a refused object
-            raise DataError(f"checkpoint {path} cannot be read ({err}); delete or replace it.") from None
-        raise DataError(
-            f"checkpoint {path} is refused: loading it would run code it carries ({_unsafe_globals(path)}); covidct "
-            "reads only tensors and plain data from a checkpoint. Use one that covidct wrote."
-        ) from None
-    except Exception as err:  # torch raises many types for a damaged file
+    except Exception as err:  # torch raises many types for a damaged file, UnpicklingError for a refused object
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            raise DataError(
+                f"checkpoint {path} is refused: loading it would run code it carries ({_unsafe_globals(path)}); "
+                "covidct reads only tensors and plain data from a checkpoint. Use one that covidct wrote."
+            ) from None
         raise DataError(f"checkpoint {path} cannot be read ({err}); delete or replace it.") from err
 
 
