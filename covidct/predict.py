@@ -1,22 +1,25 @@
 """Classify a folder of CT images with a trained checkpoint.
 
 `python -m covidct.predict ckpt=PATH images=DIR site=A|B|NAME [recursive=false] [out=predictions.csv]
-[unseen_norm=adabn|mean|site:<name>] [window=[-600,1500]] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]`
+[unseen_norm=adabn|mean|site:<name>] [window=[-600,1500]] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]
+[workers=N] [patient_ids=pseudonym|raw] [pseudonym_key=PATH] [overwrite=false]`
 
 Images go through exactly the evaluation path of training (the checkpoint's image size, mean and std;
 square resize, then normalisation) and the chosen site's branch (its norms, adapters or network).
 DICOM CT slices (one folder per series) are read in Hounsfield units through the lung window, listed along
 the body, and summarised per patient in a second file, `<out>_patients.csv`. A site the model never saw
 needs `unseen_norm` where the model's norms are per site (models/unseen.py); `adabn` estimates that site's
-BatchNorm statistics on the folder's own images.
+BatchNorm statistics on the folder's own images. Patients are named by keyed pseudonyms (covidct/pseudonyms.py),
+in the patient column and in the folders named by them, unless `patient_ids=raw`; every cell is safe to open in
+a spreadsheet (covidct/csvfiles.py). `out` never replaces a run's record, an input, or (without overwrite=true)
+an existing file.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,17 +30,22 @@ from omegaconf import MISSING
 
 from covidct.atomic import atomic_write_text
 from covidct.cli import cli_errors, parse_args
-from covidct.data.dicom import ct_series, is_dicom
+from covidct.csvfiles import csv_text
+from covidct.data.dicom import CtSlice, ct_series, is_dicom
 from covidct.data.sources import IMAGE_SUFFIXES
 from covidct.errors import ConfigError, DataError
 from covidct.inference import TrainedModel
 from covidct.metrics import DECISION_THRESHOLD
+from covidct.outputs import check_outputs
+from covidct.pseudonyms import Pseudonyms, key_file
 
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # decoding is the bottleneck of a DICOM series on a CPU
 CSV_COLUMNS = ("file", "prob_covid", "prediction", "error")
 PATIENT_COLUMNS = ("patient", "series", "slices", "unreadable", "prob_mean", "prob_max", "prediction")
 USAGE = (
     "python -m covidct.predict ckpt=PATH images=DIR site=A|B|NAME [recursive=false] [out=predictions.csv] "
-    "[unseen_norm=adabn|mean|site:<name>] [window=[-600,1500]] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5]"
+    "[unseen_norm=adabn|mean|site:<name>] [window=[-600,1500]] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5] "
+    "[workers=N] [patient_ids=pseudonym|raw] [pseudonym_key=PATH] [overwrite=false]"
 )
 
 
@@ -53,15 +61,26 @@ class PredictArgs:
     threshold: float = DECISION_THRESHOLD
     unseen_norm: str | None = None  # for a site the model never saw: adabn, mean or site:<trained site>
     window: list[float] | None = None  # DICOM [centre, width] in HU (default: the site's, else the lung window)
+    workers: int = DEFAULT_WORKERS  # processes decoding images while the model classifies (0: none)
+    patient_ids: str = "pseudonym"  # or raw: PatientIDs as they are in the files (they then leave the site)
+    pseudonym_key: str | None = None  # the key file (default: $COVIDCT_PSEUDONYM_KEY, else ~/.config/covidct/)
+    overwrite: bool = False  # replace an existing out (never a run's record or an input)
 
 
 def image_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder` (by suffix; with `recursive`, in its subfolders too), sorted; anything else is
-    ignored."""
+    """Image files in `folder` (by suffix or DICOM magic; with `recursive`, in its subfolders too), sorted, a
+    broken link among them (listed, to be reported unreadable); anything else is ignored, and said."""
     if not folder.is_dir():
         raise ConfigError(f"image folder {folder} does not exist or is not a folder.")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in candidates if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p)))
+    candidates = sorted(folder.rglob("*") if recursive else folder.iterdir())
+    files = [p for p in candidates if _looks_like_image(p)]
+    ignored = [p for p in candidates if not p.is_dir() and not p.name.startswith(".") and p not in set(files)]
+    if ignored:
+        print(
+            f"ignored {len(ignored)} file(s) in {folder} that are not images (first: "
+            f"{ignored[0].relative_to(folder).as_posix()})",
+            file=sys.stderr,
+        )
     if files:
         return files
     subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -74,6 +93,13 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
     raise DataError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
 
 
+def _looks_like_image(path: Path) -> bool:
+    """An image by suffix, a DICOM by its magic, or a broken link named like an image (so it is reported)."""
+    if path.is_symlink() and not path.exists():
+        return path.suffix.lower() in IMAGE_SUFFIXES
+    return path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path))
+
+
 def predict_folder(
     ckpt: str | Path,
     images: str | Path,
@@ -84,26 +110,32 @@ def predict_folder(
     recursive: bool = False,
     unseen_norm: str | None = None,
     window: Sequence[float] | None = None,
+    workers: int = 0,
 ) -> list[dict[str, Any]]:
     """One row per image file: file (its path under `images`), prob_covid, prediction and error (set, with no
-    prob, if unreadable).
+    prob, if unreadable); a DICOM slice's row also has its patient (PatientID, else its series folder's name)
+    and `aliases` (its PatientName: what an export may name the patient's folder by, hidden with the id).
 
-    An unreadable file does not stop the others: a folder of scans often holds a few damaged ones.
+    An unreadable file does not stop the others: a folder of scans often holds a few damaged ones. `workers`
+    processes decode while the model classifies (0: decode in this process).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+    if workers < 0:
+        raise ConfigError(f"workers must be 0 (decode in this process) or more, got {workers}.")
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1], got {threshold}.")
     folder = Path(images)
-    files, patients = along_the_body(image_files(folder, recursive))
+    files, slices = along_the_body(image_files(folder, recursive))
     model = TrainedModel(ckpt, device)
     site = model.site_name(site)
     if window is not None and (len(window) != 2 or window[1] <= 0):
         raise ConfigError(f"window must be [centre, width] in Hounsfield units, width > 0; got {list(window)}.")
-    ct_window = tuple(window) if window is not None else model.window(site)
+    decoded: Iterable[Decoded] = DecodedImages(model, folder, files, window or model.window(site), workers)
     used = 0
     if unseen_norm is not None:
-        used = model.add_unseen_site(site, unseen_norm, _batches(model, files, batch_size, ct_window))
+        decoded = list(decoded)  # AdaBN reads the images before they are classified: decode them once
+        used = model.add_unseen_site(site, unseen_norm, _Batches(model, decoded, batch_size))
         if unseen_norm == "adabn" and site in model.unseen and not used:
             raise DataError(f"unseen_norm=adabn needs at least 2 readable images in {folder} to estimate site {site}.")
     model.check_site(site)
@@ -113,17 +145,17 @@ def predict_folder(
             note += f", its BatchNorm statistics estimated on {used} image(s) here"
         print(f"site {site} was not seen in training ({', '.join(model.method.sites)}): {note}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(files), batch_size):
+    for chunk in _chunks(decoded, batch_size):
         readable: list[tuple[dict[str, Any], np.ndarray]] = []
-        for path in files[start : start + batch_size]:
-            row = {"file": path.relative_to(folder).as_posix(), "prob_covid": None, "prediction": None, "error": None}
-            if path in patients:
-                row["patient"] = patients[path]
+        for path, image, error in chunk:
+            row = {"file": path.relative_to(folder).as_posix(), "prob_covid": None, "prediction": None, "error": error}
+            if path in slices:
+                named_by_folder = not slices[path].patient  # no PatientID: its series folder names the patient
+                row["patient"] = path.parent.name if named_by_folder else slices[path].patient
+                row["aliases"] = [slices[path].patient_name]
             rows.append(row)
-            try:
-                readable.append((row, model.load(path, ct_window)))
-            except DataError as err:
-                row["error"] = f"cannot read image: {err.__cause__ or err}"
+            if image is not None:
+                readable.append((row, image))
         if readable:
             probs = model.prob_covid(model.batch([image for _, image in readable]), site)
             for (row, _), prob in zip(readable, probs.tolist()):
@@ -132,18 +164,90 @@ def predict_folder(
     return rows
 
 
-def along_the_body(files: Sequence[Path]) -> tuple[list[Path], dict[Path, str]]:
-    """The files, with each folder's DICOM slices in their series' order (a folder mixing series is refused),
-    and each slice's patient (PatientID, else its series folder's name), from one read of the headers."""
-    series = {folder: ct_series(folder) for folder in sorted({p.parent for p in files if is_dicom(p)})}
-    patients = {s.path: s.patient or folder.name for folder, slices in series.items() for s in slices}
+Decoded = tuple[Path, "np.ndarray | None", "str | None"]  # a file, its resized image or why it is unreadable
+
+
+class _DecodeFiles(torch.utils.data.Dataset):
+    """The files, each decoded and resized as the model's evaluation cache would hold it, or its error (naming
+    the file by its path under `folder`, as the rows do)."""
+
+    def __init__(self, model: TrainedModel, folder: Path, files: Sequence[Path], ct_window: Sequence[float]):
+        self.load, self.folder, self.files, self.ct_window = model.load, folder, list(files), tuple(ct_window)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Decoded:
+        path = self.files[index]
+        if not path.exists():
+            return path, None, "cannot read image: a broken link (its target does not exist)"
+        try:
+            return path, self.load(path, self.ct_window), None
+        except DataError as err:
+            message = str(err.__cause__ or err).replace(str(path), path.relative_to(self.folder).as_posix())
+            return path, None, f"cannot read image: {message}"
+
+
+def _as_is(item: Decoded) -> Decoded:
+    return item
+
+
+class DecodedImages:
+    """The files decoded in order, by `workers` DataLoader processes (decoding a 512x512 JPEG Lossless slice
+    costs more than classifying it) or in this process; iterable again, each time decoding anew."""
+
+    def __init__(
+        self, model: TrainedModel, folder: Path, files: Sequence[Path], ct_window: Sequence[float], workers: int
+    ):
+        self.dataset, self.workers = _DecodeFiles(model, folder, files, ct_window), workers
+
+    def __iter__(self) -> Iterator[Decoded]:
+        if self.workers == 0 or len(self.dataset) < 2:
+            return (self.dataset[i] for i in range(len(self.dataset)))
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, num_workers=min(self.workers, len(self.dataset)), collate_fn=_as_is
+        )
+        return iter(loader)
+
+
+def _chunks(decoded: Iterable[Decoded], size: int) -> Iterator[list[Decoded]]:
+    chunk: list[Decoded] = []
+    for item in decoded:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Batches:
+    """The readable images of decoded files as normalised batches of at least 2 (BatchNorm statistics need 2);
+    iterable again, for estimates that read the images more than once."""
+
+    def __init__(self, model: TrainedModel, decoded: Sequence[Decoded], batch_size: int):
+        self.model, self.decoded, self.batch_size = model, decoded, batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for chunk in _chunks(self.decoded, self.batch_size):
+            images = [image for _, image, _ in chunk if image is not None]
+            if len(images) > 1:
+                yield self.model.batch(images)
+
+
+def along_the_body(files: Sequence[Path]) -> tuple[list[Path], dict[Path, CtSlice]]:
+    """The files, with each folder's DICOM slices in their series' order (a folder mixing series is refused) and
+    every other file where it sorts, and each slice's header facts (data/dicom.py), from one read of the headers."""
+    readable = [p for p in files if p.exists()]
+    series = {folder: ct_series(folder) for folder in sorted({p.parent for p in readable if is_dicom(p)})}
+    slices = {s.path: s for folder_slices in series.values() for s in folder_slices}
     ordered: list[Path] = []
     for path in files:
-        if path.parent in series:
-            ordered.extend(s.path for s in series.pop(path.parent))
-        elif not is_dicom(path):
+        if path not in slices:
             ordered.append(path)
-    return ordered, patients
+        elif path.parent in series:
+            ordered.extend(s.path for s in series.pop(path.parent))
+    return ordered, slices
 
 
 def patient_summary(
@@ -175,42 +279,38 @@ def patient_summary(
     return summary
 
 
-def _write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: "" if row[key] is None else row[key] for key in columns})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _batches(
-    model: TrainedModel, files: Sequence[Path], batch_size: int, ct_window: Sequence[float]
-) -> Iterator[torch.Tensor]:
-    """The readable images of `files` as normalised batches of at least 2 (BatchNorm statistics need 2)."""
-    for start in range(0, len(files), batch_size):
-        loaded = []
-        for path in files[start : start + batch_size]:
-            try:
-                loaded.append(model.load(path, ct_window))
-            except DataError:
-                continue  # listed as unreadable when classified
-        if len(loaded) > 1:
-            yield model.batch(loaded)
-
-
 def write_predictions(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    _write_csv(rows, CSV_COLUMNS, path)
+    atomic_write_text(path, csv_text(rows, CSV_COLUMNS))
 
 
 def patients_file(out: Path) -> Path:
     return out.with_name(f"{out.stem}_patients.csv")
 
 
+def shown_rows(rows: Sequence[dict[str, Any]], pseudonyms: Pseudonyms) -> list[dict[str, Any]]:
+    """predict_folder's rows as the outputs show them: patient ids, and the folders and messages naming them, as
+    pseudonyms (unless patient_ids=raw)."""
+    shown = []
+    for row, out in zip(rows, pseudonyms.rows(rows, {r["patient"]: r["aliases"] for r in rows if "patient" in r})):
+        if row["error"] and out["file"] != row["file"]:
+            out["error"] = row["error"].replace(row["file"], out["file"])
+        shown.append(out)
+    return shown
+
+
+def _inputs(args: PredictArgs) -> list[Path]:
+    folder = Path(args.images)
+    candidates = folder.rglob("*") if args.recursive else folder.iterdir()
+    return [Path(args.ckpt), *(p for p in candidates if _looks_like_image(p))] if folder.is_dir() else [Path(args.ckpt)]
+
+
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """0: predictions written; 1: no image could be read; 2: bad arguments, checkpoint or folder."""
     args: PredictArgs = parse_args(PredictArgs, argv, USAGE)
+    out = Path(args.out)
+    check_outputs([out, patients_file(out)], _inputs(args), args.overwrite)
+    pseudonyms = Pseudonyms(args.patient_ids, args.pseudonym_key)
     rows = predict_folder(
         args.ckpt,
         args.images,
@@ -221,13 +321,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.recursive,
         args.unseen_norm,
         args.window,
+        args.workers,
     )
-    out = Path(args.out)
+    rows = shown_rows(rows, pseudonyms)
     write_predictions(rows, out)
     patients = patient_summary(rows, Path(args.images), args.threshold)
     if patients:
-        _write_csv(patients, PATIENT_COLUMNS, patients_file(out))
-        print(f"{len(patients)} DICOM series summarised per patient in {patients_file(out)}")
+        atomic_write_text(patients_file(out), csv_text(patients, PATIENT_COLUMNS))
+        ids = "raw patient ids" if pseudonyms.raw else f"pseudonyms keyed by {key_file(args.pseudonym_key)}"
+        print(f"{len(patients)} DICOM series summarised per patient ({ids}) in {patients_file(out)}")
     unreadable = [row for row in rows if row["error"]]
     for row in unreadable:
         print(f"unreadable: {row['file']}: {row['error']}", file=sys.stderr)

@@ -15,6 +15,10 @@ SHARED_DATA = Path(os.environ.get("COVIDCT_SHARED_DATA", REPO.parent / "shared" 
 _OWN_CACHE = None if "COVIDCT_CACHE" in os.environ else tempfile.mkdtemp(prefix="covidct-test-cache-")
 if _OWN_CACHE:
     os.environ["COVIDCT_CACHE"] = _OWN_CACHE
+# The pseudonym key (covidct/pseudonyms.py) of the session, never the user's own ~/.config/covidct one
+_OWN_KEY_DIR = None if "COVIDCT_PSEUDONYM_KEY" in os.environ else tempfile.mkdtemp(prefix="covidct-test-key-")
+if _OWN_KEY_DIR:
+    os.environ["COVIDCT_PSEUDONYM_KEY"] = str(Path(_OWN_KEY_DIR) / "pseudonym.key")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
@@ -65,5 +69,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _OWN_CACHE:
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+    for own in (_OWN_CACHE, _OWN_KEY_DIR):
+        if own:
+            shutil.rmtree(own, ignore_errors=True)

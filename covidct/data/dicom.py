@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
 
 from covidct.errors import DataError
 
@@ -59,23 +60,39 @@ def hounsfield(ds: pydicom.Dataset, path: Path) -> np.ndarray:
             f"{path} has no {' or '.join(missing)}: its pixels cannot be converted to Hounsfield units. Export the "
             "series again with its rescale tags."
         )
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DataError(
+            f"{path} is a CT DICOM without pixel data (a dose report, a header-only or truncated file): it holds no "
+            "slice to classify. Move it out of the series."
+        )
     try:
         stored = ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError) as err:
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        name = getattr(syntax, "name", syntax)
-        if syntax is not None and syntax.is_compressed:
-            raise DataError(
-                f"{path}: its pixel data is compressed ({name}) and no installed decoder reads it. Install one "
-                "(pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg, or python-gdcm), or decompress the "
-                "series (e.g. dcmdjpeg from DCMTK)."
-            ) from None
-        raise DataError(f"cannot decode the pixels of {path} ({err}).") from None
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as err:
+        raise DataError(_undecodable(ds, path, err)) from None
     if stored.ndim != 2:
         raise DataError(
             f"{path} holds {stored.shape[0]} frames; split multi-frame files into one file per slice first."
         )
     return stored.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def _undecodable(ds: pydicom.Dataset, path: Path, err: Exception) -> str:
+    """Why a slice's pixels cannot be decoded, and what to do: no decoder for its compression, or a damaged file."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    name = getattr(syntax, "name", syntax)
+    if syntax is None or not syntax.is_compressed:
+        return f"cannot decode the pixels of {path} ({err}); the file is damaged: export it again."
+    try:
+        decodable = get_decoder(syntax).is_available
+    except NotImplementedError:  # pydicom has no decoder at all for it (e.g. the MPEG video syntaxes)
+        decodable = False
+    if not decodable:
+        return (
+            f"{path}: its pixel data is compressed ({name}) and no installed decoder reads it. Decompress the series "
+            "(e.g. gdcmconv --raw, or dcmdjpeg from DCMTK), or install a decoder pydicom supports for it."
+        )
+    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return f"{path}: its {name} pixel data cannot be decoded ({reason}); the file is damaged: export it again."
 
 
 def window(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -97,12 +114,14 @@ def load_ct_slice(path: Path, lung_window: Sequence[float] = LUNG_WINDOW) -> np.
 
 @dataclass(frozen=True)
 class CtSlice:
-    """A slice's file and where it sits: its series, its patient, and its position along the slice normal."""
+    """A slice's file and where it sits: its series, its patient (PatientID, and PatientName: what an export may
+    name the patient's folder by, so outputs can hide both), and its position along the slice normal."""
 
     path: Path
     series: str
     patient: str
     position: float
+    patient_name: str = ""
 
 
 def _position(ds: pydicom.Dataset, path: Path) -> float:
@@ -131,7 +150,8 @@ def ct_series(folder: Path) -> list[CtSlice]:
         ds = _read(path, pixels=False)
         _check_ct(ds, path)
         series = str(ds.get("SeriesInstanceUID", ""))
-        slices.append(CtSlice(path, series, str(ds.get("PatientID", "")), _position(ds, path)))
+        patient, name = str(ds.get("PatientID", "")), str(ds.get("PatientName", ""))
+        slices.append(CtSlice(path, series, patient, _position(ds, path), name))
     found = sorted({s.series for s in slices})
     if len(found) > 1:
         counts = ", ".join(f"{uid} ({sum(s.series == uid for s in slices)} files)" for uid in found)
