@@ -15,6 +15,7 @@ from covidct.data.datamodule import checked_repeat
 from covidct.data.folds import N_FOLDS
 from covidct.data.sites import split_sites
 from covidct.errors import ConfigError
+from covidct.pseudonyms import Pseudonyms
 
 SEED_MAX = 2**32 - 1  # the largest seed numpy (and so Lightning's seed_everything) accepts
 # key -> (smallest allowed, largest allowed or None, null allowed)
@@ -85,6 +86,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be a finite number {bound}, got {value!r}.")
     if OmegaConf.select(cfg, "data.val_fraction", default=0) >= 1:
         raise ConfigError(f"data.val_fraction must be below 1, got {cfg.data.val_fraction!r}.")
+    Pseudonyms(OmegaConf.select(cfg, "patient_ids", default="pseudonym"), OmegaConf.select(cfg, "pseudonym_key"))
     names = _site_names(cfg, "data.sites")
     if not names:
         raise ConfigError("data.sites must name one or more sites, e.g. data.sites=[A,B] or [A,B,my_hospital].")

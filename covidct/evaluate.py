@@ -2,14 +2,15 @@
 
 `python -m covidct.evaluate ckpt=PATH site=NAME|FILE.yaml|FOLDER [out=DIR] [unseen_norm=all|adabn|mean|site:<name>]
 ['classes={covid: 1, normal: 0}'] [window=[-600,1500]] [data_root=DIR] [batch_size=32]
-[device=auto|cpu|cuda]`
+[device=auto|cpu|cuda] [patient_ids=pseudonym|raw] [pseudonym_key=PATH] [overwrite=false]`
 
 The site is a site config (conf/data/site/<name>.yaml, or a YAML file), or a folder with one subfolder per
 class. A site the checkpoint was trained on is classified with its own branch; any other with each of the
 norms `unseen_choices` allows (or the one asked for), and for each the record holds metrics per image and
 per patient (where the site has patient ids). Leave-one-site-out runs (`data.test_sites`, covidct.run) use
 the same functions on their held-out sites. Writes metrics.json and predictions.csv in the run-record format,
-and a ROC figure per norm choice.
+and a ROC figure per norm choice; patients (and folders named by them) as keyed pseudonyms unless
+`patient_ids=raw`, and never over a run's record or (without overwrite=true) an earlier evaluation.
 """
 
 from __future__ import annotations
@@ -26,18 +27,21 @@ from omegaconf import MISSING
 from covidct.cli import cli_errors, parse_args
 from covidct.data.folds import split_fold
 from covidct.data.sites import SiteSpec, find_site, site_from_dict
-from covidct.data.sources import Sample, scan_site
+from covidct.data.sources import Sample, patient_folders, scan_site
 from covidct.errors import ConfigError, DataError
 from covidct.methods import SiteMethod
 from covidct.metrics import evaluate as evaluate_rows
 from covidct.models.routing import SiteBlocks
 from covidct.models.unseen import check_choice, unseen_choices, unseen_site_model
-from covidct.records import EVALUATION, UNSEEN_COLUMN, git_commit, write_run_record
+from covidct.outputs import check_outputs
+from covidct.pseudonyms import Pseudonyms
+from covidct.records import EVALUATION, METRICS_FILE, PREDICTIONS_FILE, UNSEEN_COLUMN, git_commit, write_run_record
 
 USAGE = (
     "python -m covidct.evaluate ckpt=PATH site=NAME|FILE.yaml|FOLDER [out=DIR] "
     "[unseen_norm=all|adabn|mean|site:<name>] ['classes={covid: 1, normal: 0}'] [window=[-600,1500]] "
-    "[data_root=DIR] [batch_size=32] [device=auto|cpu|cuda]"
+    "[data_root=DIR] [batch_size=32] [device=auto|cpu|cuda] [patient_ids=pseudonym|raw] [pseudonym_key=PATH] "
+    "[overwrite=false]"
 )
 
 
@@ -101,6 +105,9 @@ class EvaluateArgs:
     data_root: str | None = None  # where a site config's relative folder lies (default: the checkpoint's)
     batch_size: int = 32
     device: str = "auto"
+    patient_ids: str = "pseudonym"  # or raw: the patient ids as the site gives them (they then leave the site)
+    pseudonym_key: str | None = None  # the key file (default: $COVIDCT_PSEUDONYM_KEY, else ~/.config/covidct/)
+    overwrite: bool = False  # replace an earlier evaluation in out (never a run's record)
 
 
 def folder_site(folder: Path, classes: Mapping[str, int], known: Iterable[SiteSpec]) -> SiteSpec:
@@ -169,8 +176,12 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
 
     if args.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {args.batch_size}.")
+    pseudonyms = Pseudonyms(args.patient_ids, args.pseudonym_key)
     model = TrainedModel(args.ckpt, args.device)
     spec = evaluated_site(args.site, args.classes, model.specs.values())
+    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluate" / spec.name
+    outputs = [out / METRICS_FILE, out / PREDICTIONS_FILE, out / f"roc_{spec.name}.png"]
+    check_outputs(outputs, [Path(args.ckpt)], args.overwrite)
     root = Path(args.data_root).expanduser() if args.data_root else model.data_root
     trained = spec.name in model.method.sites
     if args.unseen_norm != "all" and trained:
@@ -197,7 +208,6 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
         result = {"checkpoint": checkpoint, **evaluate_rows(rows, patient_sites, "mean")}
     else:
         result = {"checkpoint": checkpoint, "images": {}, "patients": {}, "unseen": unseen_results(rows, patient_sites)}
-    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluate" / spec.name
     part = f"fold {model.data['fold']}'s test part" if trained else "every image"
     run = {
         "experiment": EVALUATION,
@@ -207,6 +217,7 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
         "method": type(model.method).__name__,
         "selections": [selection],
         "patient_pooling": "mean",
+        "patient_ids": args.patient_ids,
         "git_commit": git_commit(),
         "device": str(model.device),
         "data_root": str(root.absolute()),
@@ -214,7 +225,9 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
         "splits": {"sites": {spec.name: {"test": {"images": len(samples), "covid": sum(s.label for s in samples)}}}}
         | ({} if trained else {"test_sites": [spec.name]}),
     }
-    path = write_run_record(out, {selection: result}, [{"selection": selection, **r} for r in rows], run, {})
+    folders = {r["patient"]: patient_folders(spec, r["file"]) for r in rows}
+    shown = pseudonyms.rows([{"selection": selection, **r} for r in rows], folders)
+    path = write_run_record(out, {selection: result}, shown, run, {})
     curves = {}
     for how in dict.fromkeys(r.get(UNSEEN_COLUMN, "") for r in rows):
         mine = [r for r in rows if r.get(UNSEEN_COLUMN, "") == how]

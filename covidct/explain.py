@@ -1,13 +1,14 @@
 """Grad-CAM overlays of test images per site, as in the paper's Figs. 4 and 5.
 
 `python -m covidct.explain ckpt=PATH [site=A|B|NAME|all] [n=8] [files=[...]] [data_root=DIR] [predictions=PATH]
-[out=DIR] [device=cpu|cuda|auto] [seed=0]`
+[out=DIR] [device=cpu|cuda|auto] [seed=0] [overwrite=false]`
 
 By default the images are drawn from the run's predictions.csv (`<run>/predictions.csv`, the run folder
 being two levels above the checkpoint): up to n per site, half of them misclassified when there are
 that many, so the figure shows where the model fails as well as where it succeeds. Writes
 `<out>/gradcam_<site>.png` and `<out>/gradcam_<site>.json` (the files shown, with label,
-probability, correct/wrong and whether the map is flat, so uninformative); out defaults to `<run>/gradcam/`.
+probability, correct/wrong and whether the map is flat, so uninformative); out defaults to `<run>/gradcam/`,
+and grids already there are replaced only with overwrite=true.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ from covidct.inference import TrainedModel, selection_of
 from covidct.methods import SiteMethod
 from covidct.metrics import predicts_covid
 from covidct.models.routing import SiteBlocks
+from covidct.outputs import check_outputs
 from covidct.records import PREDICTIONS_FILE, read_predictions, read_run_record
+from covidct.report.curves import save_figure
 
 USAGE = (
     "python -m covidct.explain ckpt=PATH [site=A|B|NAME|all] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR] "
-    "[predictions=PATH] [out=DIR] [device=cpu|cuda|auto] [seed=0]"
+    "[predictions=PATH] [out=DIR] [device=cpu|cuda|auto] [seed=0] [overwrite=false]"
 )
 GRID_COLUMNS = 4
 TILE_TITLE_WIDTH = 38  # characters of a 7-pt title line that fit over a tile
@@ -67,6 +70,7 @@ class ExplainArgs:
     out: str | None = None
     device: str = "auto"
     seed: int = 0
+    overwrite: bool = False  # replace the grids of an earlier explain in out (never a run's record)
 
 
 class SiteBound(nn.Module):
@@ -234,6 +238,7 @@ def explain(
     out: str | Path | None = None,
     device: str = "auto",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write a Grad-CAM grid per site (sites=None: every site the checkpoint was trained for); returns the PNGs.
 
@@ -254,6 +259,8 @@ def explain(
     out_dir = Path(out) if out is not None else run_dir / "gradcam"
     predictions = Path(predictions) if predictions else run_dir / PREDICTIONS_FILE
     chosen = _selection(sites, model.specs, files, predictions, selection_of(Path(ckpt)), n, seed)
+    outputs = [out_dir / f"gradcam_{site}{suffix}" for site in sites for suffix in (".png", ".json")]
+    check_outputs(outputs, [Path(ckpt), predictions], overwrite)
     run = f"{describe_run(run_dir)} ({type(model.method).__name__})"
     written = []
     for site, picked in chosen.items():
@@ -282,8 +289,7 @@ def explain(
             f"Grad-CAM of class COVID, site {site}: {spec.dataset}\n{run}\n"
             f"checkpoint {Path(ckpt).name} (selection {selection_of(Path(ckpt))})"
         )
-        png.parent.mkdir(parents=True, exist_ok=True)
-        gradcam_figure(title, tiles, resized, cams).savefig(png, metadata={"Software": None})
+        save_figure(gradcam_figure(title, tiles, resized, cams), png)
         record = {"site": site, "checkpoint": str(ckpt), "target_class": "COVID", "tiles": tiles}
         atomic_write_text(png.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
         written.append(png)
@@ -296,7 +302,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args: ExplainArgs = parse_args(ExplainArgs, argv, USAGE)
     sites = None if args.site in ("both", "all") else [args.site]
     written = explain(
-        args.ckpt, sites, args.n, args.files, args.data_root, args.predictions, args.out, args.device, args.seed
+        args.ckpt,
+        sites,
+        args.n,
+        args.files,
+        args.data_root,
+        args.predictions,
+        args.out,
+        args.device,
+        args.seed,
+        args.overwrite,
     )
     for png in written:
         tiles = json.loads(png.with_suffix(".json").read_text())["tiles"]

@@ -7,7 +7,6 @@ metrics.json is written last, so a run directory holding it is a complete record
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from covidct.atomic import atomic_write_text
+from covidct.csvfiles import csv_text, plain_cell
 from covidct.errors import ConfigError, DataError
 
 METRICS_FILE = "metrics.json"
@@ -60,13 +60,8 @@ def write_run_record(
     the run can offer ('last'; with a validation part also 'best_val_auc'), chosen between at report time.
     """
     output_dir = Path(output_dir)
-    buffer = io.StringIO()
     columns = PREDICTION_COLUMNS + ((UNSEEN_COLUMN,) if any(UNSEEN_COLUMN in row for row in predictions) else ())
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in predictions:
-        writer.writerow({k: row.get(k, "") for k in columns})
-    atomic_write_text(output_dir / PREDICTIONS_FILE, buffer.getvalue())
+    atomic_write_text(output_dir / PREDICTIONS_FILE, csv_text(predictions, columns))
     record = {"test": dict(test), "run": dict(run), "config": dict(config)}
     path = output_dir / METRICS_FILE
     atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
@@ -86,7 +81,12 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path} must have the columns {', '.join(PREDICTION_COLUMNS)}; found {found}.")
         try:
             return [
-                {UNSEEN_COLUMN: "", **row, "label": int(row["label"]), "prob_covid": float(row["prob_covid"])}
+                {
+                    UNSEEN_COLUMN: "",
+                    **{key: plain_cell(value) for key, value in row.items()},
+                    "label": int(row["label"]),
+                    "prob_covid": float(row["prob_covid"]),
+                }
                 for row in reader
             ]
         except ValueError as err:

@@ -25,9 +25,11 @@ import covidct.resolvers  # noqa: F401  (the config's interpolations)
 from covidct.atomic import atomic_write
 from covidct.cli import cli_errors
 from covidct.config_checks import check_config
+from covidct.data.sources import patient_folders
 from covidct.errors import ConfigError, CovidCTError, DataError, RunInterrupted, TrainingIncomplete
 from covidct.evaluate import unseen_results, unseen_site_rows
 from covidct.metrics import evaluate
+from covidct.pseudonyms import Pseudonyms
 from covidct.records import METRICS_FILE, git_commit, write_run_record
 from covidct.report.curves import roc_curve
 from covidct.resume import (
@@ -188,6 +190,18 @@ def _unseen_site_rows(trainer: pl.Trainer, model: Any, datamodule: Any) -> list[
     return rows
 
 
+def _shown_predictions(rows: list[dict[str, Any]], datamodule: Any, pseudonyms: Pseudonyms) -> list[dict[str, Any]]:
+    """The prediction rows as the record shows them: patient ids, and the patient folders of folder-kind sites,
+    as pseudonyms unless patient_ids=raw (the metrics, computed before, are the same either way)."""
+    folders: dict[str, set[str]] = {}
+    for row in rows:
+        if row["site"] in datamodule.specs:
+            folders.setdefault(row["patient"], set()).update(
+                patient_folders(datamodule.specs[row["site"]], row["file"])
+            )
+    return pseudonyms.rows(rows, folders)
+
+
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Fit on the training part, test the last (and best-validation) checkpoint, write the run record.
 
@@ -269,6 +283,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             f"{output_dir / LAST_CHECKPOINT}."
         )
     test, predictions = _test_selections(trainer, model, datamodule, callbacks.get("best_checkpoint"), output_dir)
+    predictions = _shown_predictions(predictions, datamodule, Pseudonyms(cfg.patient_ids, cfg.pseudonym_key))
     run = {
         "experiment": cfg.name,
         "fold": cfg.fold,
@@ -277,6 +292,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "group_by": cfg.data.group_by,
         "selections": list(test),
         "patient_pooling": "mean",
+        "patient_ids": cfg.patient_ids,
         "epochs_trained": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "git_commit": git_commit(),

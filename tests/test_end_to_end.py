@@ -1,9 +1,11 @@
 """The CLI as a user runs it: a two-fold `ours` multirun on the real data, CPU-sized."""
 
+import csv
 import json
 from pathlib import Path
 
 from covidct.metrics import RECORD_METRICS
+from covidct.pseudonyms import Pseudonyms
 from covidct.records import read_predictions
 from tests.helpers import run_cli
 
@@ -43,6 +45,11 @@ def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path
         sites = record["run"]["splits"]["sites"]
         assert len(predictions) == sites["A"]["test"]["images"] + sites["B"]["test"]["images"]
         assert all(p["patient"] for p in predictions if p["site"] == "B" and p["label"] == 0)  # all mapped
+        # the record names site B's patients by keyed pseudonyms, never by the ids of Meta/patients.csv
+        raw = {r["patient_id"] for r in csv.DictReader((real_data / "covid-ct" / "Meta" / "patients.csv").open())}
+        shown = {p["patient"] for p in predictions if p["site"] == "B" and p["patient"]}
+        assert record["run"]["patient_ids"] == "pseudonym" and not shown & raw
+        assert shown <= {Pseudonyms().patient(patient) for patient in raw}  # the session's key (conftest)
         assert not any(p["patient"] for p in predictions if p["site"] == "A")  # site A has no patient ids
         test_files.append({(p["site"], p["file"]) for p in predictions})
     assert not test_files[0] & test_files[1], "folds 0 and 1 share test images"

@@ -9,6 +9,7 @@ import pytest
 from covidct import evaluate as evaluate_module
 from covidct.data.folds import split_fold
 from covidct.data.sources import scan_site
+from covidct.pseudonyms import Pseudonyms
 from covidct.records import read_predictions
 from tests.helpers import FAST, run_cli
 from tests.phantoms import hospital_site_config, make_hospital_site, make_phantom_root
@@ -123,10 +124,11 @@ def test_evaluate_reads_a_folder_of_dicom_series_per_patient(loso_runs, tmp_path
     results = record["test"]["last"]["unseen"]["adabn"]
     assert set(results["patients"]) == {"dicom_hospital"}
     rows = read_predictions(out)
+    shown = Pseudonyms()  # patients, and the folders named by them, as keyed pseudonyms (the session's key)
     assert len(rows) == 12 and {r["patient"] for r in rows} == {
-        f"{c}:{p}" for c in ("covid", "normal") for p in ("p1", "p2")
+        shown.patient(f"{c}:{p}") for c in ("covid", "normal") for p in ("p1", "p2")
     }
-    assert rows[0]["file"] == "covid/p1/slice001.dcm"
+    assert rows[0]["file"] == f"covid/{shown.patient('covid:p1')}/slice001.dcm"
 
 
 def test_evaluate_on_a_real_png_site_it_was_trained_on(loso_runs, real_data: Path, tmp_path: Path, capsys):

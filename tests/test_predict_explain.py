@@ -293,7 +293,9 @@ def test_explain_writes_a_grid_per_site_with_misclassified_images(ours_run: Path
         n_wrong = sum(is_wrong(row) for row in site_rows.values())
         assert n_wrong, "the tiny run is expected to misclassify some test images"
         assert sum(not tile["correct"] for tile in tiles) == min(2, n_wrong)
-    assert explain(ckpt(ours_run), n=4, device="cpu") == written  # the same selection again: seeded
+    with pytest.raises(ConfigError, match=r"gradcam_A.png exists; add overwrite=true"):
+        explain(ckpt(ours_run), n=4, device="cpu")
+    assert explain(ckpt(ours_run), n=4, device="cpu", overwrite=True) == written  # the same selection: seeded
 
 
 def test_explain_titles_name_the_dataset_run_fold_and_checkpoint(ours_run: Path, tmp_path: Path, monkeypatch):
@@ -548,3 +550,25 @@ def test_predict_says_what_it_skips_and_lists_broken_links_and_pictures_beside_s
     assert set(files) == {"P1/slice001.dcm", "P1/slice002.dcm", "P1/a_key_image.png", "P1/gone.png"}
     assert "broken link" in files["P1/gone.png"]["error"] and files["P1/a_key_image.png"]["prob_covid"] is not None
     assert "ignored 1 file(s) in" in capsys.readouterr().err
+
+
+def test_evaluate_and_explain_never_write_over_a_record_or_an_earlier_output_unasked(
+    ours_run: Path, tmp_path: Path, capsys
+):
+    from covidct import evaluate as evaluate_module
+
+    record = {name: (ours_run / name).read_bytes() for name in ("metrics.json", "predictions.csv")}
+    base = [f"ckpt={ckpt(ours_run)}", "site=B", "device=cpu"]
+    assert evaluate_module.main([*base, f"out={ours_run}", "overwrite=true"]) == 2
+    assert "would write into the record of the run" in capsys.readouterr().err
+    assert explain_module.main([f"ckpt={ckpt(ours_run)}", "n=2", f"out={ours_run}", "overwrite=true"]) == 2
+    assert "would write into the record of the run" in capsys.readouterr().err
+    assert {name: (ours_run / name).read_bytes() for name in record} == record
+    out = tmp_path / "evaluation"
+    assert evaluate_module.main([*base, f"out={out}"]) == 0
+    first = (out / "predictions.csv").read_bytes()
+    assert evaluate_module.main([*base, f"out={out}"]) == 2
+    assert "metrics.json exists; add overwrite=true" in capsys.readouterr().err
+    assert evaluate_module.main([*base, f"out={out}", "overwrite=true"]) == 0
+    assert (out / "predictions.csv").read_bytes() == first
+    assert not list(out.glob(".*.tmp"))  # written atomically: no temp file left behind

@@ -166,6 +166,13 @@ def _patient_ids(spec: SiteSpec, root: Path, items: Sequence[tuple[Path, int]], 
     return {}
 
 
+def patient_folders(spec: SiteSpec, name: str) -> list[str]:
+    """The parts of an image's name (its path under the site folder) that name its patient: the patient folder of
+    a site whose patients are folders, so outputs can hide it with the id (covidct/pseudonyms.py)."""
+    parts = Path(name).parts
+    return [parts[1]] if spec.patients.kind == "folder" and len(parts) > 2 else []
+
+
 def scan_site(root: Path, site: str | SiteSpec, group_by: str = "patient") -> list[Sample]:
     """All samples of a site with the groups folds must respect (a group is '<site>:<patient or image>').
 

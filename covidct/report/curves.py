@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
+from covidct.atomic import atomic_write
+
 CAPTION_WIDTH = 150  # characters a caption line holds at its font size, on the figure's width
 
 
@@ -44,8 +46,11 @@ def _legend(axes: Axes, title: str) -> None:
     axes.legend(loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0, fontsize=8, title=title)
 
 
-def _save(figure: Figure, path: Path) -> Path:
-    figure.savefig(path, metadata={"Software": None})  # no version stamp: same records, same bytes
+def save_figure(figure: Figure, path: Path) -> Path:
+    """`figure` into `path` atomically (a kill leaves the old file or the new one), its format from the suffix and
+    without a version stamp: the same records give the same bytes."""
+    path = Path(path)
+    atomic_write(path, lambda temp: figure.savefig(temp, format=path.suffix[1:], metadata={"Software": None}))
     return path
 
 
@@ -63,7 +68,7 @@ def roc_figure(curves: Mapping[str, tuple[list[float], list[float], float]], tit
 def plot_rocs(
     curves: Mapping[str, tuple[list[float], list[float], float]], title: str, path: Path, caption: str = ""
 ) -> Path:
-    return _save(roc_figure(curves, title, caption), path)
+    return save_figure(roc_figure(curves, title, caption), path)
 
 
 def reliability_figure(
@@ -87,7 +92,7 @@ def reliability_figure(
 def plot_reliability(
     bins_by_method: Mapping[str, Sequence[Mapping[str, float]]], title: str, path: Path, caption: str = ""
 ) -> Path:
-    return _save(reliability_figure(bins_by_method, title, caption), path)
+    return save_figure(reliability_figure(bins_by_method, title, caption), path)
 
 
 def learning_curve_figure(
@@ -112,4 +117,4 @@ def learning_curve_figure(
 def plot_learning_curves(
     losses_by_method: Mapping[str, Sequence[Sequence[float]]], title: str, path: Path, caption: str = ""
 ) -> Path:
-    return _save(learning_curve_figure(losses_by_method, title, caption), path)
+    return save_figure(learning_curve_figure(losses_by_method, title, caption), path)

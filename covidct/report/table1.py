@@ -17,8 +17,6 @@ shown (a method with no runs is a visible gap); an experiment without a row foll
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +24,7 @@ from typing import Any
 
 from scipy import stats
 
+from covidct.csvfiles import csv_text
 from covidct.data.sites import PAPER_SITES, paper_site
 from covidct.errors import ConfigError
 from covidct.experiments import Experiment, parse_table1, registry, sort_experiments
@@ -300,12 +299,10 @@ def _paper_cell(row: Mapping[str, Any], plus_minus: str = " ± ") -> str:
 
 
 def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in columns})
-    return buffer.getvalue()
+    """The rows as CSV (floats to 6 significant digits), spreadsheet-safe (covidct/csvfiles.py)."""
+    return csv_text(
+        ({c: f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in columns} for row in rows), columns
+    )
 
 
 def _by_cell(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], Mapping[str, Any]]:
