@@ -56,6 +56,7 @@ def fake_records() -> list[dict]:
                     lower = {site: {m: v - 0.01 for m, v in values.items()} for site, values in images.items()}
                     test["best_val_auc"] = {"checkpoint": "checkpoints/best.ckpt", "images": lower, "patients": {}}
                 run = {"experiment": experiment, "fold": f, "seed": s, "group_by": "patient", "split_seed": 0}
+                run["splits"] = {"sites": {site: {"test": {"images": 20, "covid": 10}} for site in "AB"}}
                 records.append({"test": test, "run": run})
     records.append({**records[0], "run": {**records[0]["run"], "seed": 999}})  # outside the sweep: ignored
     return records
