@@ -509,3 +509,77 @@ def test_a_broken_record_is_named_and_can_be_left_out(tmp_path: Path, capsys):
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())["left out (broken records)"]
     assert str(half) in provenance and "predictions.csv is missing" in provenance
     assert "(3/4)*" in (tmp_path / "out" / "table1.md").read_text()
+
+
+def _cut(lines: list[str]) -> list[str]:
+    """Site A's predictions cut to 5 of its 20 images, as a copy interrupted mid-file leaves them."""
+    site_a = [k for k, line in enumerate(lines) if line.startswith("last,A,")]
+    return [line for k, line in enumerate(lines) if k not in site_a[5:]]
+
+
+PREDICTION_EDITS = {  # predictions.csv edited -> what the report says of it
+    "truncated": (_cut, "selection last, site A: 5 predictions for the 20 test images run.splits records"),
+    "a row twice": (lambda lines: [*lines[:2], lines[1], *lines[3:]], "f1/0.png predicted 2 times"),
+    "a label flipped": (
+        lambda lines: [lines[0], lines[1].replace(",0,", ",1,"), *lines[2:]],
+        "11 COVID labels for the 10 run.splits records",
+    ),
+    "a selection the record lacks": (
+        lambda lines: [*lines, lines[1].replace("last,", "best_val_auc,", 1)],
+        "selection best_val_auc, site A: 1 rows, but the record has no such test part",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", PREDICTION_EDITS)
+def test_predictions_that_do_not_match_the_records_counts_are_refused_in_one_line(edit: str, tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    _write_runs(runs)
+    change, said = PREDICTION_EDITS[edit]
+    predictions = runs / "ours" / "run29" / "predictions.csv"  # fold 1 of ours: no best_val_auc result
+    predictions.write_text("\n".join(change(predictions.read_text().splitlines())) + "\n")
+    args = ["--runs", str(runs), "--out", str(tmp_path / "out"), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {predictions} does not match its run record metrics.json")
+    assert said in err and "--skip-broken" in err
+    assert not (tmp_path / "out").exists()
+    if edit == "truncated":  # left out on request, and said: its cells count as missing
+        assert report_main([*args, "--skip-broken"]) == 0
+        provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+        assert str(predictions) in provenance["left out (broken records)"]
+        assert "(1/2)*" in (tmp_path / "out" / "table1.md").read_text()
+
+
+EMPTY_RECORDS = {  # metrics.json (valid JSON) -> what the report says of it
+    "empty sections": ({"test": {}, "run": {}, "config": {}}, "run.experiment is missing or not a name"),
+    "no test result": (lambda r: {**r, "test": {}}, "test is empty: the run recorded no test result"),
+    "a selection with no images": (
+        lambda r: {**r, "test": {"last": {"images": {}}}},
+        "test.last has no metrics of site A, which run.splits says tested 20 images",
+    ),
+    "a selection that is a list": (lambda r: {**r, "test": {"last": []}}, "test.last is not an object"),
+    "a metric that is text": (
+        lambda r: {**r, "test": {"last": {"images": {"A": {"auc": "high"}, "B": {}}}}},
+        "test.last.images.A.auc is 'high', not a number",
+    ),
+    "a fold that is not a number": (lambda r: {**r, "run": {**r["run"], "fold": "one"}}, "run.fold is 'one'"),
+    "no test counts": (
+        lambda r: {**r, "run": {k: v for k, v in r["run"].items() if k != "splits"}},
+        "run.splits.sites is missing: no test counts to check predictions.csv against",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_RECORDS)
+def test_a_record_without_what_the_tables_read_is_named_in_one_line(case: str, tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    _write_runs(runs)
+    change, said = EMPTY_RECORDS[case]
+    path = runs / "ours" / "run29" / "metrics.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(change(record) if callable(change) else change))
+    args = ["--runs", str(runs), "--out", str(tmp_path / "out"), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path} is not a usable run record ({said}")

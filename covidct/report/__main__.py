@@ -27,8 +27,8 @@ from covidct.records import (
 )
 from covidct.report.curves import plot_learning_curves, plot_reliability, plot_rocs
 from covidct.report.loso import LOSO_COLUMNS, loso_markdown, loso_rows
+from covidct.report.publish import replaced_outputs
 from covidct.report.render import build_report, curve_caption, render_files
-from covidct.report.validate import check_predictions, check_record, check_sections, is_evaluation
 from covidct.report.table1 import (
     SELECTIONS,
     TABLE_COLUMNS,
@@ -37,6 +37,7 @@ from covidct.report.table1 import (
     select_records,
     to_csv,
 )
+from covidct.report.validate import check_predictions, check_record, check_sections, is_evaluation
 
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table1.csv"
 
@@ -169,43 +170,51 @@ def write_report(
         provenance["note"] = (
             "smoke protocol: networks trained for 2 steps; the numbers test the pipeline, not the methods"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("claims.md", "claims.csv", "learning_curves.png"):  # outputs this report may not write again
-        (out / stale).unlink(missing_ok=True)
-    for name, text in render_files(report, provenance).items():
-        atomic_write_text(out / name, text)
+    texts = render_files(report, provenance)
     if any(held_out_sites(r) for r in records):  # leave-one-site-out records: their own table beside Table I
         try:
             rows = loso_rows(records, folds, seeds, selection)
         except DuplicateRunError as err:
             raise ConfigError(f"{runs}: {err}") from err
-        atomic_write_text(out / "loso.md", loso_markdown(rows))
-        atomic_write_text(out / "loso.csv", to_csv(rows, LOSO_COLUMNS))
+        texts |= {"loso.md": loso_markdown(rows), "loso.csv": to_csv(rows, LOSO_COLUMNS)}
+    with replaced_outputs(out) as staging:
+        for name, text in texts.items():
+            atomic_write_text(staging / name, text)
+        images = draw_figures(staging, report, provenance, selected)
+    if wandb:
+        rows = [row for table in report["tables"].values() for row in table]
+        figures = {name: out / path.name for name, path in images.items()}  # where they now are
+        _log_to_wandb(rows, figures, provenance, out, wandb == "online")
+    return out / "table1.md"
+
+
+def draw_figures(
+    folder: Path, report: dict[str, Any], provenance: dict[str, Any], selected: Sequence[dict[str, Any]]
+) -> dict[str, Path]:
+    """The ROC and reliability figures of each site and the learning curves, into `folder`, by name."""
+    methods, protocol = report["methods"], provenance["protocol"]
     images = {}
-    for site in record_sites(selected, selection):
+    for site in record_sites(selected, report["selection"]):
         dataset = f"Site {site}: {dataset_name(site, selected)}"
         caption = curve_caption(report, site, (protocol, provenance.get("note")))
         rocs = {methods[e]: curve for (e, s), curve in report["rocs"].items() if s == site}
         images[f"roc_{site}"] = plot_rocs(
-            rocs, f"{dataset}\nROC of pooled test predictions", out / f"roc_{site}.png", caption
+            rocs, f"{dataset}\nROC of pooled test predictions", folder / f"roc_{site}.png", caption
         )
         bins = {methods[e]: b for (e, s), b in report["reliability"].items() if s == site}
         images[f"reliability_{site}"] = plot_reliability(
-            bins, f"{dataset}\nreliability of pooled test predictions", out / f"reliability_{site}.png", caption
+            bins, f"{dataset}\nreliability of pooled test predictions", folder / f"reliability_{site}.png", caption
         )
     curves = learning_curves(selected, methods)
     if curves:
         images["learning_curves"] = plot_learning_curves(
             curves,
             "Training loss per epoch (both sites' batches)",
-            out / "learning_curves.png",
+            folder / "learning_curves.png",
             f"{protocol} protocol; {provenance['runs']}. From each run's CSV log (train/loss_epoch); a method's losses "
             "differ in their terms (e.g. ours adds the contrastive term), so compare shapes, not levels.",
         )
-    if wandb:
-        rows = [row for table in report["tables"].values() for row in table]
-        _log_to_wandb(rows, images, provenance, out, wandb == "online")
-    return out / "table1.md"
+    return images
 
 
 def _log_to_wandb(

@@ -16,13 +16,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from covidct.records import EVALUATION, UNSEEN_COLUMN, held_out_sites
+from covidct.report.table1 import LEVELS
 
 RUN_NAMES = ("git_commit", "device", "group_by")  # run fields the provenance joins as text, where present
 
 
 def check_sections(record: Any) -> None:
     """A record has its 'run' and 'test' sections (objects): the least an evaluate record needs too."""
-    if not isinstance(record, dict) or not isinstance(record.get("run"), dict) or not isinstance(record.get("test"), dict):
+    if not (isinstance(record, dict) and isinstance(record.get("run"), dict) and isinstance(record.get("test"), dict)):
         raise ValueError("no 'run' and 'test' sections (half-written, or from an older covidct)")
 
 
@@ -75,8 +76,8 @@ def _check_levels(result: Mapping[str, Any], where: str) -> None:
     unseen = result.get("unseen", {})
     if not isinstance(unseen, dict) or not all(isinstance(r, dict) for r in unseen.values()):
         raise ValueError(f"{where}.unseen is not an object of norm choices")
-    parts = [(f"{where}.{level}", result.get(level, {})) for level in ("images", "patients")]
-    parts += [(f"{where}.unseen.{c}.{level}", r.get(level, {})) for c, r in unseen.items() for level in r]
+    levels = [(where, result), *((f"{where}.unseen.{c}", r) for c, r in unseen.items())]
+    parts = [(f"{at}.{level}", part.get(level, {})) for at, part in levels for level in LEVELS]
     for path, sites in parts:
         if not isinstance(sites, dict):
             raise ValueError(f"{path} is not an object of sites")
