@@ -80,7 +80,8 @@ def replaced_outputs(out: Path) -> Iterator[Path]:
                 raise RuntimeError(f"the report wrote {unknown}, which OUTPUT_PATTERNS does not name")
             stale = [name for name in report_outputs(out) if name not in written]
             journal = {"staging": staging.name, "write": written, "remove": stale}
-            atomic_write_text(out / JOURNAL, json.dumps(journal, indent=1) + "\n")
+            atomic_write_text(staging / JOURNAL, json.dumps(journal, indent=1) + "\n")  # a kill leaves no temp in OUT
+            os.replace(staging / JOURNAL, out / JOURNAL)
             _replace(out, journal)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
