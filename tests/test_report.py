@@ -670,6 +670,7 @@ def test_a_report_killed_at_any_step_leaves_the_old_outputs_or_the_new_never_a_m
         # the next report (killed too, at its first rename after the moves left to do) first completes the new set
         again = _report_killed_at(unmoved + 1, out, tmp_path / f"{kill_at}.again.log", "--protocol", "third")
         assert again.returncode == -signal.SIGKILL, again.stderr[-2000:]
+        assert "finished replacing the outputs of a report killed while it replaced them" in again.stderr
         assert not (out / JOURNAL).exists() and _outputs(out) == new, kill_at
         assert not interrupted.exists()
     assert [renames[k - 1].name for k in seen] == [JOURNAL, *sorted(new)]  # the commit point, then the moves

@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import fnmatch
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,6 +45,7 @@ OUTPUT_PATTERNS = (
 )
 STAGING_PREFIX = ".report-new-"
 JOURNAL = ".report-replacing.json"
+log = logging.getLogger(__name__)
 
 
 def is_output(name: str) -> bool:
@@ -68,7 +70,8 @@ def replaced_outputs(out: Path) -> Iterator[Path]:
     except OSError as err:
         raise DataError(f"cannot create the report folder {out} ({err.strerror or err}).") from None
     with _locked(out):
-        finish_interrupted(out)
+        if finish_interrupted(out):
+            log.warning("%s: finished replacing the outputs of a report killed while it replaced them", out)
         for leftover in out.glob(f"{STAGING_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
