@@ -5,7 +5,11 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +26,11 @@ from covidct.metrics import RECORD_METRICS, binary_metrics, pool_by_patient
 from covidct.report import __main__ as report_cli
 from covidct.report.__main__ import main as report_main
 from covidct.report.curves import plot_reliability, plot_rocs, reliability_figure, roc_figure
+from covidct.report.publish import JOURNAL, is_output, report_outputs
 from covidct.report.render import build_report, curve_caption, render_files
 from covidct.report.table1 import DuplicateRunError, collect_results, paired_ttests
 from covidct.report.uncertainty import bootstrap_interval, delong_test, reliability_bins, weighted_metric
+from tests.helpers import REPO
 
 GOLDEN = Path(__file__).parent / "golden"
 PAPER = list(csv.DictReader((Path(__file__).parents[1] / "experiments" / "paper_table1.csv").open()))
@@ -56,6 +62,7 @@ def fake_records() -> list[dict]:
                     lower = {site: {m: v - 0.01 for m, v in values.items()} for site, values in images.items()}
                     test["best_val_auc"] = {"checkpoint": "checkpoints/best.ckpt", "images": lower, "patients": {}}
                 run = {"experiment": experiment, "fold": f, "seed": s, "group_by": "patient", "split_seed": 0}
+                run["splits"] = {"sites": {site: {"test": {"images": 20, "covid": 10}} for site in "AB"}}
                 records.append({"test": test, "run": run})
     records.append({**records[0], "run": {**records[0]["run"], "seed": 999}})  # outside the sweep: ignored
     return records
@@ -508,3 +515,162 @@ def test_a_broken_record_is_named_and_can_be_left_out(tmp_path: Path, capsys):
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())["left out (broken records)"]
     assert str(half) in provenance and "predictions.csv is missing" in provenance
     assert "(3/4)*" in (tmp_path / "out" / "table1.md").read_text()
+
+
+def _cut(lines: list[str]) -> list[str]:
+    """Site A's predictions cut to 5 of its 20 images, as a copy interrupted mid-file leaves them."""
+    site_a = [k for k, line in enumerate(lines) if line.startswith("last,A,")]
+    return [line for k, line in enumerate(lines) if k not in site_a[5:]]
+
+
+PREDICTION_EDITS = {  # predictions.csv edited -> what the report says of it
+    "truncated": (_cut, "selection last, site A: 5 predictions for the 20 test images run.splits records"),
+    "a row twice": (lambda lines: [*lines[:2], lines[1], *lines[3:]], "f1/0.png predicted 2 times"),
+    "a label flipped": (
+        lambda lines: [lines[0], lines[1].replace(",0,", ",1,"), *lines[2:]],
+        "11 COVID labels for the 10 run.splits records",
+    ),
+    "a selection the record lacks": (
+        lambda lines: [*lines, lines[1].replace("last,", "best_val_auc,", 1)],
+        "selection best_val_auc, site A: 1 rows, but the record has no such test part",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", PREDICTION_EDITS)
+def test_predictions_that_do_not_match_the_records_counts_are_refused_in_one_line(edit: str, tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    _write_runs(runs)
+    change, said = PREDICTION_EDITS[edit]
+    predictions = runs / "ours" / "run29" / "predictions.csv"  # fold 1 of ours: no best_val_auc result
+    predictions.write_text("\n".join(change(predictions.read_text().splitlines())) + "\n")
+    args = ["--runs", str(runs), "--out", str(tmp_path / "out"), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {predictions} does not match its run record metrics.json")
+    assert said in err and "--skip-broken" in err
+    assert not (tmp_path / "out").exists()
+    if edit == "truncated":  # left out on request, and said: its cells count as missing
+        assert report_main([*args, "--skip-broken"]) == 0
+        provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+        assert str(predictions) in provenance["left out (broken records)"]
+        assert "(1/2)*" in (tmp_path / "out" / "table1.md").read_text()
+
+
+EMPTY_RECORDS = {  # metrics.json (valid JSON) -> what the report says of it
+    "empty sections": ({"test": {}, "run": {}, "config": {}}, "run.experiment is missing or not a name"),
+    "no test result": (lambda r: {**r, "test": {}}, "test is empty: the run recorded no test result"),
+    "a selection with no images": (
+        lambda r: {**r, "test": {"last": {"images": {}}}},
+        "test.last has no metrics of site A, which run.splits says tested 20 images",
+    ),
+    "a selection that is a list": (lambda r: {**r, "test": {"last": []}}, "test.last is not an object"),
+    "a metric that is text": (
+        lambda r: {**r, "test": {"last": {"images": {"A": {"auc": "high"}, "B": {}}}}},
+        "test.last.images.A.auc is 'high', not a number",
+    ),
+    "a fold that is not a number": (lambda r: {**r, "run": {**r["run"], "fold": "one"}}, "run.fold is 'one'"),
+    "no test counts": (
+        lambda r: {**r, "run": {k: v for k, v in r["run"].items() if k != "splits"}},
+        "run.splits.sites is missing: no test counts to check predictions.csv against",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_RECORDS)
+def test_a_record_without_what_the_tables_read_is_named_in_one_line(case: str, tmp_path: Path, capsys):
+    runs = tmp_path / "runs"
+    _write_runs(runs)
+    change, said = EMPTY_RECORDS[case]
+    path = runs / "ours" / "run29" / "metrics.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(change(record) if callable(change) else change))
+    args = ["--runs", str(runs), "--out", str(tmp_path / "out"), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path} is not a usable run record ({said}")
+
+
+# `python -m covidct.report` with os.replace wrapped: the process SIGKILLs itself just before its Nth rename
+# (0: never) and logs the path each rename gives, so a kill can land at each step of writing the outputs.
+KILLED_AT_RENAME = """
+import os, signal, sys
+from covidct.report.__main__ import main
+kill_at, log, renames, rename = int(sys.argv[1]), sys.argv[2], [], os.replace
+def replace(src, dst):
+    renames.append(dst)
+    if len(renames) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(log, "a") as fh:
+        fh.write(str(dst) + "\\n")
+    return rename(src, dst)
+os.replace = replace
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _report_killed_at(rename: int, out: Path, log: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", KILLED_AT_RENAME, str(rename), str(log), "--runs", str(out / "runs")]
+    command += ["--out", str(out), "--folds", "0,1", "--seeds", "643,644", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in report_outputs(out)}
+
+
+def _others(out: Path) -> dict[str, bytes]:
+    """Everything in OUT that is not the report's: the runs and the README of a committed layout."""
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
+    mine = [p for p in files if p.parts[0].startswith(".report-") or (len(p.parts) == 1 and is_output(p.name))]
+    return {str(p): (out / p).read_bytes() for p in files if p not in mine}
+
+
+@pytest.mark.slow  # seven reports in their own processes
+def test_a_report_killed_at_any_step_leaves_the_old_outputs_or_the_new_never_a_mix(tmp_path: Path):
+    """As `make table1 RECORD=1`: the runs and a README inside OUT. The old report has learning curves (the runs
+    kept CSV logs) and protocol `old`; the new one none, protocol `new` and one run fewer, so every output differs
+    and one goes. Killed just before a rename into OUT (the journal, the first move, one halfway), OUT holds the old
+    set untouched or, past the journal, a journal the next report completes into the new set before anything else."""
+    old_state = tmp_path / "old"
+    _write_runs(old_state / "runs")
+    (old_state / "README.md").write_text("a committed sweep's own notes\n")
+    for log in old_state.glob("runs/*/*/"):
+        (log / "csv" / "version_0").mkdir(parents=True)
+        (log / "csv" / "version_0" / "metrics.csv").write_text("epoch,train/loss_epoch\n0,0.9\n1,0.7\n")
+    args = ["--runs", str(old_state / "runs"), "--out", str(old_state), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main([*args, "--protocol", "old"]) == 0
+    old = _outputs(old_state)
+    assert "learning_curves.png" in old
+    for logs in old_state.glob("runs/*/*/csv"):
+        shutil.rmtree(logs)
+    shutil.rmtree(old_state / "runs" / "msnet" / "run20")
+    others = _others(old_state)
+
+    reference = tmp_path / "reference"
+    shutil.copytree(old_state, reference)
+    done = _report_killed_at(0, reference, tmp_path / "renames.log", "--protocol", "new")
+    assert done.returncode == 0, done.stderr[-2000:]
+    new = _outputs(reference)
+    assert "learning_curves.png" not in new and set(new) == set(old) - {"learning_curves.png"}
+    assert [name for name in new if new[name] == old[name]] == []
+    renames = [Path(line) for line in (tmp_path / "renames.log").read_text().splitlines()]
+    seen = [k for k, path in enumerate(renames, start=1) if path.parent == reference]  # the renames into OUT
+    for kill_at in (seen[0], seen[1], seen[len(seen) // 2]):  # just before the first, the second, one halfway
+        out = tmp_path / f"killed_at_{kill_at}"
+        shutil.copytree(old_state, out)
+        killed = _report_killed_at(kill_at, out, tmp_path / f"{kill_at}.log", "--protocol", "new")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert _others(out) == others, "the runs and the README are never touched"
+        if not (out / JOURNAL).exists():  # before the commit point: the old set, whole
+            assert _outputs(out) == old, kill_at
+            continue
+        interrupted = out / json.loads((out / JOURNAL).read_text())["staging"]
+        unmoved = len([p for p in interrupted.iterdir() if p.name != JOURNAL])
+        # the next report (killed too, at its first rename after the moves left to do) first completes the new set
+        again = _report_killed_at(unmoved + 1, out, tmp_path / f"{kill_at}.again.log", "--protocol", "third")
+        assert again.returncode == -signal.SIGKILL, again.stderr[-2000:]
+        assert "finished replacing the outputs of a report killed while it replaced them" in again.stderr
+        assert not (out / JOURNAL).exists() and _outputs(out) == new, kill_at
+        assert not interrupted.exists()
+    assert [renames[k - 1].name for k in seen] == [JOURNAL, *sorted(new)]  # the commit point, then the moves

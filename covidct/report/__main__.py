@@ -17,7 +17,6 @@ from covidct.data.sites import dataset_name
 from covidct.errors import ConfigError, DataError
 from covidct.metrics import PATIENT_POOLINGS
 from covidct.records import (
-    EVALUATION,
     METRICS_FILE,
     PREDICTIONS_FILE,
     TIMING_FILE,
@@ -28,6 +27,7 @@ from covidct.records import (
 )
 from covidct.report.curves import plot_learning_curves, plot_reliability, plot_rocs
 from covidct.report.loso import LOSO_COLUMNS, loso_markdown, loso_rows
+from covidct.report.publish import replaced_outputs
 from covidct.report.render import build_report, curve_caption, render_files
 from covidct.report.table1 import (
     SELECTIONS,
@@ -37,38 +37,69 @@ from covidct.report.table1 import (
     select_records,
     to_csv,
 )
+from covidct.report.validate import check_predictions, check_record, check_sections, is_evaluation
 
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table1.csv"
 
 
+class UnusableRun(ValueError):
+    """A run folder the report cannot count; the message begins with the file at fault and says why."""
+
+
 def load_run_records(runs: Path, skip_broken: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every complete run record under `runs`, with its folder under '_dir' and its finishing time (from
-    timing.json, where present) under '_finished_at'; and, with `skip_broken`, the broken ones left out
-    (an unreadable metrics.json, a missing predictions.csv), each as 'path: why'. Without it they stop the
-    report with an error that names the file."""
+    """Every complete run record under `runs`, with its folder under '_dir', its checked predictions under
+    '_predictions' and its finishing time (from timing.json, where present) under '_finished_at'; and, with
+    `skip_broken`, the unusable ones left out (`read_run`), each as 'file why'. Without it they stop the report
+    with an error that names the file."""
     records, broken = [], []
     for path in sorted(Path(runs).rglob(METRICS_FILE)):
         try:
-            record = read_run_record(path.parent)
-            if not isinstance(record, dict) or "run" not in record or "test" not in record:
-                raise ValueError("no 'run' and 'test' sections (half-written, or from an older covidct)")
-            if not (path.parent / PREDICTIONS_FILE).is_file():
-                raise ValueError(f"its {PREDICTIONS_FILE} is missing")
-        except (OSError, ValueError) as err:
+            record = read_run(path.parent)
+        except UnusableRun as err:
             if not skip_broken:
                 raise DataError(
-                    f"{path} is not a usable run record ({err}); rerun or delete that run, or pass --skip-broken "
-                    "to leave it out (its cells are then marked as missing)."
+                    f"{err}; rerun or delete that run, or pass --skip-broken to leave it out (its cells are then "
+                    "marked as missing)."
                 ) from None
-            broken.append(f"{path}: {err}")
+            broken.append(str(err))
             continue
-        if record["run"].get("experiment") == EVALUATION:
-            continue  # covidct.evaluate's, e.g. under a run's folder: a checkpoint on other data, not a sweep's run
-        record["_dir"] = str(path.parent)
-        timing = path.parent / TIMING_FILE
-        record["_finished_at"] = json.loads(timing.read_text()).get("finished_at") if timing.is_file() else None
-        records.append(record)
+        if record is not None:
+            records.append(record)
     return records, broken
+
+
+def read_run(run_dir: Path) -> dict[str, Any] | None:
+    """A run folder's record, checked (`covidct.report.validate`): its metrics.json holds what the tables read and
+    its predictions.csv the whole test part the record counts. None for covidct.evaluate's records (e.g. under a
+    run's folder: a checkpoint on other data, not a sweep's run); UnusableRun names the file that is not usable."""
+    path = run_dir / METRICS_FILE
+    try:
+        record = read_run_record(run_dir)
+        check_sections(record)
+        if is_evaluation(record):
+            return None
+        check_record(record)
+    except (OSError, ValueError) as err:
+        raise UnusableRun(f"{path} is not a usable run record ({err})") from None
+    predictions = run_dir / PREDICTIONS_FILE
+    if not predictions.is_file():
+        raise UnusableRun(f"{path} is not a usable run record (its {PREDICTIONS_FILE} is missing)")
+    try:
+        rows = read_predictions(predictions)
+    except DataError as err:
+        raise UnusableRun(str(err).rstrip(".")) from None
+    try:
+        check_predictions(record, rows)
+    except ValueError as err:
+        raise UnusableRun(f"{predictions} does not match its run record {path.name} ({err})") from None
+    timing = run_dir / TIMING_FILE
+    try:
+        finished = json.loads(timing.read_text()).get("finished_at") if timing.is_file() else None
+        if finished is not None and not isinstance(finished, str):
+            raise ValueError(f"finished_at is {finished!r}, not a time")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UnusableRun(f"{timing} is not a usable timing record ({err})") from None
+    return {**record, "_dir": str(run_dir), "_predictions": rows, "_finished_at": finished}
 
 
 def _int_list(text: str) -> list[int]:
@@ -84,7 +115,7 @@ def run_predictions(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for record in records:
         run = record["run"]
         tag = {"experiment": run["experiment"], "fold": int(run["fold"]), "seed": int(run["seed"])}
-        rows += [{**row, **tag} for row in read_predictions(Path(record["_dir"]))]
+        rows += [{**row, **tag} for row in record["_predictions"]]
     return rows
 
 
@@ -139,43 +170,51 @@ def write_report(
         provenance["note"] = (
             "smoke protocol: networks trained for 2 steps; the numbers test the pipeline, not the methods"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("claims.md", "claims.csv", "learning_curves.png"):  # outputs this report may not write again
-        (out / stale).unlink(missing_ok=True)
-    for name, text in render_files(report, provenance).items():
-        atomic_write_text(out / name, text)
+    texts = render_files(report, provenance)
     if any(held_out_sites(r) for r in records):  # leave-one-site-out records: their own table beside Table I
         try:
             rows = loso_rows(records, folds, seeds, selection)
         except DuplicateRunError as err:
             raise ConfigError(f"{runs}: {err}") from err
-        atomic_write_text(out / "loso.md", loso_markdown(rows))
-        atomic_write_text(out / "loso.csv", to_csv(rows, LOSO_COLUMNS))
+        texts |= {"loso.md": loso_markdown(rows), "loso.csv": to_csv(rows, LOSO_COLUMNS)}
+    with replaced_outputs(out) as staging:
+        for name, text in texts.items():
+            atomic_write_text(staging / name, text)
+        images = draw_figures(staging, report, provenance, selected)
+    if wandb:
+        rows = [row for table in report["tables"].values() for row in table]
+        figures = {name: out / path.name for name, path in images.items()}  # where they now are
+        _log_to_wandb(rows, figures, provenance, out, wandb == "online")
+    return out / "table1.md"
+
+
+def draw_figures(
+    folder: Path, report: dict[str, Any], provenance: dict[str, Any], selected: Sequence[dict[str, Any]]
+) -> dict[str, Path]:
+    """The ROC and reliability figures of each site and the learning curves, into `folder`, by name."""
+    methods, protocol = report["methods"], provenance["protocol"]
     images = {}
-    for site in record_sites(selected, selection):
+    for site in record_sites(selected, report["selection"]):
         dataset = f"Site {site}: {dataset_name(site, selected)}"
         caption = curve_caption(report, site, (protocol, provenance.get("note")))
         rocs = {methods[e]: curve for (e, s), curve in report["rocs"].items() if s == site}
         images[f"roc_{site}"] = plot_rocs(
-            rocs, f"{dataset}\nROC of pooled test predictions", out / f"roc_{site}.png", caption
+            rocs, f"{dataset}\nROC of pooled test predictions", folder / f"roc_{site}.png", caption
         )
         bins = {methods[e]: b for (e, s), b in report["reliability"].items() if s == site}
         images[f"reliability_{site}"] = plot_reliability(
-            bins, f"{dataset}\nreliability of pooled test predictions", out / f"reliability_{site}.png", caption
+            bins, f"{dataset}\nreliability of pooled test predictions", folder / f"reliability_{site}.png", caption
         )
     curves = learning_curves(selected, methods)
     if curves:
         images["learning_curves"] = plot_learning_curves(
             curves,
             "Training loss per epoch (both sites' batches)",
-            out / "learning_curves.png",
+            folder / "learning_curves.png",
             f"{protocol} protocol; {provenance['runs']}. From each run's CSV log (train/loss_epoch); a method's losses "
             "differ in their terms (e.g. ours adds the contrastive term), so compare shapes, not levels.",
         )
-    if wandb:
-        rows = [row for table in report["tables"].values() for row in table]
-        _log_to_wandb(rows, images, provenance, out, wandb == "online")
-    return out / "table1.md"
+    return images
 
 
 def _log_to_wandb(

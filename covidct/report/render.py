@@ -74,7 +74,7 @@ def repool_patients(
         if rows is None or result is None:
             out.append(record)
             continue
-        patients = evaluate(rows, list(result["patients"]), pooling)["patients"]
+        patients = evaluate(rows, list(result.get("patients", {})), pooling)["patients"]
         out.append({**record, "test": {**record["test"], selection: {**result, "patients": patients}}})
     return out
 
