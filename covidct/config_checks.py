@@ -88,7 +88,11 @@ def check_config(cfg: DictConfig) -> None:
     names = _site_names(cfg, "data.sites")
     if not names:
         raise ConfigError("data.sites must name one or more sites, e.g. data.sites=[A,B] or [A,B,my_hospital].")
-    trained, held = split_sites(names, _site_names(cfg, "data.test_sites"), _plain(cfg, "data.site_specs"))
+    outside = OmegaConf.select(cfg, "data.allow_outside_root", default=False)
+    if not isinstance(outside, bool):
+        raise ConfigError(f"data.allow_outside_root must be true or false, got {outside!r}.")
+    held_out, given = _site_names(cfg, "data.test_sites"), _plain(cfg, "data.site_specs")
+    trained, held = split_sites(names, held_out, given, allow_outside_root=outside)
     checked_repeat(_plain(cfg, "data.repeat"), [*trained, *held])
     limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
     bad_fraction = isinstance(limit, float) and limit > 1

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from covidct.errors import ConfigError
 from covidct.resume import run_id
 
 NO_EXPERIMENT = "adhoc"
@@ -21,7 +22,12 @@ def experiment_name() -> str:
 
 def num_sites(sites: Sequence[str], *, _root_: DictConfig) -> int:
     """`${num_sites:${data.sites}}`: a per-site part gets one copy per training site of the data (the sites
-    of data.test_sites, which it never trains on, have none)."""
+    of data.test_sites, which it never trains on, have none).
+
+    Sites that cannot be resolved (an unknown one, one named twice, none left to train on) count as listed:
+    Hydra resolves this while it names the run folder (the run id), before any of covidct's code runs, where
+    an error would be a library traceback; the run's own check_config then refuses the same sites in one line
+    before any work, so the count is never used."""
     held_out = OmegaConf.select(_root_, "data.test_sites", default=None)
     if not held_out:
         return len(sites)
@@ -29,7 +35,11 @@ def num_sites(sites: Sequence[str], *, _root_: DictConfig) -> int:
 
     given = OmegaConf.select(_root_, "data.site_specs", default=None)
     given = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else given
-    return len(split_sites(list(sites), list(held_out), given)[0])
+    outside = OmegaConf.select(_root_, "data.allow_outside_root", default=False) is True
+    try:
+        return len(split_sites(list(sites), list(held_out), given, allow_outside_root=outside)[0])
+    except ConfigError:
+        return len(sites)
 
 
 for _name, _resolver in (
