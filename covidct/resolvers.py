@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +42,35 @@ def num_sites(sites: Sequence[str], *, _root_: DictConfig) -> int:
         return len(split_sites(list(sites), list(held_out), given, allow_outside_root=outside)[0])
     except ConfigError:
         return len(sites)
+
+
+# `${oc.env:...}`, the one resolver OmegaConf and Hydra register that reads the environment (covidct's read none);
+# OmegaConf has no API that lists the resolvers a value calls, so its text is matched
+READS_ENVIRONMENT = re.compile(r"\$\{\s*oc\.env\s*:")
+_UNESCAPED_INTERPOLATION = re.compile(r"(?<!\\)\$\{")
+
+
+def _as_written_if_environment(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _as_written_if_environment(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_as_written_if_environment(value) for value in node]
+    if isinstance(node, str) and READS_ENVIRONMENT.search(node):
+        return _UNESCAPED_INTERPOLATION.sub(r"\\${", node)  # escaped: OmegaConf keeps it as text
+    return node
+
+
+def without_environment(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg` in which every value that reads the environment is its text as written
+    (`${oc.env:COVIDCT_DATA,data}`); every other interpolation resolves as before, one that refers to such a value
+    getting that text. Records store this, so they say where a value came from, never what this machine's
+    environment holds (a token, a home folder)."""
+    return OmegaConf.create(_as_written_if_environment(OmegaConf.to_container(cfg, resolve=False)))
+
+
+def recorded_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as run records and loggers store it: resolved, but environment reads as written."""
+    return OmegaConf.to_container(without_environment(cfg), resolve=True)
 
 
 for _name, _resolver in (

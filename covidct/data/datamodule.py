@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.cache import DecodedImageCache, default_cache_dir
-from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, split_fold
+from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, split_fold, validation_rounding
 from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws, collate_with_site_layout
 from covidct.data.sites import PAPER_SITES, SiteSpec, split_sites
 from covidct.data.sources import Sample, list_site, scan_site
@@ -189,6 +189,12 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.group_by = group_by
         self.val_fraction = val_fraction
+        if validation_rounding(val_fraction):
+            log.warning(
+                "data.val_fraction=%s is no 1/k: the validation part is %s",
+                val_fraction,
+                validation_rounding(val_fraction),
+            )
         self.image_size = image_size
         self.batch_per_site = batch_per_site
         self.repeat = checked_repeat(repeat, list(self.specs.values()))
@@ -398,9 +404,10 @@ class TwoSiteDataModule(pl.LightningDataModule):
         held_out = {site: len(parts["val"]) for site, parts in self.splits.items() if parts["val"]}
         if held_out:
             cost = ", ".join(f"site {site} {n}" for site, n in held_out.items())
+            rounded = validation_rounding(self.val_fraction)
             notes.append(
-                f"validation part (data.val_fraction={self.val_fraction}) held out of training for checkpoint "
-                f"selection: {cost} training images fewer than the paper's protocol"
+                f"validation part (data.val_fraction={self.val_fraction}{': ' + rounded if rounded else ''}) held out "
+                f"of training for checkpoint selection: {cost} training images fewer than the paper's protocol"
             )
         else:
             notes.append("the paper's protocol: trained on all non-test images (no validation part)")
