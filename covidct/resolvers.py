@@ -9,6 +9,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from covidct.data.sites import INTERPOLATION, split_sites
 from covidct.errors import ConfigError
 from covidct.resume import run_id
 
@@ -33,8 +34,6 @@ def num_sites(sites: Sequence[str], *, _root_: DictConfig) -> int:
     held_out = OmegaConf.select(_root_, "data.test_sites", default=None)
     if not held_out:
         return len(sites)
-    from covidct.data.sites import split_sites
-
     given = OmegaConf.select(_root_, "data.site_specs", default=None)
     given = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else given
     outside = OmegaConf.select(_root_, "data.allow_outside_root", default=False) is True
@@ -47,7 +46,6 @@ def num_sites(sites: Sequence[str], *, _root_: DictConfig) -> int:
 # `${oc.env:...}`, the one resolver OmegaConf and Hydra register that reads the environment (covidct's read none);
 # OmegaConf has no API that lists the resolvers a value calls, so its text is matched
 READS_ENVIRONMENT = re.compile(r"\$\{\s*oc\.env\s*:")
-_UNESCAPED_INTERPOLATION = re.compile(r"(?<!\\)\$\{")
 
 
 def _as_written_if_environment(node: Any) -> Any:
@@ -56,7 +54,7 @@ def _as_written_if_environment(node: Any) -> Any:
     if isinstance(node, list):
         return [_as_written_if_environment(value) for value in node]
     if isinstance(node, str) and READS_ENVIRONMENT.search(node):
-        return _UNESCAPED_INTERPOLATION.sub(r"\\${", node)  # escaped: OmegaConf keeps it as text
+        return INTERPOLATION.sub(r"\\${", node)  # escaped: OmegaConf keeps it as text
     return node
 
 

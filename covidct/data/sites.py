@@ -25,7 +25,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import yaml  # omegaconf's own parser: its errors are what a bad site file raises
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from covidct.data.dicom import LUNG_WINDOW
@@ -204,15 +204,18 @@ def read_site_file(path: Path) -> SiteSpec:
     return _parsed_site_file(path, path.stat().st_mtime_ns)
 
 
-def _interpolated_keys(node: DictConfig | ListConfig, prefix: str = "") -> Iterator[str]:
-    """The dotted keys of a loaded YAML whose values are OmegaConf interpolations (`${...}`; an escaped `\\${`
-    is plain text), found by OmegaConf itself without resolving any."""
-    keys: Iterable[Any] = node.keys() if isinstance(node, DictConfig) else range(len(node))
-    for key in keys:
-        if OmegaConf.is_interpolation(node, key):
-            yield f"{prefix}{key}"
-        elif isinstance(child := node[key], DictConfig | ListConfig):
-            yield from _interpolated_keys(child, f"{prefix}{key}.")
+# `${` not escaped as `\${`: an OmegaConf interpolation (OmegaConf.is_interpolation also flags escaped text)
+INTERPOLATION = re.compile(r"(?<!\\)\$\{")
+
+
+def _interpolated_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """The dotted keys of a YAML's unresolved values that hold an interpolation."""
+    if isinstance(node, Mapping | list):
+        items = node.items() if isinstance(node, Mapping) else enumerate(node)
+        for key, value in items:
+            yield from _interpolated_keys(value, f"{prefix}{key}.")
+    elif isinstance(node, str) and INTERPOLATION.search(node):
+        yield prefix.rstrip(".")
 
 
 @functools.lru_cache(maxsize=256)
@@ -222,8 +225,8 @@ def _parsed_site_file(path: Path, mtime_ns: int) -> SiteSpec:
     into the site's spec, which checkpoints, metrics.json and the logger's hyperparameters store."""
     try:
         loaded = OmegaConf.load(path)
-        interpolated = list(_interpolated_keys(loaded))
-        values = OmegaConf.to_container(loaded, resolve=False)
+        interpolated = list(_interpolated_keys(OmegaConf.to_container(loaded, resolve=False)))
+        values = None if interpolated else OmegaConf.to_container(loaded, resolve=True)  # resolves escapes only
     except OSError as err:
         raise ConfigError(f"cannot read site config {path} ({err.strerror or err}).") from None
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
