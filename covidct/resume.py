@@ -47,6 +47,7 @@ NON_SEMANTIC_KEYS = (
     "paths",
     "logger",
     "data.root",
+    "data.allow_outside_root",
     "data.cache_dir",
     "data.num_workers",
     "data.pin_memory",

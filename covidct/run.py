@@ -21,7 +21,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-import covidct.resolvers  # noqa: F401  (the config's interpolations)
 from covidct.atomic import atomic_write
 from covidct.cli import cli_errors
 from covidct.config_checks import check_config
@@ -32,6 +31,7 @@ from covidct.metrics import evaluate
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import METRICS_FILE, git_commit, write_run_record
 from covidct.report.curves import roc_curve
+from covidct.resolvers import recorded_config  # also registers the config's interpolations
 from covidct.resume import (
     LAST_CHECKPOINT,
     STOP_SIGNALS,
@@ -59,7 +59,7 @@ def _logger(cfg: DictConfig, output_dir: Path) -> Any:
     if cfg.get("logger") is None:
         return False
     logger = instantiate(cfg.logger, save_dir=str(output_dir))
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_hyperparams(recorded_config(cfg))  # W&B may send them: environment reads stay as written
     return logger
 
 
@@ -297,6 +297,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "global_steps": trainer.global_step,
         "git_commit": git_commit(),
         "device": _device_name(trainer),
+        "precision": str(trainer.precision),  # what ran: 'auto' chosen, as Lightning runs it
         "splits": datamodule.split_summary(),
         "data_fingerprint": fingerprint,
         "data_root": str(datamodule.root),  # absolute: the run's data wherever the record is read
@@ -306,7 +307,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     }
     if not trainer.is_global_zero:
         return test
-    path = write_run_record(output_dir, test, predictions, run, OmegaConf.to_container(cfg, resolve=True))
+    path = write_run_record(output_dir, test, predictions, run, recorded_config(cfg))
     throughput = callbacks.get("throughput")
     if throughput is not None:
         throughput.write(output_dir)

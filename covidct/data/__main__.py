@@ -72,7 +72,15 @@ def _where_command(subparsers: argparse._SubParsersAction) -> None:
 
 def _check_command(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
-        report = check_data(args.root, args.split_seed, args.group_by, args.batch_per_site, args.workers, args.sites)
+        report = check_data(
+            args.root,
+            args.split_seed,
+            args.group_by,
+            args.batch_per_site,
+            args.workers,
+            args.sites,
+            args.allow_outside_root,
+        )
         print(format_report(report))
         if args.json:
             args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -92,6 +100,11 @@ def _check_command(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         default=list(PAPER_SITES),
         help="sites to check, as data.sites names them (conf/data/site/)",
+    )
+    parser.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="as data.allow_outside_root=true: site files may name folders outside --root (absolute, or ..)",
     )
     parser.set_defaults(run=run)
 

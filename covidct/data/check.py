@@ -20,7 +20,7 @@ from PIL import Image
 from covidct.data.dicom import DICOM_SUFFIX, is_dicom
 from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, assign_groups
 from covidct.data.sites import PAPER_SITES, SiteSpec, read_patient_table, resolve_sites, unmapped_group
-from covidct.data.sources import check_grouping, file_digest, list_images, load_image, scan_site
+from covidct.data.sources import SiteListing, check_grouping, file_digest, list_site, load_image, scan_site
 from covidct.errors import ConfigError, DataError
 
 # The training part of a site is (N_FOLDS - 1) / N_FOLDS of it under the paper's protocol (no validation part).
@@ -127,10 +127,6 @@ def _inspect(path: Path) -> _FileInfo:
         return _FileInfo(size_bytes, error=str(err))
 
 
-# the publishers ship these beside site B's class folders (metadata and the official split)
-KNOWN_EXTRA_FOLDERS = {"Meta", "Data-split"}
-
-
 def _relative(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
@@ -209,27 +205,6 @@ def _duplicates(
     return groups
 
 
-def unread_entries(root: Path, specs: Sequence[SiteSpec]) -> list[str]:
-    """What training silently does not read: folders beside a site's class folders, and broken symlinks."""
-    found = []
-    for layout in specs:
-        site_dir = layout.site_dir(Path(root))
-        if not site_dir.is_dir():
-            continue
-        for entry in sorted(site_dir.iterdir()):
-            if entry.is_dir() and entry.name not in layout.classes and entry.name not in KNOWN_EXTRA_FOLDERS:
-                found.append(f"{_relative(root, entry)}/ is not a class folder of site {layout.name}: not read")
-        for folder in layout.classes:
-            class_dir = site_dir / folder
-            if class_dir.is_dir():
-                for entry in sorted(class_dir.iterdir()):
-                    if entry.is_symlink() and not entry.exists():
-                        found.append(f"{_relative(root, entry)} is a broken symlink: not read")
-                    elif entry.is_dir() and layout.patients.kind != "folder":
-                        found.append(f"{_relative(root, entry)}/ is a folder inside a class folder: not read")
-    return found
-
-
 def check_data(
     root: Path | str,
     split_seed: int = 0,
@@ -237,8 +212,10 @@ def check_data(
     batch_per_site: int = 16,
     workers: int | None = None,
     sites: Sequence[str] = PAPER_SITES,
+    allow_outside_root: bool = False,
 ) -> DataReport:
-    """Check everything training on `root` depends on; structural errors of one site do not stop the others' check."""
+    """Check everything training on `root` depends on; structural errors of one site do not stop the others' check.
+    Site files' folders must lie under `root`, as in a run, unless `allow_outside_root` (data.allow_outside_root)."""
     check_grouping(group_by)
     if batch_per_site < 1:
         raise ConfigError(f"batch_per_site must be positive, got {batch_per_site}.")
@@ -246,16 +223,19 @@ def check_data(
     if workers < 1:
         raise ConfigError(f"workers must be positive, got {workers}.")
     root = Path(root)
-    specs = {spec.name: spec for spec in resolve_sites(sites)}
+    specs = {spec.name: spec for spec in resolve_sites(sites, allow_outside_root=allow_outside_root)}
     notes = [spec.note(group_by) for spec in specs.values() if spec.patients.kind == "none"]
     report = DataReport(str(root), split_seed, group_by, batch_per_site, notes=notes)
+    listings: dict[str, SiteListing] = {}
     listed: dict[str, list[tuple[Path, int]]] = {}
-    report.warnings += unread_entries(root, list(specs.values()))
     for site, spec in specs.items():
         try:
-            listed[site] = list_images(root, spec)
+            listing = list_site(root, spec)  # the walk a run makes: what it reads, and what it says it skips
         except DataError as err:
             report.problems.append(Problem(site, str(err)))
+            continue
+        listings[site], listed[site] = listing, listing.images
+        report.warnings += listing.unread
     paths = [p for items in listed.values() for p, _ in items]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         infos = dict(zip(paths, pool.map(_inspect, paths, chunksize=max(1, len(paths) // (workers * 16)))))
@@ -308,7 +288,7 @@ def check_data(
         if site == "B" and group_by == "patient" and report.coverage.error is not None:
             continue
         try:
-            samples = scan_site(root, specs[site], group_by)
+            samples = scan_site(root, specs[site], group_by, listings[site])
         except DataError as err:
             report.problems.append(Problem(site, str(err)))
             continue

@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from covidct.data.cache import DecodedImageCache, default_cache_dir
-from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, split_fold
+from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, split_fold, validation_rounding
 from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws, collate_with_site_layout
 from covidct.data.sites import PAPER_SITES, SiteSpec, split_sites
-from covidct.data.sources import Sample, scan_site
+from covidct.data.sources import Sample, list_site, scan_site
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, normalize_images
 from covidct.errors import ConfigError
 
@@ -131,8 +131,9 @@ class TwoSiteDataModule(pl.LightningDataModule):
     """The sites' folds; training batches of `batch_per_site` images per site; per-site eval loaders.
 
     `sites` names the sites by their config (data/sites.py), or `site_specs` gives them (as a checkpoint
-    stores them). `test_sites` are sites never trained on (leave-one-site-out): all their images are tested,
-    with an index past the training sites', and `sites` (what a method is built for) holds the others.
+    stores them); a site file's folder must lie under `root` unless `allow_outside_root`. `test_sites` are sites
+    never trained on (leave-one-site-out): all their images are tested, with an index past the training sites',
+    and `sites` (what a method is built for) holds the others.
 
     An epoch is ceil(max_s(repeat_s * n_s) / batch_per_site) steps over the training parts (see
     SiteEpochDraws), where `repeat` gives each site's passes per epoch: a mapping (sites left out pass once;
@@ -162,11 +163,13 @@ class TwoSiteDataModule(pl.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         test_sites: Sequence[str] = (),
         site_specs: Mapping[str, Mapping[str, Any]] | None = None,
+        allow_outside_root: bool = False,
     ):
         super().__init__()
         root = str(Path(os.path.expanduser(str(root))).absolute())  # stored absolute: explain runs anywhere
         self.save_hyperparameters()  # stored in checkpoints: predict and explain reuse the preprocessing
-        trained, held = split_sites([str(s) for s in sites], [str(s) for s in test_sites], site_specs)
+        sites, test_sites = [str(s) for s in sites], [str(s) for s in test_sites]
+        trained, held = split_sites(sites, test_sites, site_specs, allow_outside_root=allow_outside_root)
         self.specs: dict[str, SiteSpec] = {spec.name: spec for spec in (*trained, *held)}
         self.sites = [spec.name for spec in trained]
         self.unseen_sites = [spec.name for spec in held]
@@ -186,6 +189,12 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.group_by = group_by
         self.val_fraction = val_fraction
+        if validation_rounding(val_fraction):
+            log.warning(
+                "data.val_fraction=%s is no 1/k: the validation part is %s",
+                val_fraction,
+                validation_rounding(val_fraction),
+            )
         self.image_size = image_size
         self.batch_per_site = batch_per_site
         self.repeat = checked_repeat(repeat, list(self.specs.values()))
@@ -196,6 +205,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         self.seed = seed
         self.mean, self.std = tuple(mean), tuple(std)
         self.splits: dict[str, dict[str, list[Sample]]] = {}
+        self.unread: dict[str, list[str]] = {}  # site -> what its folder holds that is not read
         self._warmed = False
         self._train_loader: TrainLoader | None = None
         self._resume_at: dict[str, int] | None = None
@@ -213,7 +223,7 @@ class TwoSiteDataModule(pl.LightningDataModule):
         if self.splits:
             return
         for site in self.sites:
-            samples = scan_site(self.root, self.specs[site], self.group_by)
+            samples = self._scan(site)
             self.splits[site] = split_fold(samples, self.fold, self.split_seed, self.val_fraction)
             n_train = len(self.splits[site]["train"])
             if n_train < self.batch_per_site:
@@ -234,7 +244,22 @@ class TwoSiteDataModule(pl.LightningDataModule):
                         len(samples) - covid,
                     )
         for site in self.unseen_sites:  # never trained on: every image is a test image
-            self.splits[site] = {"train": [], "val": [], "test": scan_site(self.root, self.specs[site], self.group_by)}
+            self.splits[site] = {"train": [], "val": [], "test": self._scan(site)}
+
+    def _scan(self, site: str) -> list[Sample]:
+        """A site's samples; what its folder holds unread (subfolders of a class folder, broken symlinks, ...) is
+        logged and kept for the record's notes, as `data check` lists it (the same walk, sources.list_site)."""
+        listing = list_site(self.root, self.specs[site])
+        if listing.unread:
+            self.unread[site] = listing.unread
+            log.warning(
+                "site %s: %d entr%s of its folder not read (first: %s); `python -m covidct.data check` lists all",
+                site,
+                len(listing.unread),
+                "y" if len(listing.unread) == 1 else "ies",
+                listing.unread[0],
+            )
+        return scan_site(self.root, self.specs[site], self.group_by, listing)
 
     def _cache_items(self) -> list[tuple[Path, str, tuple[float, float]]]:
         """Every image with the resize its part uses (training crops from 'train', evaluation uses 'eval') and
@@ -379,9 +404,10 @@ class TwoSiteDataModule(pl.LightningDataModule):
         held_out = {site: len(parts["val"]) for site, parts in self.splits.items() if parts["val"]}
         if held_out:
             cost = ", ".join(f"site {site} {n}" for site, n in held_out.items())
+            rounded = validation_rounding(self.val_fraction)
             notes.append(
-                f"validation part (data.val_fraction={self.val_fraction}) held out of training for checkpoint "
-                f"selection: {cost} training images fewer than the paper's protocol"
+                f"validation part (data.val_fraction={self.val_fraction}{': ' + rounded if rounded else ''}) held out "
+                f"of training for checkpoint selection: {cost} training images fewer than the paper's protocol"
             )
         else:
             notes.append("the paper's protocol: trained on all non-test images (no validation part)")
@@ -392,6 +418,8 @@ class TwoSiteDataModule(pl.LightningDataModule):
                     f"single-site mode: site {self.sites[0]} is shown once per epoch; a two-site run cycles it to "
                     f"the length of site {others[0]}'s {self.repeat[others[0]]} passes, so these epochs are shorter"
                 )
+        for site, unread in self.unread.items():
+            notes.append(f"site {site}: {len(unread)} entries of its folder not read (first: {unread[0]})")
         if self.group_by == "image":
             notes.append("folds are image-level on every site")
         else:

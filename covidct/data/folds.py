@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -39,18 +40,35 @@ def assign_groups(samples: Sequence[Sample], n_parts: int, seed: int) -> list[in
     return part_of
 
 
+MAX_VAL_FRACTION = 0.5  # the validation part is one of k >= 2 parts of the training folds
+
+
+def validation_parts(val_fraction: float) -> int:
+    """k, where the validation part is one of k class-balanced, group-disjoint parts of the training folds: the
+    nearest 1/k to data.val_fraction (0.1: 10, 0.25: 4; 0.3 gives 1/3, which a run's record notes)."""
+    if not 0 < val_fraction <= MAX_VAL_FRACTION:
+        raise ConfigError(f"data.val_fraction must be 0 or in (0, {MAX_VAL_FRACTION}], got {val_fraction}.")
+    return round(1 / val_fraction)
+
+
+def validation_rounding(val_fraction: float) -> str:
+    """What a run says of a data.val_fraction that is no 1/k: the part it holds out instead ('' for 0 or 1/k)."""
+    if val_fraction == 0:
+        return ""
+    parts = validation_parts(val_fraction)
+    return "" if math.isclose(parts * val_fraction, 1) else f"one part in {parts}, {100 / parts:.0f}%"
+
+
 def split_fold(samples: Sequence[Sample], fold: int, split_seed: int, val_fraction: float) -> dict[str, list[Sample]]:
     """train/val/test for one fold: test is fold `fold` of N_FOLDS; val is carved from the other folds."""
     if not 0 <= fold < N_FOLDS:
         raise ConfigError(f"fold must be in 0..{N_FOLDS - 1}, got {fold}.")
-    if not 0 <= val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
+    n_parts = validation_parts(val_fraction) if val_fraction != 0 else 0
     fold_of = assign_groups(samples, N_FOLDS, split_seed)
     test = [s for s, f in zip(samples, fold_of) if f == fold]
     rest = [s for s, f in zip(samples, fold_of) if f != fold]
     if val_fraction == 0:
         return {"train": rest, "val": [], "test": test}
-    n_parts = max(2, round(1 / val_fraction))
     part_of = assign_groups(rest, n_parts, split_seed * 1000 + 7 * fold + 1)
     return {
         "train": [s for s, p in zip(rest, part_of) if p != 0],

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
+import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml  # omegaconf's own parser: its errors are what a bad site file raises
@@ -41,7 +44,7 @@ class Patients:
 
     kind: str = "none"
     duplicates: str = "apart"  # none: 'together' puts byte-identical files in one group
-    file: str = ""  # csv: the table, relative to the site folder
+    file: str = ""  # csv: the table, a path inside the site folder (relative, no '..')
     columns: dict[str, str] = field(default_factory=dict)  # csv: {file, patient[, folder]} -> column names
     unmapped: dict[str, str] = field(default_factory=dict)  # csv: {} (an error) or {regex, tag}
     pattern: str = ""  # regex: its first group is the patient id
@@ -49,9 +52,10 @@ class Patients:
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """One site: its name in records, the folder holding its class folders (relative to data.root or
-    absolute), which class folder means which label (COVID = 1), its patients, where to get it, the dataset it
-    is (figures name it) and the Hounsfield window its DICOM slices are shown through."""
+    """One site: its name in records, the folder holding its class folders (relative to data.root; a site file's
+    folder outside it only with data.allow_outside_root), which class folder means which label (COVID = 1), its
+    patients, where to get it, the dataset it is (figures name it) and the Hounsfield window its DICOM slices are
+    shown through."""
 
     name: str
     folder: str
@@ -65,7 +69,8 @@ class SiteSpec:
     source: str = ""  # the YAML file it was read from
 
     def site_dir(self, root: Path) -> Path:
-        """The folder of the class folders: `folder` under the data root, or `folder` itself if absolute."""
+        """The folder of the class folders: `folder` under the data root, or `folder` itself if absolute (where
+        resolve_sites allowed it)."""
         return Path(root) / self.folder
 
     def as_dict(self) -> dict[str, Any]:
@@ -98,6 +103,12 @@ def _problem(source: str, message: str) -> ConfigError:
     return ConfigError(f"site config {source}: {message}")
 
 
+def stays_inside(path: str) -> bool:
+    """Whether a path a site names stays inside the folder it is relative to: not absolute, and no '..' climbing
+    above it (judged on the text, as written: symlinks the user placed under the data root are the user's own)."""
+    return not PurePath(path).is_absolute() and PurePath(os.path.normpath(path)).parts[:1] != ("..",)
+
+
 def _patients(values: Any, source: str) -> Patients:
     if values is None:
         return Patients()
@@ -125,6 +136,12 @@ def _patients(values: Any, source: str) -> Patients:
     if kind == "csv":
         if not patients.file:
             raise _problem(source, "patients.kind csv needs patients.file, the table of file -> patient id.")
+        if not stays_inside(patients.file):
+            raise _problem(
+                source,
+                f"patients.file {patients.file!r} must be a path inside the site folder (relative, without '..'): "
+                "a site's table lies with its images; copy it there.",
+            )
         if set(patients.columns) - {"file", "patient", "folder"}:
             raise _problem(source, "patients.columns may map file, patient and folder to the table's column names.")
         if patients.unmapped and set(patients.unmapped) != {"regex", "tag"}:
@@ -153,9 +170,7 @@ def site_from_dict(values: Mapping[str, Any], source: str = "", default_name: st
         raise _problem(source, f"name must be letters, digits, '_', '.' or '-', got {name!r}.")
     folder = values.get("folder")
     if not folder:
-        raise _problem(
-            source, "folder is missing: the folder holding the class folders (under data.root, or absolute)."
-        )
+        raise _problem(source, "folder is missing: the folder holding the class folders (under data.root).")
     classes = values.get("classes")
     if not isinstance(classes, Mapping) or not classes:
         raise _problem(source, "classes must map each class folder to its label, e.g. {covid: 1, normal: 0}.")
@@ -189,14 +204,39 @@ def read_site_file(path: Path) -> SiteSpec:
     return _parsed_site_file(path, path.stat().st_mtime_ns)
 
 
+# `${` not escaped as `\${`: an OmegaConf interpolation (OmegaConf.is_interpolation also flags escaped text)
+INTERPOLATION = re.compile(r"(?<!\\)\$\{")
+
+
+def _interpolated_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """The dotted keys of a YAML's unresolved values that hold an interpolation."""
+    if isinstance(node, Mapping | list):
+        items = node.items() if isinstance(node, Mapping) else enumerate(node)
+        for key, value in items:
+            yield from _interpolated_keys(value, f"{prefix}{key}.")
+    elif isinstance(node, str) and INTERPOLATION.search(node):
+        yield prefix.rstrip(".")
+
+
 @functools.lru_cache(maxsize=256)
 def _parsed_site_file(path: Path, mtime_ns: int) -> SiteSpec:
+    """A site file's values, as written. Interpolations are refused, not resolved: a site file travels between
+    institutions as plain data, and `${oc.env:...}` (or any resolver) would copy this machine's environment
+    into the site's spec, which checkpoints, metrics.json and the logger's hyperparameters store."""
     try:
-        values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        loaded = OmegaConf.load(path)
+        interpolated = list(_interpolated_keys(OmegaConf.to_container(loaded, resolve=False)))
+        values = None if interpolated else OmegaConf.to_container(loaded, resolve=True)  # resolves escapes only
     except OSError as err:
         raise ConfigError(f"cannot read site config {path} ({err.strerror or err}).") from None
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
         raise ConfigError(f"site config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if interpolated:
+        raise _problem(
+            str(path),
+            f"{interpolated[0]} is an interpolation (${{...}}); a site file holds plain values, never read from "
+            "this machine's environment or config: write the value itself.",
+        )
     return site_from_dict(values or {}, str(path), default_name=path.stem)
 
 
@@ -251,20 +291,41 @@ def find_site(name: str, dirs: Sequence[Path] | None = None) -> SiteSpec:
     )
 
 
+def _check_folder_inside(spec: SiteSpec) -> SiteSpec:
+    if not stays_inside(spec.folder):
+        raise _problem(
+            spec.source,
+            f"folder {spec.folder!r} lies outside data.root (absolute, or '..'): move or link the site under "
+            "data.root, or allow folders elsewhere with data.allow_outside_root=true (data check: "
+            "--allow-outside-root).",
+        )
+    return spec
+
+
 def resolve_sites(
-    names: Sequence[str], given: Mapping[str, Mapping[str, Any]] | None = None, dirs: Sequence[Path] | None = None
+    names: Sequence[str],
+    given: Mapping[str, Mapping[str, Any]] | None = None,
+    dirs: Sequence[Path] | None = None,
+    allow_outside_root: bool = False,
+    key: str = "data.sites",
 ) -> list[SiteSpec]:
     """The specs of `names` in order; `given` (a checkpoint's or a run's stored specs) wins over files.
-    Refuses a site named twice, under its name or an alias."""
+    Refuses a site named twice in `key`, under its name or an alias, and a site file whose folder lies outside the data
+    root unless `allow_outside_root` (data.allow_outside_root). Specs `given` are not held to the root: they are
+    the user's own config (data.site_specs) or a checkpoint's record of the folders of the machine that trained
+    it."""
     specs = []
     for name in names:
         stored = (given or {}).get(str(name))
-        found = site_from_dict(stored, f"data.site_specs.{name}", str(name)) if stored is not None else None
-        specs.append(found or find_site(name, dirs))
+        if stored is not None:
+            specs.append(site_from_dict(stored, f"data.site_specs.{name}", str(name)))
+        else:
+            found = find_site(name, dirs)
+            specs.append(found if allow_outside_root else _check_folder_inside(found))
     seen: dict[str, str] = {}
     for name, spec in zip(names, specs):
         if spec.name in seen:
-            raise ConfigError(f"data.sites names site {spec.name} twice ({seen[spec.name]!r} and {name!r}).")
+            raise ConfigError(f"{key} names site {spec.name} twice ({seen[spec.name]!r} and {name!r}).")
         seen[spec.name] = str(name)
     return specs
 
@@ -274,10 +335,12 @@ def split_sites(
     held_out: Sequence[str] = (),
     given: Mapping[str, Mapping[str, Any]] | None = None,
     dirs: Sequence[Path] | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[list[SiteSpec], list[SiteSpec]]:
     """data.sites and data.test_sites as (the sites trained on, the sites only tested), each resolved once: a
     held-out site named by an alias is the same site, and one outside data.sites is tested too."""
-    listed, held = resolve_sites(names, given, dirs), resolve_sites(held_out, given, dirs)
+    listed = resolve_sites(names, given, dirs, allow_outside_root)
+    held = resolve_sites(held_out, given, dirs, allow_outside_root, key="data.test_sites")
     unseen = {spec.name for spec in held}
     trained = [spec for spec in listed if spec.name not in unseen]
     if not trained:
@@ -317,26 +380,45 @@ def read_patient_table(spec: SiteSpec, root: Path) -> dict[str, str]:
             "or use image-level folds with data.group_by=image."
         )
     columns = {"file": "file", "patient": "patient_id", **spec.patients.columns}
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        needed = {columns[k] for k in ("file", "patient", "folder") if k in columns}
-        if reader.fieldnames is None or not needed <= set(reader.fieldnames):
-            raise DataError(f"{path} must have the columns {sorted(needed)}; found {reader.fieldnames}.")
-        mapping: dict[str, str] = {}
-        first_line: dict[str, int] = {}
-        keys = ("folder", "file", "patient") if "folder" in columns else ("file", "patient")
-        for line_no, row in enumerate(reader, start=2):
-            values = {k: (row[columns[k]] or "").strip() for k in keys}
-            if not all(values.values()):
-                raise DataError(f"{path} line {line_no}: empty {', '.join(columns[k] for k in keys)}.")
-            key = f"{values['folder']}/{values['file']}" if "folder" in values else values["file"]
-            if key in first_line:
-                raise DataError(
-                    f"{path} line {line_no} repeats {key} (first at line {first_line[key]}); keep one row per image."
-                )
-            first_line[key] = line_no
-            mapping[key] = f"{values['folder']}:{values['patient']}" if "folder" in values else values["patient"]
+    reader = csv.DictReader(io.StringIO(_utf8_text(path), newline=""))
+    needed = {columns[k] for k in ("file", "patient", "folder") if k in columns}
+    if reader.fieldnames is None or not needed <= set(reader.fieldnames):
+        raise DataError(f"{path} must have the columns {sorted(needed)}; found {reader.fieldnames}.")
+    repeated = sorted(name for name, count in Counter(reader.fieldnames).items() if count > 1)
+    if repeated:  # csv.DictReader would keep the last column of each name, silently
+        raise DataError(f"{path} names the column(s) {repeated} more than once in its header; keep one of each.")
+    mapping: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    keys = ("folder", "file", "patient") if "folder" in columns else ("file", "patient")
+    for line_no, row in enumerate(reader, start=2):
+        values = {k: (row[columns[k]] or "").strip() for k in keys}
+        if not all(values.values()):
+            raise DataError(f"{path} line {line_no}: empty {', '.join(columns[k] for k in keys)}.")
+        key = f"{values['folder']}/{values['file']}" if "folder" in values else values["file"]
+        if key in first_line:
+            raise DataError(
+                f"{path} line {line_no} repeats {key} (first at line {first_line[key]}); keep one row per image."
+            )
+        first_line[key] = line_no
+        mapping[key] = f"{values['folder']}:{values['patient']}" if "folder" in values else values["patient"]
     return mapping
+
+
+def _utf8_text(path: Path) -> str:
+    """A table's text, UTF-8 (with or without a byte-order mark). Another encoding is refused, not guessed:
+    Latin-1 decodes any bytes, so a wrong guess would silently rename patients and files."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror or err}); fix its permissions.") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line} is not UTF-8 (byte {data[err.start]:#04x}): save the table as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8` for a Latin-1 export."
+        ) from None
 
 
 def unmapped_group(spec: SiteSpec, name: str) -> str:

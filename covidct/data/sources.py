@@ -41,7 +41,26 @@ def _spec(site: str | SiteSpec) -> SiteSpec:
     return site if isinstance(site, SiteSpec) else find_site(site)
 
 
-def _image_files(folder: Path) -> list[Path]:
+# the publishers ship these beside site B's class folders (metadata and the official split)
+KNOWN_EXTRA_FOLDERS = {"Meta", "Data-split"}
+
+
+@dataclass(frozen=True)
+class SiteListing:
+    """What one walk over a site's folder found: its images with their labels, and what lies there unread (one
+    line each, naming the entry under the data root). Runs log the unread entries and `data check` lists them,
+    both from this one walk, so the two never disagree on what training reads."""
+
+    images: list[tuple[Path, int]]
+    unread: list[str]
+
+
+def _shown(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def _image_files(folder: Path, root: Path, unread: list[str], subfolders_read: bool = False) -> list[Path]:
+    """A folder's images; a broken symlink (and, unless a caller reads them, a subfolder) goes to `unread`."""
     files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     strays = [p for p in files if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES and not is_dicom(p)]
     if strays:
@@ -49,16 +68,21 @@ def _image_files(folder: Path) -> list[Path]:
             f"{strays[0]} is not an image (expected {', '.join(sorted(IMAGE_SUFFIXES))} or DICOM); "
             f"move the {len(strays)} non-image file(s) out of {folder}."
         )
+    for p in files:
+        if p.is_symlink() and not p.exists():
+            unread.append(f"{_shown(root, p)} is a broken symlink: not read")
+        elif p.is_dir() and not subfolders_read:
+            unread.append(f"{_shown(root, p)}/ is a folder inside a class folder: not read")
     return [p for p in files if p.is_file()]
 
 
-def _patient_images(patient: Path) -> list[Path]:
+def _patient_images(patient: Path, root: Path, unread: list[str]) -> list[Path]:
     """A patient folder's images, in it and its subfolders (DICOM exports nest studies and series); a folder of
     DICOM slices is checked as one series (ct_series refuses a folder that mixes series)."""
     folders = [patient, *sorted(p for p in patient.rglob("*") if p.is_dir() and not p.name.startswith("."))]
     images = []
     for folder in folders:
-        found = _image_files(folder)
+        found = _image_files(folder, root, unread, subfolders_read=True)
         if any(p.suffix.lower() not in PICTURE_SUFFIXES for p in found):  # the rest passed as DICOM
             ct_series(folder)
         images += found
@@ -66,8 +90,14 @@ def _patient_images(patient: Path) -> list[Path]:
 
 
 def list_images(root: Path, site: str | SiteSpec) -> list[tuple[Path, int]]:
-    """(path, label) for every image of a site, sorted; clear errors for a missing or bad layout. A site whose
-    patients are folders holds '<class>/<patient>/<image>'; any other '<class>/<image>'."""
+    """(path, label) for every image of a site, sorted (list_site's images)."""
+    return list_site(root, site).images
+
+
+def list_site(root: Path, site: str | SiteSpec) -> SiteListing:
+    """Every image of a site with its label, sorted, and what its folder holds that is not read; clear errors
+    for a missing or bad layout. A site whose patients are folders holds '<class>/<patient>/<image>'; any
+    other '<class>/<image>'."""
     spec = _spec(site)
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -83,26 +113,36 @@ def list_images(root: Path, site: str | SiteSpec) -> list[tuple[Path, int]]:
     if not site_dir.is_dir():
         hint = f"get it from {spec.download}" if spec.download else f"fix 'folder' in {spec.source}"
         raise DataError(f"site {spec.name} folder {site_dir} is missing; {hint}.")
+    table_folder = Path(spec.patients.file).parts[:-1][:1]  # where a csv site keeps its table (site B: Meta)
+    unread = [
+        f"{_shown(root, entry)}/ is not a class folder of site {spec.name}: not read"
+        for entry in sorted(site_dir.iterdir())
+        if entry.is_dir()
+        and not entry.name.startswith(".")
+        and entry.name not in {*spec.classes, *KNOWN_EXTRA_FOLDERS, *table_folder}
+    ]
     items: list[tuple[Path, int]] = []
     for class_folder, label in spec.classes.items():
         class_dir = site_dir / class_folder
         if not class_dir.is_dir():
             raise DataError(f"class folder {class_dir} is missing (site {spec.name} expects {sorted(spec.classes)}).")
         if spec.patients.kind == "folder":
-            loose = [p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
+            entries = sorted(p for p in class_dir.iterdir() if not p.name.startswith("."))
+            loose = [p for p in entries if p.is_file()]
             if loose:
                 raise DataError(
                     f"{loose[0]} lies directly in {class_dir}, but site {spec.name}'s patients are folders "
                     "(patients.kind: folder): move each patient's images into a folder of their own."
                 )
-            patients = sorted(p for p in class_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-            images = [image for patient in patients for image in _patient_images(patient)]
+            unread += [f"{_shown(root, p)} is a broken symlink: not read" for p in entries if not p.exists()]
+            patients = [p for p in entries if p.is_dir()]
+            images = [image for patient in patients for image in _patient_images(patient, root, unread)]
         else:
-            images = _image_files(class_dir)
+            images = _image_files(class_dir, root, unread)
         if not images:
             raise DataError(f"class folder {class_dir} holds no images; re-download site {spec.name}.")
         items.extend((p, label) for p in images)
-    return items
+    return SiteListing(items, unread)
 
 
 def load_image(path: Path, ct_window: Sequence[float] = LUNG_WINDOW) -> np.ndarray:
@@ -173,17 +213,20 @@ def patient_folders(spec: SiteSpec, name: str) -> list[str]:
     return [parts[1]] if spec.patients.kind == "folder" and len(parts) > 2 else []
 
 
-def scan_site(root: Path, site: str | SiteSpec, group_by: str = "patient") -> list[Sample]:
+def scan_site(
+    root: Path, site: str | SiteSpec, group_by: str = "patient", listing: SiteListing | None = None
+) -> list[Sample]:
     """All samples of a site with the groups folds must respect (a group is '<site>:<patient or image>').
 
     By the site's patients (sites.py): ids from a table, a file-name pattern or folders; a table's unmapped
     images grouped as its `unmapped` rule says (or refused); no ids: each image its own group, byte-identical
     files together where the site asks. Patient ids are read for patient-level results with either grouping.
+    `listing` is the site's walk (list_site) where the caller has made it.
     """
     check_grouping(group_by)
     spec = _spec(site)
     root = Path(root)
-    items = list_images(root, spec)
+    items = (listing or list_site(root, spec)).images
     site_dir = spec.site_dir(root)
     patients = _patient_ids(spec, root, items, required=group_by == "patient")
     samples = []
