@@ -57,6 +57,8 @@ NON_SEMANTIC_KEYS = (
     "trainer.log_every_n_steps",
     "keep_optimizer_state",
     "wait_for_run_folder",
+    "patient_ids",  # how the record names patients, not what it measures
+    "pseudonym_key",
     "callbacks.last_checkpoint",
     "callbacks.throughput",
     "callbacks.run_summary",
