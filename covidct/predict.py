@@ -104,7 +104,7 @@ def predict_folder(
     used = 0
     if unseen_norm is not None:
         used = model.add_unseen_site(site, unseen_norm, _batches(model, files, batch_size, ct_window))
-        if unseen_norm == "adabn" and site in model.unseen and not used:
+        if unseen_norm == "adabn" and site in model.unseen and used < 2:
             raise DataError(f"unseen_norm=adabn needs at least 2 readable images in {folder} to estimate site {site}.")
     model.check_site(site)
     note = model.unseen_note(site)
@@ -187,7 +187,7 @@ def _write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Pat
 def _batches(
     model: TrainedModel, files: Sequence[Path], batch_size: int, ct_window: Sequence[float]
 ) -> Iterator[torch.Tensor]:
-    """The readable images of `files` as normalised batches of at least 2 (BatchNorm statistics need 2)."""
+    """The readable images of `files` as normalised batches (AdaBN's statistics count every image, however batched)."""
     for start in range(0, len(files), batch_size):
         loaded = []
         for path in files[start : start + batch_size]:
@@ -195,7 +195,7 @@ def _batches(
                 loaded.append(model.load(path, ct_window))
             except DataError:
                 continue  # listed as unreadable when classified
-        if len(loaded) > 1:
+        if loaded:
             yield model.batch(loaded)
 
 
