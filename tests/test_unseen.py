@@ -89,10 +89,10 @@ def test_adabn_statistics_are_each_norm_s_input_moments_over_all_the_unseen_site
 
 def test_adabn_does_not_depend_on_how_the_images_are_batched_or_ordered():
     trained = _trained("series")
-    images = torch.randn(12, 3, 64, 64) * 3 - 2
-    order = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(8, 3, 64, 64) * 3 - 2
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(1))
     probabilities = []
-    for batches in ([images], list(images.split(5)), list(images[order].split(4))):
+    for batches in ([images], list(images.split(3)), list(images[order].split(5))):
         net, index, _ = _adabn(trained, batches)
         probabilities.append(net(images, SiteBlocks.single(index)).softmax(-1))
     assert all(torch.allclose(p, probabilities[0], atol=1e-6) for p in probabilities[1:])
