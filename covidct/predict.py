@@ -136,7 +136,7 @@ def predict_folder(
     if unseen_norm is not None:
         decoded = list(decoded)  # AdaBN reads the images before they are classified: decode them once
         used = model.add_unseen_site(site, unseen_norm, _Batches(model, decoded, batch_size))
-        if unseen_norm == "adabn" and site in model.unseen and not used:
+        if unseen_norm == "adabn" and site in model.unseen and used < 2:
             raise DataError(f"unseen_norm=adabn needs at least 2 readable images in {folder} to estimate site {site}.")
     model.check_site(site)
     note = model.unseen_note(site)
@@ -222,8 +222,8 @@ def _chunks(decoded: Iterable[Decoded], size: int) -> Iterator[list[Decoded]]:
 
 
 class _Batches:
-    """The readable images of decoded files as normalised batches of at least 2 (BatchNorm statistics need 2);
-    iterable again, for estimates that read the images more than once."""
+    """The readable images of decoded files as normalised batches (AdaBN's statistics count every image, however
+    batched); iterable again, for estimates that read the images more than once."""
 
     def __init__(self, model: TrainedModel, decoded: Sequence[Decoded], batch_size: int):
         self.model, self.decoded, self.batch_size = model, decoded, batch_size
@@ -231,7 +231,7 @@ class _Batches:
     def __iter__(self) -> Iterator[torch.Tensor]:
         for chunk in _chunks(self.decoded, self.batch_size):
             images = [image for _, image, _ in chunk if image is not None]
-            if len(images) > 1:
+            if images:
                 yield self.model.batch(images)
 
 

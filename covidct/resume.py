@@ -35,6 +35,9 @@ from covidct.records import METRICS_FILE, read_run_record
 
 log = logging.getLogger("covidct.resume")
 RUN_IDENTITY_KEY = "covidct_run"  # a checkpoint's fold, split seed, grouping and data fingerprint
+RUN_SETTINGS_KEY = "covidct_settings"  # a checkpoint's run's semantic config (run_settings): what resume_from checks
+# what a run that resumes another's checkpoint sets differently from it, by its nature
+RESUME_KEYS = ("resume_from", "warm_start")
 RUN_CONFIG_FILE = "run_config.json"
 DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 LOCK_FILE = ".lock"
@@ -88,6 +91,12 @@ def semantic_config(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(node, dict) and leaf in node and node[leaf] == inert:
             node.pop(leaf)
     return resolved
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The semantic config as plain JSON data, as run_config.json holds it: what a checkpoint stores
+    (RUN_SETTINGS_KEY) so that resume_from can tell whether it continues a run of this configuration."""
+    return json.loads(json.dumps(semantic_config(cfg), sort_keys=True, default=str))
 
 
 def run_id(*, _root_: DictConfig) -> str:
@@ -252,9 +261,16 @@ def _unsafe_globals(path: Path) -> str:
     return ", ".join(names) or "objects other than tensors and plain data"
 
 
-def check_checkpoint(path: Path, model: pl.LightningModule, run: dict[str, Any], warm_start: bool = False) -> dict:
+def check_checkpoint(
+    path: Path,
+    model: pl.LightningModule,
+    run: dict[str, Any],
+    warm_start: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> dict:
     """Refuse, with a clear message, a checkpoint of another method or backbone; unless `warm_start`, also one
-    of another fold, split seed or data (train/test leakage) or one that cannot resume (weights only).
+    of another fold, split seed or data (train/test leakage), one of a run with other `settings` (given for
+    resume_from: check_settings), or one that cannot resume (weights only).
     Returns the checkpoint's run identity (fold, split seed, data fingerprint)."""
     path = Path(path)
     if path.is_dir():
@@ -280,12 +296,47 @@ def check_checkpoint(path: Path, model: pl.LightningModule, run: dict[str, Any],
             f"checkpoint {path} was trained on other folds or data ({what}): resuming would leak test images "
             "into training. To start from its weights on purpose, add warm_start=true (recorded in the run record)."
         )
+    if settings is not None:
+        check_settings(path, checkpoint.get(RUN_SETTINGS_KEY), settings)
     if "optimizer_states" not in checkpoint:
         raise ConfigError(
             f"checkpoint {path} holds weights only (a finished run's) and cannot resume training; to start "
             "from its weights, add warm_start=true."
         )
     return theirs
+
+
+def check_settings(path: Path, theirs: Any, mine: dict[str, Any]) -> None:
+    """resume_from continues the checkpoint's run, so it must be a run of this configuration: every key of the
+    run id (seed, learning rate, schedule, epochs, data settings, ...) but RESUME_KEYS. Any other is refused
+    rather than adopted: Lightning would restore the checkpoint's optimizer and schedule (a cosine schedule of
+    fewer epochs resumes at learning rate 0 and trains nothing) under a record and folder stating this run's
+    settings, and adopting the checkpoint's instead would file a run under a config no one asked for. To rerun
+    its run, give its values; to train with these settings from its weights, warm_start=true."""
+    if not isinstance(theirs, dict):
+        raise ConfigError(
+            f"checkpoint {path} does not record the settings it was trained with (an older covidct wrote it), so "
+            "resuming it cannot be checked against this run's; add warm_start=true to train from its weights."
+        )
+    differs = sorted(key for key in _differing_keys(theirs, mine) if key.split(".")[0] not in RESUME_KEYS)
+    if differs:
+        what = ", ".join(f"{key} {_at(theirs, key)} (this run: {_at(mine, key)})" for key in differs[:8])
+        more = f" and {len(differs) - 8} more" if len(differs) > 8 else ""
+        raise ConfigError(
+            f"checkpoint {path} was trained with other settings ({what}{more}): resume_from continues its run, so "
+            "they must be this run's. Rerun with its values, or add warm_start=true to train from its weights with "
+            "these settings."
+        )
+
+
+def _at(config: dict[str, Any], dotted: str) -> str:
+    """The value at a dotted key of a nested dict, as the message shows it ('unset' where there is none)."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "unset"
+        node = node[part]
+    return json.dumps(node)
 
 
 def resume_point(checkpoint: dict[str, Any], max_epochs: int) -> str:

@@ -40,6 +40,7 @@ from covidct.resume import (
     read_checkpoint,
     resume_point,
     run_dir_lock,
+    run_settings,
 )
 
 log = logging.getLogger("covidct.run")
@@ -245,12 +246,13 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "data_fingerprint": fingerprint,
     }
     model.run_identity = identity
+    model.run_settings = run_settings(cfg)
     resume_from, warm_start = state.checkpoint, None
-    if resume_from is not None:  # its own: a warm start it began with is kept in its checkpoints
+    if resume_from is not None:  # its own (its settings are the folder's): a warm start it began with is kept
         warm_start = check_checkpoint(resume_from, model, identity).get("warm_start")
     elif cfg.get("resume_from"):
         given = Path(cfg.resume_from)
-        trained_on = check_checkpoint(given, model, identity, warm_start=cfg.warm_start)
+        trained_on = check_checkpoint(given, model, identity, warm_start=cfg.warm_start, settings=model.run_settings)
         if cfg.warm_start:  # its weights only: training starts at epoch 0 of this run's folds
             model.load_state_dict(read_checkpoint(given)["state_dict"])
             warm_start = {"checkpoint": str(given), "trained_on": trained_on}

@@ -1,6 +1,7 @@
 """Sites never trained on: leave-one-site-out runs (data.test_sites) and `covidct.evaluate`, through the CLI, on
 phantoms, DICOM series and the real PNG sites."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def test_evaluate_reproduces_the_runs_held_out_predictions(loso_runs, tmp_path: 
     for experiment in ("ours", "single"):
         run = loso_runs[experiment]
         out = tmp_path / experiment
-        args = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "site=hospital", f"out={out}", "batch_size=16"]
+        # another batch size than the run's (data.eval_batch_size=16): AdaBN's statistics do not depend on it
+        args = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "site=hospital", f"out={out}", "batch_size=7"]
         assert evaluate_module.main([*args, "device=cpu"]) == 0, capsys.readouterr().err
         mine, theirs = read_predictions(out), read_predictions(run)
         for how in CHOICES[experiment]:
@@ -109,6 +111,44 @@ def test_evaluate_reproduces_the_runs_held_out_predictions(loso_runs, tmp_path: 
     assert (
         "## Site hospital held out (trained on A,B): AUC, image level" in (tmp_path / "report" / "loso.md").read_text()
     )
+
+
+def test_a_loso_run_s_predictions_do_not_depend_on_its_eval_batch_size(loso_runs, tmp_path: Path):
+    """data.eval_batch_size is left out of the run id, so it must change nothing: AdaBN's statistics are the held-out
+    site's own over all its images, however they are batched."""
+    run = loso_runs["ours"]
+    record = json.loads((run / "metrics.json").read_text())
+    base = run.parents[2]  # <base>/sweep/ours/<run id>
+    args = ["experiment=ours", f"data.root={record['run']['data_root']}", "data.sites=[A,B,hospital]"]
+    args += ["data.test_sites=[hospital]", f"hydra.searchpath=[file://{base / 'conf'}]"]
+    result = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}", *FAST, "data.eval_batch_size=7"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def probabilities(folder: Path) -> dict[tuple[str, ...], float]:
+        rows = read_predictions(folder)
+        return {(r["selection"], r["site"], r["file"], r["unseen_norm"]): r["prob_covid"] for r in rows}
+
+    mine, theirs = probabilities(tmp_path / "run"), probabilities(run)
+    assert mine.keys() == theirs.keys() and sum(key[3] == "adabn" for key in mine) == HOSPITAL_IMAGES
+    assert max(abs(mine[key] - theirs[key]) for key in mine) < 1e-5
+
+
+def test_predict_s_adabn_does_not_depend_on_its_batch_size(loso_runs, tmp_path: Path, capsys):
+    """20 images in batches of 3 or of 19 (a last batch of one image, which counts too): the same probabilities."""
+    from covidct import predict as predict_module
+
+    ckpt = loso_runs["ours"] / "checkpoints" / "last.ckpt"
+    images = Path(json.loads((loso_runs["ours"] / "metrics.json").read_text())["run"]["data_root"]) / "hospital/covid"
+    probabilities = []
+    for batch_size in (3, 19):
+        out = tmp_path / f"{batch_size}.csv"
+        argv = [f"ckpt={ckpt}", f"images={images}", "recursive=true", "site=hospital", "unseen_norm=adabn"]
+        assert predict_module.main([*argv, f"batch_size={batch_size}", f"out={out}", "device=cpu"]) == 0
+        assert "estimated on 20 image(s) here" in capsys.readouterr().err
+        with out.open() as rows:
+            probabilities.append({row["file"]: float(row["prob_covid"]) for row in csv.DictReader(rows)})
+    assert probabilities[0].keys() == probabilities[1].keys() and len(probabilities[0]) == 20
+    assert max(abs(probabilities[0][f] - probabilities[1][f]) for f in probabilities[0]) < 1e-5
 
 
 def test_evaluate_reads_a_folder_of_dicom_series_per_patient(loso_runs, tmp_path: Path, capsys):

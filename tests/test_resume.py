@@ -169,6 +169,35 @@ def test_a_checkpoint_of_another_method_or_backbone_is_refused(phantom_root: Pat
     assert not list(tmp_path.glob("[scn]/metrics.json"))
 
 
+def test_resume_from_a_checkpoint_of_other_settings_is_refused_naming_them(phantom_root: Path, tmp_path: Path):
+    """A checkpoint of another seed, learning rate and schedule length would resume at learning rate 0 (the cosine
+    of its shorter schedule) under a record stating the new settings: refused in one line; its own settings
+    resume (here, at the end of its training: testing only) and give its record."""
+    base = ["experiment=joint", f"data.root={phantom_root}", *FAST, "keep_optimizer_state=true"]
+    first = run_cli([*base, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+
+    other = ["seed=5", "model.optimizer.lr=1e-3", "trainer.max_epochs=2", f"resume_from={ckpt}"]
+    refused = run_cli([*base, *other, f"hydra.run.dir={tmp_path / 'other'}"], tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    (line,) = [text for text in refused.stderr.splitlines() if text.startswith("error: ")]
+    assert line == (
+        f"error: checkpoint {ckpt} was trained with other settings (data.seed 643 (this run: 5), "
+        "model.optimizer.lr 0.0001 (this run: 0.001), model.scheduler.T_max 1 (this run: 2), seed 643 (this run: 5), "
+        "trainer.max_epochs 1 (this run: 2)): resume_from continues its run, so they must be this run's. Rerun with "
+        "its values, or add warm_start=true to train from its weights with these settings."
+    )
+    assert not (tmp_path / "other" / "metrics.json").exists()
+
+    same = run_cli([*base, f"resume_from={ckpt}", f"hydra.run.dir={tmp_path / 'same'}"], tmp_path)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "resuming from" in same.stdout + same.stderr
+    resumed, original = _record(tmp_path / "same"), _record(tmp_path / "first")
+    assert resumed["config"]["resume_from"] == str(ckpt) and resumed["run"]["global_steps"] == 2
+    assert resumed["test"]["last"]["images"] == original["test"]["last"]["images"]
+
+
 def _broken_copy(phantom_root: Path, tmp_path: Path, how: str) -> Path:
     root = tmp_path / "data"
     shutil.copytree(phantom_root, root)

@@ -1,10 +1,13 @@
 """Layers for a site never seen in training, against their definitions: borrowed, averaged, or AdaBN."""
 
+import copy
+
 import pytest
 import torch
 
 from covidct.errors import ConfigError
 from covidct.models import CovidNet
+from covidct.models.norms import SiteBatchNorm
 from covidct.models.routing import SiteBlocks
 from covidct.models.unseen import add_unseen_site, estimate_unseen_statistics
 
@@ -50,26 +53,49 @@ def test_mean_averages_every_site_s_statistics_affine_parameters_and_adapters():
     assert all(torch.equal(n.running_mean, b[0]) for n, b in zip(norms[:2], before))  # the sites' own untouched
 
 
-def test_adabn_statistics_are_the_unseen_site_s_own_and_the_trained_sites_keep_theirs():
-    net = _trained()
-    trained = [n.running_mean.clone() for n in net.stem_norm.norm.norms]
+def _adabn(net: CovidNet, batches: list[torch.Tensor]) -> tuple[CovidNet, int, int]:
+    net = copy.deepcopy(net)
     index = add_unseen_site(net, "adabn", SITES)
+    return net, index, estimate_unseen_statistics(net, batches, lambda b: net(b, SiteBlocks.single(index)))
+
+
+@pytest.mark.parametrize("adapter", ["none", "series"])
+def test_adabn_statistics_are_each_norm_s_input_moments_over_all_the_unseen_site_s_images(adapter: str):
+    """The definition: with the estimate in place, each unseen BatchNorm's input over all the images at once (in
+    eval mode, every earlier BatchNorm at its estimate) has exactly its running mean and variance; the trained
+    sites keep theirs."""
+    trained = _trained(adapter)
     images = torch.randn(6, 3, 64, 64) * 3 - 2  # darker and wider than both training sites
-    seen_inputs = []
-    hook = net.stem_norm.norm.norms[index].register_forward_hook(lambda m, args, out: seen_inputs.append(args[0]))
-    n = estimate_unseen_statistics(net, [images[:3], images[3:]], lambda b: net(b, SiteBlocks.single(index)))
-    hook.remove()
+    net, index, n = _adabn(trained, [images[:3], images[3:]])
     assert n == 6
-    # the first DSBN layer's input does not depend on any BN: its statistics are exactly the batches' average
-    assert len(seen_inputs) == 2
-    means = torch.stack([t.mean(dim=(0, 2, 3)) for t in seen_inputs]).mean(dim=0)
-    variances = torch.stack([t.var(dim=(0, 2, 3), unbiased=True) for t in seen_inputs]).mean(dim=0)
-    unseen = net.stem_norm.norm.norms[index]
-    assert torch.allclose(unseen.running_mean, means, atol=1e-5)
-    assert torch.allclose(unseen.running_var, variances, rtol=1e-4)
-    assert not torch.allclose(unseen.running_mean, trained[1], atol=1e-2)
-    assert not unseen.training and unseen.momentum == 0.1 and not net.training
-    assert all(torch.equal(n.running_mean, m) for n, m in zip(net.stem_norm.norm.norms[:2], trained))
+    unseen = [m.norms[index] for m in net.modules() if isinstance(m, SiteBatchNorm)]
+    inputs = {}
+    hooks = [norm.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for norm in unseen]
+    net(images, SiteBlocks.single(index))
+    for hook in hooks:
+        hook.remove()
+    assert len(inputs) == len(unseen) > 1  # every one is on the classifier's path
+    for norm in unseen:
+        dims = [0, 2, 3] if inputs[norm].dim() == 4 else [0]
+        assert torch.allclose(norm.running_mean, inputs[norm].mean(dim=dims), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(norm.running_var, inputs[norm].var(dim=dims), atol=1e-5, rtol=1e-4)
+        assert not norm.training and norm.momentum == 0.1
+    stem = net.stem_norm.norm.norms
+    assert not torch.allclose(stem[index].running_mean, stem[1].running_mean, atol=1e-2)
+    assert not net.training
+    for mine, theirs in zip(stem[:2], trained.stem_norm.norm.norms):
+        assert torch.equal(mine.running_mean, theirs.running_mean) and torch.equal(mine.running_var, theirs.running_var)
+
+
+def test_adabn_does_not_depend_on_how_the_images_are_batched_or_ordered():
+    trained = _trained("series")
+    images = torch.randn(8, 3, 64, 64) * 3 - 2
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    probabilities = []
+    for batches in ([images], list(images.split(3)), list(images[order].split(5))):
+        net, index, _ = _adabn(trained, batches)
+        probabilities.append(net(images, SiteBlocks.single(index)).softmax(-1))
+    assert all(torch.allclose(p, probabilities[0], atol=1e-6) for p in probabilities[1:])
 
 
 def test_norms_shared_by_two_sites_get_no_copy_but_one_training_sites_norms_are_its_own():

@@ -28,7 +28,7 @@ from covidct.errors import ConfigError
 from covidct.metrics import DECISION_THRESHOLD
 from covidct.models import CovidNet
 from covidct.models.routing import Sites, batch_sites
-from covidct.resume import RUN_IDENTITY_KEY
+from covidct.resume import RUN_IDENTITY_KEY, RUN_SETTINGS_KEY
 from covidct.training.clipping import clip_gradients
 
 EVAL_STAGES = ("val", "test")
@@ -83,6 +83,7 @@ class SiteMethod(pl.LightningModule):
         self._classes_seen: dict[str, dict[str, set[int]]] = {stage: {} for stage in EVAL_STAGES}
         self.test_predictions: list[dict[str, Any]] = []
         self.run_identity: dict[str, Any] = {}  # fold, split seed, data fingerprint (set by covidct.run)
+        self.run_settings: dict[str, Any] = {}  # the run's semantic config (set by covidct.run)
         self.test_log_prefix = "test"  # the run tests several checkpoints and logs each under its own prefix
 
     # What a method defines ------------------------------------------------------------------------
@@ -121,6 +122,8 @@ class SiteMethod(pl.LightningModule):
         checkpoint["covidct"] = self.checkpoint_identity()
         if self.run_identity:  # what it was trained on: resume_from refuses another fold's checkpoint
             checkpoint[RUN_IDENTITY_KEY] = self.run_identity
+        if self.run_settings:  # how it was trained: resume_from refuses to continue it under other settings
+            checkpoint[RUN_SETTINGS_KEY] = self.run_settings
 
     # Training -----------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
