@@ -149,6 +149,7 @@ def test_predict_reads_folders_of_dicom_series_along_the_body_and_summarises_eac
     rows = read_csv(out)
     shown = Pseudonyms()  # the session's key (tests/conftest.py); the folders are named by the PatientIDs
     p1, p2 = shown.patient("P1"), shown.patient("P2")
+    assert p1.startswith("pt-") and p1 != p2
     assert [r["file"] for r in rows] == [
         f"{p1}/chest/slice002.dcm",  # z = 0
         f"{p1}/chest/slice001.dcm",  # z = 10
