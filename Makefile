@@ -91,7 +91,7 @@ table1-collect: setup
 ## training img/s of the reference-like and the fast path, and of the data pipeline (when DATA exists)
 bench: setup
 	$(PY) -m covidct.bench --device $(DEVICE) --json $(RESULTS)/bench/bench-$(DEVICE).json \
-		$(if $(wildcard $(DATA)/covid-ct),--data-root "$(DATA)",) $(BENCH_ARGS)
+		$(if $(wildcard $(DATA)/covid-ct),--data-root "$(DATA)",) --dicom 200 $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -255,6 +255,91 @@ def measure_data(root: Path, image_size: int, batch_per_site: int, workers: int,
     }
 
 
+def synthetic_ct_series(folder: Path, slices: int, size: int = 512) -> list[Path]:
+    """A CT series as PACS export it: `size` x `size` 16-bit slices in JPEG Lossless (process 14, SV1), written by
+    GDCM (pydicom cannot encode it), files without a suffix; body-like content (pydicom's CT slice, enlarged) with
+    scanner-like noise, so the codec works as hard as on a real series."""
+    import gdcm
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    body = np.kron(template.pixel_array.astype(np.float32), np.ones((size // 128, size // 128), np.float32))
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    series, paths = generate_uid(), []
+    for k in range(slices):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.Rows = ds.Columns = size
+        ds.PixelData = np.clip(body + rng.normal(0, 20, body.shape), -2000, 4000).astype(np.int16).tobytes()
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 2.5 * k], [1, 0, 0, 0, 1, 0]
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        raw = folder / f".raw{k}.dcm"
+        ds.save_as(raw, enforce_file_format=True)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(raw))
+        if not reader.Read():
+            raise RuntimeError(f"GDCM could not read {raw}")
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+        change.SetInput(reader.GetImage())
+        if not change.Change():
+            raise RuntimeError(f"GDCM could not transcode {raw}")
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(folder / f"IM{k:04d}"))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        if not writer.Write():
+            raise RuntimeError(f"GDCM could not write {folder / f'IM{k:04d}'}")
+        raw.unlink()
+        paths.append(folder / f"IM{k:04d}")
+    return paths
+
+
+def _resized_slice(image_size: int, path: Path, ct_window: Sequence[float]) -> Any:
+    from covidct.data.sources import load_image
+    from covidct.data.transforms import deterministic_resize
+
+    return deterministic_resize("eval", image_size)(load_image(path, ct_window))
+
+
+def measure_dicom(slices: int, image_size: int, workers: int, ckpt: Path | None) -> dict[str, Any]:
+    """Slices per second predict reads of a 512 x 512 JPEG Lossless series: decoded, windowed and resized in this
+    process and by `workers` processes (covidct.predict's DecodedImages); with a checkpoint, predict as a whole
+    (decoding and classifying)."""
+    import tempfile
+
+    from covidct.data.dicom import LUNG_WINDOW
+    from covidct.predict import DecodedImages, predict_folder
+
+    with tempfile.TemporaryDirectory(prefix="covidct-bench-dicom-") as temp:
+        folder = Path(temp) / "series"
+        files = synthetic_ct_series(folder, slices)
+        load = functools.partial(_resized_slice, image_size)
+        result: dict[str, Any] = {
+            "slices": slices,
+            "size": "512x512",
+            "syntax": "JPEG Lossless SV1",
+            "workers": workers,
+        }
+        for name, n in (("decode_in_process", 0), ("decode_workers", workers)):
+            start = time.perf_counter()
+            decoded = list(DecodedImages(load, folder, files, LUNG_WINDOW, n))
+            result[f"{name}_slices_per_s"] = len(decoded) / (time.perf_counter() - start)
+        if ckpt is not None:
+            from covidct.inference import TrainedModel
+
+            site = TrainedModel(ckpt, "cpu").sites[0]
+            for name, n in (("predict_in_process", 0), ("predict_workers", workers)):
+                start = time.perf_counter()
+                rows = predict_folder(ckpt, folder, site, workers=n)
+                result[f"{name}_slices_per_s"] = len(rows) / (time.perf_counter() - start)
+    return result
+
+
 def measure_concurrent(n: int, variant: Variant, args: argparse.Namespace) -> dict[str, Any]:
     """n independent fast-path processes on the same device at once: aggregate images per second."""
     command = [
@@ -321,6 +406,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"{d['main_process_cpu_ms_per_batch']:.1f} ms of the main process's CPU per batch) "
             f"| {d['img_per_s']:.1f} | | | | {d['setup_seconds']:.1f} | |"
         )
+    if "dicom" in result:
+        d = result["dicom"]
+        lines += ["", f"DICOM: {d['slices']} slices of {d['size']} {d['syntax']}, slices/s:", ""]
+        lines += ["| what | in process | " + f"{d['workers']} workers | x in process |", "|---|---:|---:|---:|"]
+        for what in ("decode", "predict"):
+            if f"{what}_in_process_slices_per_s" in d:
+                one, many = d[f"{what}_in_process_slices_per_s"], d[f"{what}_workers_slices_per_s"]
+                lines.append(f"| {what} | {one:.1f} | {many:.1f} | {many / one:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -341,6 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--data-root", type=Path, default=None, help="measure the data pipeline on this data")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: CPU count)")
+    parser.add_argument(
+        "--dicom", type=int, default=0, help="also time reading a 512x512 JPEG Lossless series of N slices"
+    )
+    parser.add_argument("--ckpt", type=Path, default=None, help="with --dicom: also time predict with this checkpoint")
     parser.add_argument("--concurrent", default="", help="e.g. 1,4: aggregate img/s of N runs sharing the device")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per path (stderr)")
     parser.add_argument("--only-fast", action="store_true", help=argparse.SUPPRESS)
@@ -391,6 +488,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["data"] = measure_data(args.data_root, args.image_size, args.batch_per_site, workers, batches=120)
         demand = result["fast"]["img_per_s"] if "fast" in result else float("nan")
         result["data"]["ratio_over_fast_demand"] = result["data"]["img_per_s"] / demand
+        save()
+    if args.dicom:
+        workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+        result["dicom"] = measure_dicom(args.dicom, args.image_size, workers, args.ckpt)
         save()
     if args.concurrent:
         result["concurrent"] = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,7 +131,7 @@ def predict_folder(
     site = model.site_name(site)
     if window is not None and (len(window) != 2 or window[1] <= 0):
         raise ConfigError(f"window must be [centre, width] in Hounsfield units, width > 0; got {list(window)}.")
-    decoded: Iterable[Decoded] = DecodedImages(model, folder, files, window or model.window(site), workers)
+    decoded: Iterable[Decoded] = DecodedImages(model.load, folder, files, window or model.window(site), workers)
     used = 0
     if unseen_norm is not None:
         decoded = list(decoded)  # AdaBN reads the images before they are classified: decode them once
@@ -165,14 +165,15 @@ def predict_folder(
 
 
 Decoded = tuple[Path, "np.ndarray | None", "str | None"]  # a file, its resized image or why it is unreadable
+LoadImage = Callable[[Path, Sequence[float]], np.ndarray]  # a file and a DICOM window -> the model's input image
 
 
 class _DecodeFiles(torch.utils.data.Dataset):
     """The files, each decoded and resized as the model's evaluation cache would hold it, or its error (naming
     the file by its path under `folder`, as the rows do)."""
 
-    def __init__(self, model: TrainedModel, folder: Path, files: Sequence[Path], ct_window: Sequence[float]):
-        self.load, self.folder, self.files, self.ct_window = model.load, folder, list(files), tuple(ct_window)
+    def __init__(self, load: LoadImage, folder: Path, files: Sequence[Path], ct_window: Sequence[float]):
+        self.load, self.folder, self.files, self.ct_window = load, folder, list(files), tuple(ct_window)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -196,10 +197,8 @@ class DecodedImages:
     """The files decoded in order, by `workers` DataLoader processes (decoding a 512x512 JPEG Lossless slice
     costs more than classifying it) or in this process; iterable again, each time decoding anew."""
 
-    def __init__(
-        self, model: TrainedModel, folder: Path, files: Sequence[Path], ct_window: Sequence[float], workers: int
-    ):
-        self.dataset, self.workers = _DecodeFiles(model, folder, files, ct_window), workers
+    def __init__(self, load: LoadImage, folder: Path, files: Sequence[Path], ct_window: Sequence[float], workers: int):
+        self.dataset, self.workers = _DecodeFiles(load, folder, files, ct_window), workers
 
     def __iter__(self) -> Iterator[Decoded]:
         if self.workers == 0 or len(self.dataset) < 2:

@@ -54,7 +54,22 @@ def test_bench_runs_on_cpu_and_writes_json(phantom_root: Path, tmp_path: Path):
     out = tmp_path / "bench.json"
     args = ["--device", "cpu", "--image-size", "32", "--width", "0.125", "--steps", "2", "--warmup", "1"]
     assert (
-        main([*args, "--data-root", str(phantom_root), "--workers", "0", "--concurrent", "2", "--json", str(out)]) == 0
+        main(
+            [
+                *args,
+                "--data-root",
+                str(phantom_root),
+                "--workers",
+                "0",
+                "--concurrent",
+                "2",
+                "--dicom",
+                "3",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
     )
     result = json.loads(out.read_text())
     assert result["reference"]["img_per_s"] > 0 and result["fast"]["img_per_s"] > 0
@@ -67,6 +82,13 @@ def test_bench_runs_on_cpu_and_writes_json(phantom_root: Path, tmp_path: Path):
     assert result["fast"]["final_loss"] == pytest.approx(result["reference"]["final_loss"], rel=1e-3)
     assert result["concurrent"][0]["runs"] == 2 and len(result["concurrent"][0]["per_run_img_per_s"]) == 2
     assert out.with_suffix(".md").read_text().startswith("# covidct bench")
+    dicom = result["dicom"]  # a 512 x 512 JPEG Lossless series read as predict reads it
+    assert (
+        dicom["slices"] == 3
+        and dicom["decode_in_process_slices_per_s"] > 0
+        and dicom["decode_workers_slices_per_s"] > 0
+    )
+    assert "| decode |" in out.with_suffix(".md").read_text()
 
 
 def test_full_width_forward_cost_matches_the_paper():
