@@ -218,6 +218,7 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
         "selections": [selection],
         "patient_pooling": "mean",
         "patient_ids": args.patient_ids,
+        "pseudonym_key_id": pseudonyms.key_id,
         "git_commit": git_commit(),
         "device": str(model.device),
         "data_root": str(root.absolute()),

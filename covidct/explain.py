@@ -1,7 +1,7 @@
 """Grad-CAM overlays of test images per site, as in the paper's Figs. 4 and 5.
 
 `python -m covidct.explain ckpt=PATH [site=A|B|NAME|all] [n=8] [files=[...]] [data_root=DIR] [predictions=PATH]
-[out=DIR] [device=cpu|cuda|auto] [seed=0] [overwrite=false]`
+[out=DIR] [device=cpu|cuda|auto] [seed=0] [overwrite=false] [pseudonym_key=PATH]`
 
 By default the images are drawn from the run's predictions.csv (`<run>/predictions.csv`, the run folder
 being two levels above the checkpoint): up to n per site, half of them misclassified when there are
@@ -38,19 +38,20 @@ from torch import nn
 from covidct.atomic import atomic_write_text
 from covidct.cli import cli_errors, parse_args
 from covidct.data.sites import SiteSpec
-from covidct.data.sources import COVID
+from covidct.data.sources import COVID, patient_folders, scan_site
 from covidct.errors import ConfigError, DataError
 from covidct.inference import TrainedModel, selection_of
 from covidct.methods import SiteMethod
 from covidct.metrics import predicts_covid
 from covidct.models.routing import SiteBlocks
 from covidct.outputs import check_outputs
+from covidct.pseudonyms import Pseudonyms
 from covidct.records import PREDICTIONS_FILE, read_predictions, read_run_record
 from covidct.report.curves import save_figure
 
 USAGE = (
     "python -m covidct.explain ckpt=PATH [site=A|B|NAME|all] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR] "
-    "[predictions=PATH] [out=DIR] [device=cpu|cuda|auto] [seed=0] [overwrite=false]"
+    "[predictions=PATH] [out=DIR] [device=cpu|cuda|auto] [seed=0] [overwrite=false] [pseudonym_key=PATH]"
 )
 GRID_COLUMNS = 4
 TILE_TITLE_WIDTH = 38  # characters of a 7-pt title line that fit over a tile
@@ -71,6 +72,7 @@ class ExplainArgs:
     device: str = "auto"
     seed: int = 0
     overwrite: bool = False  # replace the grids of an earlier explain in out (never a run's record)
+    pseudonym_key: str | None = None  # the key the run's pseudonyms were made with (default: the user's)
 
 
 class SiteBound(nn.Module):
@@ -160,6 +162,26 @@ def _selection(
     return chosen
 
 
+def _patient_ids(run_dir: Path) -> str:
+    """How the run's record names patients (records from before pseudonyms: raw)."""
+    try:
+        return str(read_run_record(run_dir)["run"].get("patient_ids", "raw"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "raw"
+
+
+def names_on_disk(spec: SiteSpec, root: Path, pseudonyms: Pseudonyms) -> dict[str, str]:
+    """{an image's name as the records show it: its name under the site folder} where they differ: a folder-kind
+    site's patient folders appear as pseudonyms (covidct/pseudonyms.py), found again by the key's holder only."""
+    if pseudonyms.raw or spec.patients.kind != "folder":
+        return {}
+    samples = scan_site(root, spec, "image")
+    return {
+        pseudonyms.path(s.name, [s.patient, *patient_folders(spec, s.name)], pseudonyms.patient(s.patient)): s.name
+        for s in samples
+    }
+
+
 def is_flat(cam: np.ndarray) -> bool:
     """A map (near) constant over the image carries no information (no gradient reached the layer, or every
     activation was off), yet its uniform colour would read as 'equally relevant everywhere'."""
@@ -239,6 +261,7 @@ def explain(
     device: str = "auto",
     seed: int = 0,
     overwrite: bool = False,
+    pseudonym_key: str | None = None,
 ) -> list[Path]:
     """Write a Grad-CAM grid per site (sites=None: every site the checkpoint was trained for); returns the PNGs.
 
@@ -263,9 +286,13 @@ def explain(
     check_outputs(outputs, [Path(ckpt), predictions], overwrite)
     run = f"{describe_run(run_dir)} ({type(model.method).__name__})"
     written = []
+    pseudonyms = Pseudonyms(_patient_ids(run_dir), pseudonym_key)
     for site, picked in chosen.items():
         spec = model.specs[site]
-        paths = [spec.site_dir(root) / file for file in picked]
+        on_disk = names_on_disk(spec, root, pseudonyms)
+        shown = {name: file for file, name in on_disk.items()}
+        paths = [spec.site_dir(root) / on_disk.get(file, file) for file in picked]
+        picked = [shown.get(on_disk.get(file, file), file) for file in picked]  # tiles name files as records do
         for path in paths:
             if not path.is_file():
                 raise DataError(f"{path} does not exist; set data_root=DIR to the data root holding it.")
@@ -312,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.device,
         args.seed,
         args.overwrite,
+        args.pseudonym_key,
     )
     for png in written:
         tiles = json.loads(png.with_suffix(".json").read_text())["tiles"]

@@ -77,18 +77,16 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
     ignored = [p for p in candidates if not p.is_dir() and not p.name.startswith(".") and p not in set(files)]
     if ignored:
         print(
-            f"ignored {len(ignored)} file(s) in {folder} that are not images (first: "
-            f"{ignored[0].relative_to(folder).as_posix()})",
+            f"ignored {len(ignored)} file(s) in {folder} that are not images (first: {ignored[0].name})",
             file=sys.stderr,
         )
     if files:
         return files
-    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if subfolders and not recursive:
-        shown = ", ".join(f"{name}/" for name in subfolders[:3]) + (", ..." if len(subfolders) > 3 else "")
+    subfolders = [p for p in folder.iterdir() if p.is_dir()]
+    if subfolders and not recursive:  # not named: a hospital export names its folders by patient
         raise DataError(
-            f"{folder} holds no image files itself, but {len(subfolders)} subfolder(s) ({shown}); add "
-            "recursive=true to classify the images in them."
+            f"{folder} holds no image files itself, but {len(subfolders)} subfolder(s); add recursive=true to "
+            "classify the images in them."
         )
     raise DataError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
 

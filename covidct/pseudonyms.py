@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -38,17 +39,20 @@ def read_key(path: str | Path | None = None) -> bytes:
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it just now: read theirs
+            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(_KEY_BYTES) + "\n")
+            try:
+                os.link(temp, path)  # whole, or not at all: a parallel first run reads a complete key
+            except FileExistsError:
+                pass  # another process made it just now: use theirs
+            finally:
+                os.unlink(temp)
         except OSError as err:
             raise DataError(
                 f"cannot create the pseudonym key {path} ({err.strerror or err}); set {KEY_ENV} to a writable "
                 "path, or pass pseudonym_key=PATH."
             ) from None
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(_KEY_BYTES) + "\n")
     try:
         key = bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError, UnicodeDecodeError):
@@ -69,6 +73,12 @@ class Pseudonyms:
             raise ConfigError(f"patient_ids must be {' or '.join(PATIENT_IDS)}, got {how!r}.")
         self.raw = how == "raw"
         self._key = b"" if self.raw else read_key(key)
+
+    @property
+    def key_id(self) -> str | None:
+        """A public name of the key (HMAC of a fixed label under it), recorded so that outputs made with different
+        keys, whose pseudonyms do not match, are told apart; None with raw ids."""
+        return None if self.raw else hmac.new(self._key, b"covidct key id", hashlib.sha256).hexdigest()[:8]
 
     def patient(self, patient_id: str) -> str:
         """The id as written: '' stays '' (no id), a raw id under patient_ids=raw, else its pseudonym."""

@@ -285,7 +285,8 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             f"{output_dir / LAST_CHECKPOINT}."
         )
     test, predictions = _test_selections(trainer, model, datamodule, callbacks.get("best_checkpoint"), output_dir)
-    predictions = _shown_predictions(predictions, datamodule, Pseudonyms(cfg.patient_ids, cfg.pseudonym_key))
+    pseudonyms = Pseudonyms(cfg.patient_ids, cfg.pseudonym_key)
+    predictions = _shown_predictions(predictions, datamodule, pseudonyms)
     run = {
         "experiment": cfg.name,
         "fold": cfg.fold,
@@ -295,6 +296,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "selections": list(test),
         "patient_pooling": "mean",
         "patient_ids": cfg.patient_ids,
+        "pseudonym_key_id": pseudonyms.key_id,  # records whose pseudonyms match share it
         "epochs_trained": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "git_commit": git_commit(),

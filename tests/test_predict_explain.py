@@ -27,7 +27,8 @@ from covidct.methods import Ours, Single
 from covidct.predict import predict_folder
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import read_predictions
-from tests.helpers import FAST, REPO, compose_experiment
+from tests.helpers import FAST, REPO, compose_experiment, run_cli
+from tests.phantoms import hospital_site_config, make_hospital_site, make_phantom_root
 from tests.test_dicom import compress, transcode, write_series
 
 
@@ -127,9 +128,7 @@ def test_predict_cli_reports_unreadable_files(ours_run: Path, mixed_folder: Path
 def test_predict_hints_at_recursive_for_a_folder_of_class_folders(ours_run: Path, phantom_root: Path):
     """A site's own layout (one folder per class) holds no image itself: say so, and read it with recursive."""
     site_folder = phantom_root / "sars-cov-2"
-    with pytest.raises(
-        DataError, match=r"no image files itself, but 2 subfolder\(s\) \(COVID/, non-COVID/\); add recursive=true"
-    ):
+    with pytest.raises(DataError, match=r"no image files itself, but 2 subfolder\(s\); add recursive=true"):
         predict_folder(ckpt(ours_run), site_folder, "A")
     rows = predict_folder(ckpt(ours_run), site_folder, "A", recursive=True)
     expected = sorted(p.relative_to(site_folder).as_posix() for p in site_folder.rglob("*.png"))
@@ -522,7 +521,8 @@ def test_predict_never_writes_over_a_record_an_input_or_an_existing_file(
     for out, extra, message in [
         (ours_run / "predictions.csv", ["overwrite=true"], "would write into the record of the run"),
         (mixed_folder / "COVID_img000.png", ["overwrite=true"], "would overwrite one of its inputs"),
-        (ckpt(ours_run), ["overwrite=true"], "would overwrite one of its inputs"),
+        (ckpt(ours_run), ["overwrite=true"], "would write into the record of the run"),  # its checkpoints too
+        (ours_run / "csv" / "version_0" / "metrics.csv", ["overwrite=true"], "would write into the record"),
     ]:
         assert predict_module.main([*base, f"out={out}", *extra]) == 2
         assert message in capsys.readouterr().err
@@ -573,3 +573,25 @@ def test_evaluate_and_explain_never_write_over_a_record_or_an_earlier_output_una
     assert evaluate_module.main([*base, f"out={out}", "overwrite=true"]) == 0
     assert (out / "predictions.csv").read_bytes() == first
     assert not list(out.glob(".*.tmp"))  # written atomically: no temp file left behind
+
+
+def test_a_folder_kind_site_s_patient_folders_are_pseudonyms_in_the_record_and_explain_finds_them(tmp_path: Path):
+    """A hospital site whose patients are its folders (covid/P100/slice00.png): the run record shows neither the
+    patient ids nor the folders; explain, holding the key, finds the images again and names them as the record."""
+    root = make_phantom_root(tmp_path / "data", per_class=16)
+    make_hospital_site(root)
+    hospital_site_config(tmp_path / "conf")
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    args = ["experiment=joint", f"data.root={root}", "data.sites=[A,hospital]", searchpath, *FAST]
+    result = run_cli([*args, f"paths.log_dir={tmp_path / 'runs'}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = (tmp_path / "runs").rglob("metrics.json")
+    run = record.parent
+    hospital = [r for r in read_predictions(run) if r["site"] == "hospital"]
+    folders = {p.name for p in (root / "hospital").glob("*/*")}  # P000, P100, ...
+    assert hospital and not any(part in folders for r in hospital for part in r["file"].split("/"))
+    assert {r["patient"][:3] for r in hospital} == {"pt-"} and len({r["patient"] for r in hospital}) >= 2
+    (png,) = explain(ckpt(run), ["hospital"], n=4, device="cpu")
+    tiles = json.loads(png.with_suffix(".json").read_text())["tiles"]
+    assert len(tiles) == 4 and {t["file"] for t in tiles} <= {r["file"] for r in hospital}
+    assert not any(folder in png.with_suffix(".json").read_text() for folder in folders)
