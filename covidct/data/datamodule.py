@@ -419,7 +419,9 @@ class TwoSiteDataModule(pl.LightningDataModule):
                     f"the length of site {others[0]}'s {self.repeat[others[0]]} passes, so these epochs are shorter"
                 )
         for site, unread in self.unread.items():
-            notes.append(f"site {site}: {len(unread)} entries of its folder not read (first: {unread[0]})")
+            notes.append(  # counted, not named: a folder-kind site's paths name its patients (run.log names one)
+                f"site {site}: {len(unread)} entries of its folder not read (`python -m covidct.data check` lists them)"
+            )
         if self.group_by == "image":
             notes.append("folds are image-level on every site")
         else:
