@@ -674,3 +674,20 @@ def test_a_report_killed_at_any_step_leaves_the_old_outputs_or_the_new_never_a_m
         assert not (out / JOURNAL).exists() and _outputs(out) == new, kill_at
         assert not interrupted.exists()
     assert [renames[k - 1].name for k in seen] == [JOURNAL, *sorted(new)]  # the commit point, then the moves
+
+
+def test_runs_that_name_patients_differently_are_refused(tmp_path: Path, capsys):
+    """A run whose patients are pseudonyms beside runs with raw ids (or another key's pseudonyms) would pair no
+    patient in the patient-level comparisons: one line, naming both namings."""
+    runs = tmp_path / "runs"
+    _write_runs(runs)
+    args = ["--runs", str(runs), "--out", str(tmp_path / "out"), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main(args) == 0
+    first = sorted(runs.rglob("metrics.json"))[0]
+    record = json.loads(first.read_text())
+    record["run"] |= {"patient_ids": "pseudonym", "pseudonym_key_id": "0123abcd"}
+    first.write_text(json.dumps(record))
+    assert report_main(args) == 2
+    err = capsys.readouterr().err
+    assert "the runs name patients differently (" in err
+    assert "raw ids (e.g." in err and "pseudonyms of key 0123abcd (e.g." in err

@@ -37,7 +37,13 @@ from covidct.report.table1 import (
     select_records,
     to_csv,
 )
-from covidct.report.validate import check_predictions, check_record, check_sections, is_evaluation
+from covidct.report.validate import (
+    check_patient_naming,
+    check_predictions,
+    check_record,
+    check_sections,
+    is_evaluation,
+)
 
 PAPER_TABLE = Path(__file__).resolve().parents[2] / "experiments" / "paper_table1.csv"
 
@@ -65,6 +71,7 @@ def load_run_records(runs: Path, skip_broken: bool = False) -> tuple[list[dict[s
             continue
         if record is not None:
             records.append(record)
+    check_patient_naming(records)
     return records, broken
 
 

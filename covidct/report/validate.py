@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from covidct.errors import DataError
 from covidct.records import EVALUATION, UNSEEN_COLUMN, held_out_sites
 from covidct.report.table1 import LEVELS
 
@@ -138,6 +139,29 @@ def check_predictions(record: Mapping[str, Any], rows: Sequence[Mapping[str, Any
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(problems[0] + more)
+
+
+def patient_naming(record: Mapping[str, Any]) -> str:
+    """How a record's predictions name patients: 'raw' (also records from before pseudonyms), or 'pseudonyms of
+    key <id>' (covidct/pseudonyms.py)."""
+    run = record.get("run", {})
+    if run.get("patient_ids", "raw") == "raw":
+        return "raw ids"
+    return f"pseudonyms of key {run.get('pseudonym_key_id')}"
+
+
+def check_patient_naming(records: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse runs that name patients differently: their patient-level pooling is right, but the paired
+    patient-level comparisons (DeLong, the t-tests' cells) would silently lose the patients they do not share."""
+    namings: dict[str, str] = {}
+    for record in records:
+        namings.setdefault(patient_naming(record), str(record.get("_dir", "?")))
+    if len(namings) > 1:
+        shown = "; ".join(f"{naming} (e.g. {run})" for naming, run in namings.items())
+        raise DataError(
+            f"the runs name patients differently ({shown}): their patient-level comparisons would not pair. Rerun "
+            "the odd ones with the same patient_ids and pseudonym key, or report them apart."
+        )
 
 
 def _is_int(value: Any) -> bool:
