@@ -179,15 +179,15 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
     pseudonyms = Pseudonyms(args.patient_ids, args.pseudonym_key)
     model = TrainedModel(args.ckpt, args.device)
     spec = evaluated_site(args.site, args.classes, model.specs.values())
-    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluate" / spec.name
-    outputs = [out / METRICS_FILE, out / PREDICTIONS_FILE, out / f"roc_{spec.name}.png"]
-    check_outputs(outputs, [Path(args.ckpt)], args.overwrite)
     root = Path(args.data_root).expanduser() if args.data_root else model.data_root
     trained = spec.name in model.method.sites
     if args.unseen_norm != "all" and trained:
         raise ConfigError(f"site {spec.name} is one the model was trained on: it needs no unseen_norm.")
     if args.unseen_norm != "all":
         check_choice(model.method, args.unseen_norm)
+    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluate" / spec.name
+    outputs = [out / METRICS_FILE, out / PREDICTIONS_FILE, out / f"roc_{spec.name}.png"]
+    check_outputs(outputs, [Path(args.ckpt)], args.overwrite)
     samples = test_images(model, spec, root)
     if args.window is not None:
         spec = site_from_dict({**spec.as_dict(), "window": list(args.window)}, spec.source or "window=")

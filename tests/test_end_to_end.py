@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+from covidct.data.sources import scan_site
 from covidct.metrics import RECORD_METRICS
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import read_predictions
@@ -46,9 +47,11 @@ def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path
         assert len(predictions) == sites["A"]["test"]["images"] + sites["B"]["test"]["images"]
         assert all(p["patient"] for p in predictions if p["site"] == "B" and p["label"] == 0)  # all mapped
         # the record names site B's patients by keyed pseudonyms, never by the ids of Meta/patients.csv
-        raw = {r["patient_id"] for r in csv.DictReader((real_data / "covid-ct" / "Meta" / "patients.csv").open())}
+        table = {r["patient_id"] for r in csv.DictReader((real_data / "covid-ct" / "Meta" / "patients.csv").open())}
+        raw = {s.patient for s in scan_site(real_data, "B") if s.patient}  # those ids, as the data layer keys them
         shown = {p["patient"] for p in predictions if p["site"] == "B" and p["patient"]}
-        assert record["run"]["patient_ids"] == "pseudonym" and not shown & raw
+        assert record["run"]["patient_ids"] == "pseudonym" and shown and not shown & (raw | table)
+        assert not any(patient in p["file"] for p in predictions for patient in table)
         assert shown <= {Pseudonyms().patient(patient) for patient in raw}  # the session's key (conftest)
         assert not any(p["patient"] for p in predictions if p["site"] == "A")  # site A has no patient ids
         test_files.append({(p["site"], p["file"]) for p in predictions})
