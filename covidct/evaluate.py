@@ -26,7 +26,7 @@ from omegaconf import MISSING
 
 from covidct.cli import cli_errors, parse_args
 from covidct.data.folds import split_fold
-from covidct.data.sites import SiteSpec, find_site, site_from_dict
+from covidct.data.sites import SiteSpec, check_folder_inside, find_site, site_from_dict
 from covidct.data.sources import Sample, patient_folders, scan_site
 from covidct.errors import ConfigError, DataError
 from covidct.methods import SiteMethod
@@ -108,6 +108,7 @@ class EvaluateArgs:
     patient_ids: str = "pseudonym"  # or raw: the patient ids as the site gives them (they then leave the site)
     pseudonym_key: str | None = None  # the key file (default: $COVIDCT_PSEUDONYM_KEY, else ~/.config/covidct/)
     overwrite: bool = False  # replace an earlier evaluation in out (never a run's record)
+    allow_outside_root: bool = False  # a site file's folder may lie outside data_root (as data.allow_outside_root)
 
 
 def folder_site(folder: Path, classes: Mapping[str, int], known: Iterable[SiteSpec]) -> SiteSpec:
@@ -131,9 +132,12 @@ def folder_site(folder: Path, classes: Mapping[str, int], known: Iterable[SiteSp
     return site_from_dict({**values, "patients": {"kind": "folder" if nested else "none"}}, f"folder {folder}")
 
 
-def evaluated_site(site: str, classes: Mapping[str, int], known: Iterable[SiteSpec]) -> SiteSpec:
+def evaluated_site(
+    site: str, classes: Mapping[str, int], known: Iterable[SiteSpec], allow_outside_root: bool = False
+) -> SiteSpec:
     """The site `site` names: a folder of class folders, one of the checkpoint's own sites (as it stored them;
-    by name or alias), or a site config (conf/data/site/, or a YAML file)."""
+    by name or alias), or a site config (conf/data/site/, or a YAML file), whose folder must lie under the data
+    root unless `allow_outside_root`, as in a run."""
     known = list(known)
     path = Path(site).expanduser()
     if path.is_dir():
@@ -148,6 +152,8 @@ def evaluated_site(site: str, classes: Mapping[str, int], known: Iterable[SiteSp
         raise ConfigError(f"site={site}: no such folder (a site is a folder of class folders, a name or a YAML file).")
     stored = [spec for spec in known if site in (spec.name, *spec.aliases)]
     spec = stored[0] if stored else find_site(site)
+    if not stored and not allow_outside_root:
+        check_folder_inside(spec)
     if classes:
         return site_from_dict({**spec.as_dict(), "classes": dict(classes)}, spec.source)
     return spec
@@ -178,7 +184,7 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
         raise ConfigError(f"batch_size must be at least 1, got {args.batch_size}.")
     pseudonyms = Pseudonyms(args.patient_ids, args.pseudonym_key)
     model = TrainedModel(args.ckpt, args.device)
-    spec = evaluated_site(args.site, args.classes, model.specs.values())
+    spec = evaluated_site(args.site, args.classes, model.specs.values(), args.allow_outside_root)
     root = Path(args.data_root).expanduser() if args.data_root else model.data_root
     trained = spec.name in model.method.sites
     if args.unseen_norm != "all" and trained:

@@ -595,3 +595,19 @@ def test_a_folder_kind_site_s_patient_folders_are_pseudonyms_in_the_record_and_e
     tiles = json.loads(png.with_suffix(".json").read_text())["tiles"]
     assert len(tiles) == 4 and {t["file"] for t in tiles} <= {r["file"] for r in hospital}
     assert not any(folder in png.with_suffix(".json").read_text() for folder in folders)
+
+
+def test_evaluate_holds_a_site_files_folder_to_the_data_root_unless_allowed(
+    ours_run: Path, phantom_root: Path, tmp_path: Path, capsys
+):
+    from covidct import evaluate as evaluate_module
+
+    site_file = tmp_path / "elsewhere.yaml"  # a site file from another institution, pointing anywhere
+    site_file.write_text(
+        f"name: elsewhere\nfolder: {phantom_root / 'sars-cov-2'}\nclasses: {{COVID: 1, non-COVID: 0}}\n"
+        "patients: {kind: none}\n"
+    )
+    base = [f"ckpt={ckpt(ours_run)}", f"site={site_file}", "unseen_norm=mean", "device=cpu"]
+    assert evaluate_module.main([*base, f"out={tmp_path / 'a'}"]) == 2
+    assert "lies outside data.root" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert evaluate_module.main([*base, f"out={tmp_path / 'b'}", "allow_outside_root=true"]) == 0

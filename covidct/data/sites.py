@@ -291,7 +291,7 @@ def find_site(name: str, dirs: Sequence[Path] | None = None) -> SiteSpec:
     )
 
 
-def _check_folder_inside(spec: SiteSpec) -> SiteSpec:
+def check_folder_inside(spec: SiteSpec) -> SiteSpec:
     if not stays_inside(spec.folder):
         raise _problem(
             spec.source,
@@ -321,7 +321,7 @@ def resolve_sites(
             specs.append(site_from_dict(stored, f"data.site_specs.{name}", str(name)))
         else:
             found = find_site(name, dirs)
-            specs.append(found if allow_outside_root else _check_folder_inside(found))
+            specs.append(found if allow_outside_root else check_folder_inside(found))
     seen: dict[str, str] = {}
     for name, spec in zip(names, specs):
         if spec.name in seen:
