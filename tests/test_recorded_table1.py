@@ -139,11 +139,23 @@ def test_every_number_of_table1_is_recomputed_from_the_committed_predictions() -
     assert checked == defined, "table1.csv holds a cell for every metric the predictions define, and no other"
 
 
+def _six_digit_bounds(value: float) -> tuple[float, float]:
+    """The ends of the interval of numbers a 6-significant-digit CSV cell `value` can stand for."""
+    half = 0.5 * 10 ** (math.floor(math.log10(abs(value))) - 5) if value else 0.0
+    return value - half, value + half
+
+
 def test_table1_md_shows_the_csv_numbers() -> None:
     text = (RESULTS / "table1.md").read_text()
     for row in _table_rows():
         if row["aggregation"] == "runs" and row["mean"] and row["std"]:
-            assert f"{float(row['mean']):.2f} ± {float(row['std']):.2f}" in text, row
+            # the CSV keeps 6 significant digits: a value at a rounding edge (65.655) may show either way
+            shown = {
+                f"{mean:.2f} ± {std:.2f}"
+                for mean in _six_digit_bounds(float(row["mean"]))
+                for std in _six_digit_bounds(float(row["std"]))
+            }
+            assert any(cell in text for cell in shown), row
 
 
 def test_the_report_regenerates_byte_identically_from_the_committed_records(tmp_path: Path) -> None:
