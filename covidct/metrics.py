@@ -27,9 +27,10 @@ PATIENT_POOLINGS = ("mean", "max")
 DECISION_THRESHOLD = 0.5  # P(COVID) above it predicts COVID: torchmetrics' default, so the logged metrics agree
 
 
-def predicts_covid(prob_covid: float) -> bool:
-    """The decision rule of every metric (torchmetrics': preds > threshold)."""
-    return prob_covid > DECISION_THRESHOLD
+def predicts_covid(prob_covid: float, threshold: float = DECISION_THRESHOLD) -> bool:
+    """The decision rule of every metric and prediction (torchmetrics': preds > threshold): a probability at the
+    threshold is not COVID."""
+    return prob_covid > threshold
 
 
 def undefined_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str, str]:

@@ -35,7 +35,7 @@ from covidct.data.dicom import CtSlice, ct_series, is_dicom
 from covidct.data.sources import IMAGE_SUFFIXES
 from covidct.errors import ConfigError, DataError
 from covidct.inference import TrainedModel
-from covidct.metrics import DECISION_THRESHOLD
+from covidct.metrics import DECISION_THRESHOLD, predicts_covid
 from covidct.outputs import check_outputs
 from covidct.pseudonyms import Pseudonyms, key_file
 
@@ -158,7 +158,7 @@ def predict_folder(
             probs = model.prob_covid(model.batch([image for _, image in readable]), site)
             for (row, _), prob in zip(readable, probs.tolist()):
                 row["prob_covid"] = prob
-                row["prediction"] = "COVID" if prob >= threshold else "non-COVID"
+                row["prediction"] = verdict(prob, threshold)
     return rows
 
 
@@ -232,6 +232,11 @@ class _Batches:
                 yield self.model.batch(images)
 
 
+def verdict(prob_covid: float, threshold: float) -> str:
+    """A prediction in words, by the metrics' own decision rule."""
+    return "COVID" if predicts_covid(prob_covid, threshold) else "non-COVID"
+
+
 def along_the_body(files: Sequence[Path]) -> tuple[list[Path], dict[Path, CtSlice]]:
     """The files, with each folder's DICOM slices in their series' order (a folder mixing series is refused) and
     every other file where it sorts, and each slice's header facts (data/dicom.py), from one read of the headers."""
@@ -270,7 +275,7 @@ def patient_summary(
                 "unreadable": len(items) - len(probs),
                 "prob_mean": mean,
                 "prob_max": max(probs) if probs else None,
-                "prediction": None if mean is None else ("COVID" if mean >= threshold else "non-COVID"),
+                "prediction": None if mean is None else verdict(mean, threshold),
             }
         )
     return summary

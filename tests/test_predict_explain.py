@@ -68,7 +68,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def is_wrong(row: dict) -> bool:
-    return (row["prob_covid"] >= 0.5) != (row["label"] == 1)
+    return (row["prob_covid"] > 0.5) != (row["label"] == 1)
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_predict_cli_reports_unreadable_files(ours_run: Path, mixed_folder: Path
     for row in rows[:2] + rows[3:]:
         prob = float(row["prob_covid"])
         assert 0.0 <= prob <= 1.0 and row["error"] == ""
-        assert row["prediction"] == ("COVID" if prob >= 0.5 else "non-COVID")
+        assert row["prediction"] == ("COVID" if prob > 0.5 else "non-COVID")
 
 
 def test_predict_hints_at_recursive_for_a_folder_of_class_folders(ours_run: Path, phantom_root: Path):
@@ -166,7 +166,7 @@ def test_predict_reads_folders_of_dicom_series_along_the_body_and_summarises_eac
         assert (row["series"], int(row["slices"]), int(row["unreadable"])) == (folder.format(pseudonym), n, 0)
         assert float(row["prob_mean"]) == pytest.approx(sum(probs) / n)
         assert float(row["prob_max"]) == pytest.approx(max(probs))
-        assert row["prediction"] == ("COVID" if sum(probs) / n >= 0.5 else "non-COVID")
+        assert row["prediction"] == ("COVID" if sum(probs) / n > 0.5 else "non-COVID")
     raw = tmp_path / "raw.csv"
     assert predict_module.main([*args[:-1], f"out={raw}", "patient_ids=raw"]) == 0
     assert [r["patient"] for r in read_csv(raw.with_name("raw_patients.csv"))] == ["P1", "P2"]
@@ -611,3 +611,16 @@ def test_evaluate_holds_a_site_files_folder_to_the_data_root_unless_allowed(
     assert evaluate_module.main([*base, f"out={tmp_path / 'a'}"]) == 2
     assert "lies outside data.root" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert evaluate_module.main([*base, f"out={tmp_path / 'b'}", "allow_outside_root=true"]) == 0
+
+
+def test_predict_decides_as_the_metrics_do_a_probability_at_the_threshold_is_not_covid(
+    ours_run: Path, mixed_folder: Path
+):
+    rows = [row for row in predict_folder(ckpt(ours_run), mixed_folder, "A") if not row["error"]]
+    at = rows[0]["prob_covid"]
+    decided = {
+        row["file"]: row["prediction"] for row in predict_folder(ckpt(ours_run), mixed_folder, "A", threshold=at)
+    }
+    assert decided[rows[0]["file"]] == "non-COVID"  # torchmetrics' rule: preds > threshold
+    for row in rows:
+        assert decided[row["file"]] == ("COVID" if row["prob_covid"] > at else "non-COVID")
