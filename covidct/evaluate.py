@@ -51,7 +51,7 @@ def site_probabilities(method: SiteMethod, index: int, images: Iterable[torch.Te
     route = SiteBlocks.single(index)
     probs: list[float] = []
     for batch in images:
-        probs += method.logits(batch, route).float().softmax(-1)[:, 1].tolist()
+        probs += method.prob_covid(batch, route).tolist()
     return probs
 
 

@@ -172,4 +172,4 @@ class TrainedModel:
         """P(COVID) from the site's branch, computed as in the test step of training."""
         sites = SiteBlocks.single(self.check_site(site))
         with torch.inference_mode():
-            return self.method.logits(images, sites).float().softmax(-1)[:, 1].cpu().numpy()
+            return self.method.prob_covid(images, sites).cpu().numpy()

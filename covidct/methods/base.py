@@ -105,6 +105,11 @@ class SiteMethod(pl.LightningModule):
     def logits(self, image: torch.Tensor, sites: Sites) -> torch.Tensor:
         raise NotImplementedError
 
+    def prob_covid(self, image: torch.Tensor, sites: Sites) -> torch.Tensor:
+        """P(COVID) of each image through its site's branch: the one score that training's evaluation, evaluate,
+        predict and explain all report (in fp32, whatever the autocast)."""
+        return self.logits(image, sites).float().softmax(-1)[:, 1]
+
     def clip_groups(self) -> list[list[nn.Parameter]]:
         """Parameter sets whose gradient norm is clipped separately: one, the whole model, by default."""
         return [list(self.parameters())]
@@ -165,7 +170,7 @@ class SiteMethod(pl.LightningModule):
         self._eval_step("test", batch)
 
     def _eval_step(self, stage: str, batch: Mapping[str, Any]) -> None:
-        prob = self.logits(batch["image"], batch_sites(batch)).float().softmax(-1)[:, 1]
+        prob = self.prob_covid(batch["image"], batch_sites(batch))
         label, site = batch["label"], batch["site"]
         for s in site.unique().tolist():
             mask = site == s
