@@ -308,35 +308,37 @@ def _resized_slice(image_size: int, path: Path, ct_window: Sequence[float]) -> A
 
 def measure_dicom(slices: int, image_size: int, workers: int, ckpt: Path | None) -> dict[str, Any]:
     """Slices per second predict reads of a 512 x 512 JPEG Lossless series: decoded, windowed and resized in this
-    process and by `workers` processes (covidct.predict's DecodedImages); with a checkpoint, predict as a whole
-    (decoding and classifying)."""
+    process and by `workers` processes (covidct/data/decoding.py, as predict reads); with a checkpoint, also
+    classified by it in batches of 32, as predict does."""
     import tempfile
 
+    from covidct.data.decoding import DecodedImages, chunks
     from covidct.data.dicom import LUNG_WINDOW
-    from covidct.predict import DecodedImages, predict_folder
 
+    model = None
+    if ckpt is not None:
+        from covidct.inference import TrainedModel
+
+        model = TrainedModel(ckpt, "cpu")
     with tempfile.TemporaryDirectory(prefix="covidct-bench-dicom-") as temp:
         folder = Path(temp) / "series"
         files = synthetic_ct_series(folder, slices)
+        result: dict[str, Any] = {"slices": slices, "size": "512x512", "syntax": "JPEG Lossless SV1"}
+        result["workers"] = workers
         load = functools.partial(_resized_slice, image_size)
-        result: dict[str, Any] = {
-            "slices": slices,
-            "size": "512x512",
-            "syntax": "JPEG Lossless SV1",
-            "workers": workers,
-        }
         for name, n in (("decode_in_process", 0), ("decode_workers", workers)):
             start = time.perf_counter()
             decoded = list(DecodedImages(load, folder, files, LUNG_WINDOW, n))
             result[f"{name}_slices_per_s"] = len(decoded) / (time.perf_counter() - start)
-        if ckpt is not None:
-            from covidct.inference import TrainedModel
-
-            site = TrainedModel(ckpt, "cpu").sites[0]
+        if model is not None:
+            site = model.sites[0]
             for name, n in (("predict_in_process", 0), ("predict_workers", workers)):
                 start = time.perf_counter()
-                rows = predict_folder(ckpt, folder, site, workers=n)
-                result[f"{name}_slices_per_s"] = len(rows) / (time.perf_counter() - start)
+                for chunk in chunks(DecodedImages(model.load, folder, files, LUNG_WINDOW, n), 32):
+                    images = [image for _, image, _ in chunk if image is not None]
+                    if images:
+                        model.prob_covid(model.batch(images), site)
+                result[f"{name}_slices_per_s"] = len(files) / (time.perf_counter() - start)
     return result
 
 

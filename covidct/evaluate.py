@@ -16,7 +16,7 @@ and a ROC figure per norm choice; patients (and folders named by them) as keyed 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,13 @@ from covidct.cli import cli_errors, parse_args
 from covidct.data.folds import split_fold
 from covidct.data.sites import SiteSpec, check_folder_inside, find_site, site_from_dict
 from covidct.data.sources import Sample, patient_folders, scan_site
-from covidct.errors import ConfigError, DataError
-from covidct.methods import SiteMethod
+from covidct.errors import ConfigError
 from covidct.metrics import evaluate as evaluate_rows
-from covidct.models.routing import SiteBlocks
-from covidct.models.unseen import check_choice, unseen_choices, unseen_site_model
+from covidct.models.unseen import check_choice
 from covidct.outputs import check_outputs
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import EVALUATION, METRICS_FILE, PREDICTIONS_FILE, UNSEEN_COLUMN, git_commit, write_run_record
+from covidct.scoring import prediction_row, site_probabilities, unseen_results, unseen_site_rows
 
 USAGE = (
     "python -m covidct.evaluate ckpt=PATH site=NAME|FILE.yaml|FOLDER [out=DIR] "
@@ -43,54 +42,6 @@ USAGE = (
     "[data_root=DIR] [batch_size=32] [device=auto|cpu|cuda] [patient_ids=pseudonym|raw] [pseudonym_key=PATH] "
     "[overwrite=false]"
 )
-
-
-@torch.inference_mode()
-def site_probabilities(method: SiteMethod, index: int, images: Iterable[torch.Tensor]) -> list[float]:
-    """P(COVID) of every image, routed to site `index`, as the test step computes it."""
-    route = SiteBlocks.single(index)
-    probs: list[float] = []
-    for batch in images:
-        probs += method.prob_covid(batch, route).tolist()
-    return probs
-
-
-def unseen_site_rows(
-    method: SiteMethod,
-    site: str,
-    samples: Sequence[Sample],
-    images: Callable[[], Iterable[torch.Tensor]],
-    choices: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Prediction rows of a site the method never saw, one set per norm choice (each row names its choice)."""
-    rows = []
-    for how in choices or unseen_choices(method):
-        net, index, seen = unseen_site_model(method, how, images)
-        if how == "adabn" and seen < 2:
-            raise DataError("unseen_norm=adabn needs at least 2 images of the site to estimate its statistics.")
-        probs = site_probabilities(net, index, images())
-        if len(probs) != len(samples):
-            raise RuntimeError(f"{len(probs)} predictions for {len(samples)} images of site {site}")
-        rows += [{**prediction_row(s, p), UNSEEN_COLUMN: how} for s, p in zip(samples, probs)]
-    return rows
-
-
-def prediction_row(sample: Sample, prob_covid: float) -> dict[str, Any]:
-    """A test prediction as run records hold it (predictions.csv, without its selection)."""
-    return {
-        "site": sample.site,
-        "file": sample.name,
-        "patient": sample.patient,
-        "label": sample.label,
-        "prob_covid": prob_covid,
-    }
-
-
-def unseen_results(rows: Sequence[Mapping[str, Any]], patient_sites: Iterable[str]) -> dict[str, Any]:
-    """{choice: {"images": {site: metrics}, "patients": {site: metrics}}} of the rows of unseen sites."""
-    choices = list(dict.fromkeys(r[UNSEEN_COLUMN] for r in rows))
-    sites = list(patient_sites)
-    return {how: evaluate_rows([r for r in rows if r[UNSEEN_COLUMN] == how], sites, "mean") for how in choices}
 
 
 # The CLI ----------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from omegaconf import MISSING
 from covidct.atomic import atomic_write_text
 from covidct.cli import cli_errors, parse_args
 from covidct.csvfiles import csv_text
+from covidct.data.decoding import Decoded, DecodedImages, chunks
 from covidct.data.dicom import CtSlice, ct_series, is_dicom
 from covidct.data.sources import IMAGE_SUFFIXES
 from covidct.errors import ConfigError, DataError
@@ -143,7 +144,7 @@ def predict_folder(
             note += f", its BatchNorm statistics estimated on {used} image(s) here"
         print(f"site {site} was not seen in training ({', '.join(model.method.sites)}): {note}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
-    for chunk in _chunks(decoded, batch_size):
+    for chunk in chunks(decoded, batch_size):
         readable: list[tuple[dict[str, Any], np.ndarray]] = []
         for path, image, error in chunk:
             row = {"file": path.relative_to(folder).as_posix(), "prob_covid": None, "prediction": None, "error": error}
@@ -162,62 +163,6 @@ def predict_folder(
     return rows
 
 
-Decoded = tuple[Path, "np.ndarray | None", "str | None"]  # a file, its resized image or why it is unreadable
-LoadImage = Callable[[Path, Sequence[float]], np.ndarray]  # a file and a DICOM window -> the model's input image
-
-
-class _DecodeFiles(torch.utils.data.Dataset):
-    """The files, each decoded and resized as the model's evaluation cache would hold it, or its error (naming
-    the file by its path under `folder`, as the rows do)."""
-
-    def __init__(self, load: LoadImage, folder: Path, files: Sequence[Path], ct_window: Sequence[float]):
-        self.load, self.folder, self.files, self.ct_window = load, folder, list(files), tuple(ct_window)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> Decoded:
-        path = self.files[index]
-        if not path.exists():
-            return path, None, "cannot read image: a broken link (its target does not exist)"
-        try:
-            return path, self.load(path, self.ct_window), None
-        except DataError as err:
-            message = str(err.__cause__ or err).replace(str(path), path.relative_to(self.folder).as_posix())
-            return path, None, f"cannot read image: {message}"
-
-
-def _as_is(item: Decoded) -> Decoded:
-    return item
-
-
-class DecodedImages:
-    """The files decoded in order, by `workers` DataLoader processes (decoding a 512x512 JPEG Lossless slice
-    costs more than classifying it) or in this process; iterable again, each time decoding anew."""
-
-    def __init__(self, load: LoadImage, folder: Path, files: Sequence[Path], ct_window: Sequence[float], workers: int):
-        self.dataset, self.workers = _DecodeFiles(load, folder, files, ct_window), workers
-
-    def __iter__(self) -> Iterator[Decoded]:
-        if self.workers == 0 or len(self.dataset) < 2:
-            return (self.dataset[i] for i in range(len(self.dataset)))
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, num_workers=min(self.workers, len(self.dataset)), collate_fn=_as_is
-        )
-        return iter(loader)
-
-
-def _chunks(decoded: Iterable[Decoded], size: int) -> Iterator[list[Decoded]]:
-    chunk: list[Decoded] = []
-    for item in decoded:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 class _Batches:
     """The readable images of decoded files as normalised batches (AdaBN's statistics count every image, however
     batched); iterable again, for estimates that read the images more than once."""
@@ -226,7 +171,7 @@ class _Batches:
         self.model, self.decoded, self.batch_size = model, decoded, batch_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for chunk in _chunks(self.decoded, self.batch_size):
+        for chunk in chunks(self.decoded, self.batch_size):
             images = [image for _, image, _ in chunk if image is not None]
             if images:
                 yield self.model.batch(images)

@@ -26,7 +26,6 @@ from covidct.cli import cli_errors
 from covidct.config_checks import check_config
 from covidct.data.sources import patient_folders
 from covidct.errors import ConfigError, CovidCTError, DataError, RunInterrupted, TrainingIncomplete
-from covidct.evaluate import unseen_results, unseen_site_rows
 from covidct.metrics import evaluate
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import METRICS_FILE, git_commit, write_run_record
@@ -42,6 +41,7 @@ from covidct.resume import (
     run_dir_lock,
     run_settings,
 )
+from covidct.scoring import unseen_results, unseen_site_rows
 
 log = logging.getLogger("covidct.run")
 
