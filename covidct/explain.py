@@ -176,10 +176,9 @@ def names_on_disk(spec: SiteSpec, root: Path, pseudonyms: Pseudonyms) -> dict[st
     if pseudonyms.raw or spec.patients.kind != "folder":
         return {}
     samples = scan_site(root, spec, "image")
-    return {
-        pseudonyms.path(s.name, [s.patient, *patient_folders(spec, s.name)], pseudonyms.patient(s.patient)): s.name
-        for s in samples
-    }
+    aliases = {s.patient: patient_folders(spec, s.name) for s in samples}
+    shown = pseudonyms.rows([{"patient": s.patient, "file": s.name} for s in samples], aliases)
+    return {row["file"]: s.name for row, s in zip(shown, samples)}
 
 
 def is_flat(cam: np.ndarray) -> bool:

@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if patients:
         atomic_write_text(patients_file(out), csv_text(patients, PATIENT_COLUMNS))
         ids = "raw patient ids" if pseudonyms.raw else f"pseudonyms keyed by {key_file(args.pseudonym_key)}"
-        print(f"{len(patients)} DICOM series summarised per patient ({ids}) in {patients_file(out)}")
+        print(f"{len(patients)} patient(s) of DICOM series summarised ({ids}) in {patients_file(out)}")
     unreadable = [row for row in rows if row["error"]]
     for row in unreadable:
         print(f"unreadable: {row['file']}: {row['error']}", file=sys.stderr)

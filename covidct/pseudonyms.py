@@ -87,29 +87,31 @@ class Pseudonyms:
         digest = hmac.new(self._key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
         return PREFIX + digest[:16]
 
-    def path(self, relative: str, identifiers: Iterable[str], pseudonym: str) -> str:
-        """A path relative to a site or image folder with every part that is one of a patient's `identifiers` (a
-        folder named by its patient, as hospital exports and folder-kind sites are) replaced by its `pseudonym`."""
+    def path(self, relative: str, hidden: Mapping[str, str]) -> str:
+        """A path relative to a site or image folder with every part that names a patient (a key of `hidden`: a
+        folder named by its patient, as hospital exports and folder-kind sites are) replaced by its pseudonym."""
         if self.raw:
             return relative
-        ids = {p for p in identifiers if p}
-        parts = PurePosixPath(relative).parts
-        return PurePosixPath(*(pseudonym if part in ids else part for part in parts)).as_posix()
+        return PurePosixPath(*(hidden.get(part, part) for part in PurePosixPath(relative).parts)).as_posix()
 
     def rows(
         self, rows: Iterable[Mapping[str, Any]], aliases: Mapping[str, Iterable[str]] | None = None
     ) -> list[dict[str, Any]]:
-        """Prediction rows as the outputs show them: their `patient`, and each part of their `file` that is the
-        patient's id or one of its `aliases` (e.g. a DICOM PatientName, or the folder a folder-kind site names its
-        patients by)."""
-        shown = []
+        """Prediction rows as the outputs show them: their `patient`, and in every row's `file` each part that is
+        a patient's id or one of its `aliases` (e.g. a DICOM PatientName, or the folder a folder-kind site names
+        its patients by), in the rows of that patient and in any other (a picture or a broken link beside its
+        slices names the folder too)."""
+        rows = [dict(row) for row in rows]
+        hidden: dict[str, str] = {}
         for row in rows:
-            if "patient" not in row:
-                shown.append(dict(row))
-                continue
-            raw = str(row["patient"] or "")
-            shown_row = {**row, "patient": self.patient(raw)}
+            raw = str(row.get("patient") or "")
+            if raw:
+                for name in (raw, *(aliases or {}).get(raw, ())):
+                    if name:
+                        hidden.setdefault(name, self.patient(raw))
+        for row in rows:
+            if "patient" in row:
+                row["patient"] = self.patient(str(row["patient"] or ""))
             if "file" in row:
-                shown_row["file"] = self.path(row["file"], {raw, *(aliases or {}).get(raw, ())}, shown_row["patient"])
-            shown.append(shown_row)
-        return shown
+                row["file"] = self.path(row["file"], hidden)
+        return rows

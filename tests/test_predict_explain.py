@@ -144,7 +144,7 @@ def test_predict_reads_folders_of_dicom_series_along_the_body_and_summarises_eac
     out = tmp_path / "dicom.csv"
     args = [f"ckpt={ckpt(ours_run)}", f"images={images}", "site=B", "recursive=true", f"out={out}"]
     assert predict_module.main(args) == 0
-    assert "2 DICOM series summarised per patient" in capsys.readouterr().out
+    assert "2 patient(s) of DICOM series summarised" in capsys.readouterr().out
     rows = read_csv(out)
     shown = Pseudonyms()  # the session's key (tests/conftest.py); the folders are named by the PatientIDs
     p1, p2 = shown.patient("P1"), shown.patient("P2")
@@ -468,6 +468,8 @@ def multicentre_export(root: Path, patients: int = 2, slices: int = 3) -> Path:
 
 def test_a_multicentre_jpeg_lossless_export_predicts_per_patient_with_pseudonyms_only(ours_run: Path, tmp_path: Path):
     images = multicentre_export(tmp_path / "export")
+    shutil.copy(images / "MRN0000" / "IM0000", images / "DICOMDIR")  # the export's index: not an image
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(images / "MRN0001" / "key_image.png")  # beside slices
     outputs = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}" / "predictions.csv"
@@ -479,7 +481,7 @@ def test_a_multicentre_jpeg_lossless_export_predicts_per_patient_with_pseudonyms
             text=True,
         )
         assert proc.returncode == 0, proc.stderr
-        assert "6 image(s) classified, 0 unreadable" in proc.stdout
+        assert "7 image(s) classified, 0 unreadable" in proc.stdout and "not images (first: DICOMDIR)" in proc.stderr
         written = out.read_text() + out.with_name("predictions_patients.csv").read_text() + proc.stdout + proc.stderr
         assert "MRN" not in written and "DOE" not in written and "JANE" not in written  # no id, no name anywhere
         outputs[workers] = read_csv(out), read_csv(out.with_name("predictions_patients.csv"))

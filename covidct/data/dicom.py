@@ -19,6 +19,7 @@ from pydicom.pixels import get_decoder
 from covidct.errors import DataError
 
 DICOM_SUFFIX = ".dcm"
+DICOMDIR = "DICOMDIR"  # the name DICOM media give their directory file
 LUNG_WINDOW = (-600.0, 1500.0)  # (centre, width) in HU: lung parenchyma, vessels and ground-glass stay apart
 _PREAMBLE = 128  # bytes before the "DICM" magic of a DICOM file
 
@@ -26,6 +27,8 @@ _PREAMBLE = 128  # bytes before the "DICM" magic of a DICOM file
 def is_dicom(path: Path) -> bool:
     """A .dcm file, or any file with DICOM's magic (hospital exports often have no suffix at all)."""
     path = Path(path)
+    if path.name.upper() == DICOMDIR:  # the export's index of its files, no image
+        return False
     if path.suffix.lower() == DICOM_SUFFIX:
         return True
     try:
