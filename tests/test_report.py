@@ -10,6 +10,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -537,16 +538,26 @@ PREDICTION_EDITS = {  # predictions.csv edited -> what the report says of it
 }
 
 
-@pytest.mark.parametrize("edit", PREDICTION_EDITS)
-def test_predictions_that_do_not_match_the_records_counts_are_refused_in_one_line(edit: str, tmp_path: Path, capsys):
+def _refused_after(edit: Callable[[Path], None], tmp_path: Path, capsys) -> tuple[list[str], str]:
+    """The report's arguments over the fake runs, and its one-line refusal once `edit` has changed run29 (fold 1 of
+    ours: no best_val_auc result)."""
     runs = tmp_path / "runs"
     _write_runs(runs)
-    change, said = PREDICTION_EDITS[edit]
-    predictions = runs / "ours" / "run29" / "predictions.csv"  # fold 1 of ours: no best_val_auc result
-    predictions.write_text("\n".join(change(predictions.read_text().splitlines())) + "\n")
+    edit(runs / "ours" / "run29")
     args = ["--runs", str(runs), "--out", str(tmp_path / "out"), "--folds", "0,1", "--seeds", "643,644"]
     assert report_main(args) == 2
-    err = capsys.readouterr().err
+    return args, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit", PREDICTION_EDITS)
+def test_predictions_that_do_not_match_the_records_counts_are_refused_in_one_line(edit: str, tmp_path: Path, capsys):
+    change, said = PREDICTION_EDITS[edit]
+    predictions = tmp_path / "runs" / "ours" / "run29" / "predictions.csv"
+    args, err = _refused_after(
+        lambda run: predictions.write_text("\n".join(change(predictions.read_text().splitlines())) + "\n"),
+        tmp_path,
+        capsys,
+    )
     assert err.count("\n") == 1 and err.startswith(f"error: {predictions} does not match its run record metrics.json")
     assert said in err and "--skip-broken" in err
     assert not (tmp_path / "out").exists()
@@ -579,15 +590,13 @@ EMPTY_RECORDS = {  # metrics.json (valid JSON) -> what the report says of it
 
 @pytest.mark.parametrize("case", EMPTY_RECORDS)
 def test_a_record_without_what_the_tables_read_is_named_in_one_line(case: str, tmp_path: Path, capsys):
-    runs = tmp_path / "runs"
-    _write_runs(runs)
     change, said = EMPTY_RECORDS[case]
-    path = runs / "ours" / "run29" / "metrics.json"
-    record = json.loads(path.read_text())
-    path.write_text(json.dumps(change(record) if callable(change) else change))
-    args = ["--runs", str(runs), "--out", str(tmp_path / "out"), "--folds", "0,1", "--seeds", "643,644"]
-    assert report_main(args) == 2
-    err = capsys.readouterr().err
+    path = tmp_path / "runs" / "ours" / "run29" / "metrics.json"
+    _, err = _refused_after(
+        lambda run: path.write_text(json.dumps(change(json.loads(path.read_text())) if callable(change) else change)),
+        tmp_path,
+        capsys,
+    )
     assert err.count("\n") == 1 and err.startswith(f"error: {path} is not a usable run record ({said}")
 
 
