@@ -240,6 +240,7 @@ def _log_to_wandb(
         }
     )
     run.finish()
+    wandb.teardown()  # forget this process's W&B settings: a later run (a logger=wandb training) reads its own
 
 
 @cli_errors
