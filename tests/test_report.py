@@ -475,7 +475,7 @@ def test_a_caption_falls_back_on_the_cli_protocol_and_names_every_protocol_of_mi
     assert curve_caption({**report(), "pooled": {}}, "A", ("paper", None)).endswith("No test predictions of site A.")
 
 
-def test_cli_logs_the_table_to_wandb_offline_unless_asked(tmp_path: Path, monkeypatch):
+def test_cli_logs_the_table_to_wandb_offline_unless_asked(tmp_path: Path, monkeypatch, phantom_root: Path):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "unset")  # recorded, so the logger's own setting is undone after
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline by default: no mode, no key, no network
@@ -487,6 +487,12 @@ def test_cli_logs_the_table_to_wandb_offline_unless_asked(tmp_path: Path, monkey
     args = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--folds", "0,1", "--seeds", "643,644", "--wandb"]
     assert report_main(args) == 0
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    # a training with logger=wandb in the same process afterwards is offline by its own config, not by the report's
+    from covidct.run import train
+    from tests.helpers import FAST, compose_experiment
+
+    train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "logger=wandb"]), tmp_path / "run")
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
