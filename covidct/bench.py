@@ -299,11 +299,10 @@ def synthetic_ct_series(folder: Path, slices: int, size: int = 512) -> list[Path
     return paths
 
 
-def _resized_slice(image_size: int, path: Path, ct_window: Sequence[float]) -> Any:
+def _resized_slice(resize: Callable[[Any], Any], path: Path, ct_window: Sequence[float]) -> Any:
     from covidct.data.sources import load_image
-    from covidct.data.transforms import deterministic_resize
 
-    return deterministic_resize("eval", image_size)(load_image(path, ct_window))
+    return resize(load_image(path, ct_window))
 
 
 def measure_dicom(slices: int, image_size: int, workers: int, ckpt: Path | None) -> dict[str, Any]:
@@ -325,7 +324,9 @@ def measure_dicom(slices: int, image_size: int, workers: int, ckpt: Path | None)
         files = synthetic_ct_series(folder, slices)
         result: dict[str, Any] = {"slices": slices, "size": "512x512", "syntax": "JPEG Lossless SV1"}
         result["workers"] = workers
-        load = functools.partial(_resized_slice, image_size)
+        from covidct.data.transforms import deterministic_resize
+
+        load = functools.partial(_resized_slice, deterministic_resize("eval", image_size))  # built once, not per slice
         for name, n in (("decode_in_process", 0), ("decode_workers", workers)):
             start = time.perf_counter()
             decoded = list(DecodedImages(load, folder, files, LUNG_WINDOW, n))
