@@ -6,6 +6,8 @@
 # resumes from its last checkpoint. Finished records are then copied (without checkpoints) into runs/.
 #   git worktree add --detach "$WORKTREE" b650971 && make -C "$WORKTREE" setup
 #   WORKTREE=... OUT=... DATA=... CLAIMS=... nohup experiments/table1-cpu/sweep.sh &   (twice)
+# The LOSO runs name patients as given (patient_ids=raw), like the Table I records of b650971 (written before
+# pseudonyms): these are public datasets, and a pseudonym key outside git would not outlive the machine.
 set -u
 cd "$WORKTREE"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline
@@ -22,7 +24,7 @@ queue | while read -r kind e f h; do
   if [ "$kind" = t1 ]; then
     .venv/bin/python -m covidct.run "${common[@]}" paths.log_dir="$OUT/table1-cpu" > "$claim/out.log" 2>&1
   else
-    .venv/bin/python -m covidct.run "${common[@]}" "data.test_sites=[$h]" paths.log_dir="$OUT/loso-cpu" \
+    .venv/bin/python -m covidct.run "${common[@]}" "data.test_sites=[$h]" patient_ids=raw paths.log_dir="$OUT/loso-cpu" \
       > "$claim/out.log" 2>&1
   fi
   echo "$(date -u +%FT%TZ) end $kind $e fold$f $h rc=$?"
