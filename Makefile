@@ -32,6 +32,8 @@ FOLDS ?= 0,1,2,3
 SEEDS ?= 643,644,645
 endif
 HYDRA_ARGS ?=
+# REFERENCE: the experiment the t-tests and DeLong's test compare every other row with
+REFERENCE ?= ours
 REPORT_ARGS ?=
 # Leave-one-site-out (make loso): the held-out site lists swept, e.g. [A],[B] (with data.sites=[A,B,C]: [C])
 HELD_OUT ?= [A],[B]
@@ -81,12 +83,12 @@ loso: setup
 	$(PY) -m covidct.run -m experiment=$(LOSO_EXPERIMENTS) +protocol=$(PROTOCOL) fold=$(FOLDS) seed=$(SEEDS) \
 		$(SPLIT_SEED_ARG) 'data.test_sites=$(HELD_OUT)' data.root="$(DATA)" paths.log_dir="$(LOSO_RUNS)" $(HYDRA_ARGS)
 	$(PY) -m covidct.report --runs "$(LOSO_RUNS)" --out "$(LOSO_OUT)" --protocol $(PROTOCOL) --select $(SELECT) \
-		--folds $(FOLDS) --seeds $(SEEDS) $(REPORT_ARGS)
+		--folds $(FOLDS) --seeds $(SEEDS) --reference $(REFERENCE) $(REPORT_ARGS)
 
 ## only aggregate existing run records: tables, t-tests, intervals, DeLong, ROC and reliability figures in OUT
 table1-collect: setup
 	$(PY) -m covidct.report --runs "$(RUNS)" --out "$(OUT)" --protocol $(PROTOCOL) --select $(SELECT) \
-		--folds $(FOLDS) --seeds $(SEEDS) $(REPORT_ARGS)
+		--folds $(FOLDS) --seeds $(SEEDS) --reference $(REFERENCE) $(REPORT_ARGS)
 
 ## training img/s of the reference-like and the fast path, and of the data pipeline (when DATA exists)
 bench: setup

@@ -407,6 +407,43 @@ def test_cli_writes_every_output_and_a_rerun_gives_the_same_bytes(tmp_path: Path
     assert report_main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2
 
 
+def test_reference_chooses_what_the_ttests_and_delong_compare_with(tmp_path: Path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _write_runs(runs)
+    args = ["--runs", str(runs), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main([*args, "--out", str(out / "ours")]) == 0
+    assert report_main([*args, "--out", str(out / "sepnorm"), "--reference", "sepnorm"]) == 0
+    tables = {
+        (ref, name): list(csv.DictReader((out / ref / f"{name}.csv").open()))
+        for ref in ("ours", "sepnorm")
+        for name in ("ttests", "delong")
+    }
+    for name in ("ttests", "delong"):
+        assert {r["reference"] for r in tables[("sepnorm", name)]} == {"sepnorm"}
+        baselines = {r["baseline"] for r in tables[("sepnorm", name)]}
+        assert "ours" in baselines and "sepnorm" not in baselines
+    # the same pair seen from the other side: the difference changes sign, the p-value stays
+    key = ("paper", "A", "auc")
+    mine = next(
+        r
+        for r in tables[("ours", "ttests")]
+        if (r["aggregation"], r["site"], r["metric"]) == key and r["baseline"] == "sepnorm"
+    )
+    theirs = next(
+        r
+        for r in tables[("sepnorm", "ttests")]
+        if (r["aggregation"], r["site"], r["metric"]) == key and r["baseline"] == "ours"
+    )
+    assert float(theirs["mean_diff"]) == pytest.approx(-float(mine["mean_diff"]), rel=1e-5)
+    assert "the reference, SepNorm, vs each baseline" in (out / "sepnorm" / "table1.md").read_text()
+    assert json.loads((out / "sepnorm" / "provenance.json").read_text())["reference (t-tests, DeLong)"] == "sepnorm"
+    capsys.readouterr()
+    assert report_main([*args, "--out", str(out / "none"), "--reference", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --reference nosuch: no such experiment") and "sepnorm" in err
+    assert len(err.splitlines()) == 1 and not (out / "none").exists()
+
+
 def _cli_figures(runs: Path, out: Path, monkeypatch, *args: str) -> dict[str, tuple]:
     """What the CLI draws each figure from (data, title, caption), by file stem; the figures are still written."""
     drawn = {}

@@ -30,6 +30,7 @@ from covidct.report.loso import LOSO_COLUMNS, loso_markdown, loso_rows
 from covidct.report.publish import replaced_outputs
 from covidct.report.render import build_report, curve_caption, render_files
 from covidct.report.table1 import (
+    DEFAULT_REFERENCE,
     SELECTIONS,
     TABLE_COLUMNS,
     DuplicateRunError,
@@ -148,6 +149,7 @@ def write_report(
     pooling: str = "mean",
     wandb: str | None = None,
     skip_broken: bool = False,
+    reference: str = DEFAULT_REFERENCE,
 ) -> Path:
     records, broken = load_run_records(runs, skip_broken)
     with PAPER_TABLE.open(newline="") as fh:
@@ -156,8 +158,14 @@ def write_report(
         selected = list(select_records(records, folds, seeds).values())
     except DuplicateRunError as err:
         raise ConfigError(f"{runs}: {err}") from err
-    report = build_report(records, run_predictions(selected), paper, folds, seeds, selection, pooling)
+    predictions = run_predictions(selected)
+    report = build_report(records, predictions, paper, folds, seeds, selection, pooling, reference=reference)
     methods = report["methods"]  # every row of the table, Table I's and those after it
+    if reference not in methods:
+        raise ConfigError(
+            f"--reference {reference}: no such experiment in the table (its rows: {', '.join(methods)}); name one of "
+            "them."
+        )
     finished = sorted(r["_finished_at"] for r in selected if r.get("_finished_at"))
     provenance = {
         "protocol": protocol,
@@ -170,6 +178,7 @@ def write_report(
         "group_by": ", ".join(sorted({r["run"].get("group_by", "?") for r in selected})) or "none",
         "split_seed": ", ".join(sorted({str(r["run"].get("split_seed", "?")) for r in selected})) or "none",
         "patient pooling": report["patient_pooling"],
+        "reference (t-tests, DeLong)": reference,
     }
     if broken:
         provenance["left out (broken records)"] = "; ".join(broken)
@@ -266,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how patient-level results pool a patient's slice probabilities (recomputed from predictions)",
     )
     parser.add_argument(
+        "--reference",
+        default=DEFAULT_REFERENCE,
+        help="the experiment the t-tests and DeLong's test compare every other row with (default: %(default)s)",
+    )
+    parser.add_argument(
         "--skip-broken",
         action="store_true",
         help="leave out unreadable run records (named in the provenance; their cells count as missing)",
@@ -290,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.patient_pooling,
         args.wandb,
         args.skip_broken,
+        args.reference,
     )
     print(f"wrote {path} and its companions in {args.out}")
     return 0

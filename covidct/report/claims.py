@@ -85,7 +85,7 @@ def claim_rows(
                         "better": better,
                         "worse": worse,
                         **{k: test[k] for k in ("site", "level", "seed", "n_cases")},
-                        "auc_better": test["auc_ours"],
+                        "auc_better": test["auc_reference"],
                         "auc_worse": test["auc_baseline"],
                         "diff": test["diff"],
                         "low": low,

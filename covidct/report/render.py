@@ -18,8 +18,8 @@ from covidct.report.claims import CLAIM_COLUMNS, CLAIM_EXPERIMENTS, claim_rows, 
 from covidct.report.curves import roc_curve
 from covidct.report.table1 import (
     AGGREGATIONS,
+    DEFAULT_REFERENCE,
     LEVELS,
-    REFERENCE,
     TABLE_COLUMNS,
     TTEST_COLUMNS,
     collect_results,
@@ -88,10 +88,12 @@ def build_report(
     selection: str,
     pooling: str = "mean",
     experiments: Sequence[Experiment] | None = None,
+    reference: str = DEFAULT_REFERENCE,
 ) -> dict[str, Any]:
     """Every table of the report. `predictions` are prediction rows with experiment, fold and seed added;
     `pooling` pools a patient's slice probabilities (mean or max) for the patient-level results;
-    `experiments` is the registry for records without `config.table1` (default: the repo's). `methods`
+    `experiments` is the registry for records without `config.table1` (default: the repo's); `reference` the
+    experiment the t-tests and DeLong's test compare every other row with. `methods`
     maps every row's experiment to its label, in the table's order; `pooled`, `test_images` and `protocols`
     are what the figures' captions say the curves pool."""
     records = repool_patients(records, predictions, selection, pooling)
@@ -108,7 +110,7 @@ def build_report(
     )
     with_predictions = {r["experiment"] for r in rows}
     with_runs = [e for e in methods if e in with_predictions]
-    baselines = [e for e in methods if e != REFERENCE]
+    baselines = [e for e in methods if e != reference]
     sites = {r["site"] for r in rows}
     by_method_site = {
         (e, site): [r for r in rows if r["experiment"] == e and r["site"] == site]
@@ -125,7 +127,8 @@ def build_report(
             for level in LEVELS
         },
         "ttests": {
-            a: paired_ttests(records, folds, seeds, selection, a, experiments=experiments) for a in AGGREGATIONS
+            a: paired_ttests(records, folds, seeds, selection, a, experiments=experiments, reference=reference)
+            for a in AGGREGATIONS
         },
         "methods": methods,
         "intervals": [
@@ -133,9 +136,9 @@ def build_report(
         ],
         "delong": [
             {"selection": selection, **row}
-            for row in delong_rows(rows, REFERENCE, baselines, seeds, patient_sites, pooling)
+            for row in delong_rows(rows, reference, baselines, seeds, patient_sites, pooling)
         ]
-        if REFERENCE in with_runs
+        if reference in with_runs
         else [],
         "claims": claim_rows(rows, seeds, patient_sites, pooling) if set(CLAIM_EXPERIMENTS) <= set(methods) else [],
         "rocs": {
@@ -229,17 +232,20 @@ def intervals_markdown(intervals: Sequence[Mapping[str, Any]], methods: Mapping[
 def delong_markdown(delong: Sequence[Mapping[str, Any]], methods: Mapping[str, str]) -> list[str]:
     if not delong:
         return []
+    reference = methods.get(delong[0]["reference"], delong[0]["reference"])
     out = [
-        "## DeLong's test: AUC of ours vs each baseline on the same test cases (per seed, folds pooled)",
+        f"## DeLong's test: AUC of the reference, {reference}, vs each baseline on the same test cases (per seed, "
+        "folds pooled)",
         "",
         "Image level treats a patient's slices as independent cases (optimistic p-values on site B); the "
         "patient level (one pooled prediction per patient) does not. p-values are not corrected for "
         "multiple comparisons.",
         "",
     ]
-    header = ["site", "level", "baseline", "seed", "cases", "AUC ours", "AUC baseline", "diff (pp)", "z", "p"]
+    header = ["site", "level", "baseline", "seed", "cases", "AUC reference", "AUC baseline", "diff (pp)", "z", "p"]
     rows = [
-        [r["site"], r["level"], methods.get(r["baseline"], r["baseline"]), r["seed"], r["n_cases"], fmt(r["auc_ours"])]
+        [r["site"], r["level"], methods.get(r["baseline"], r["baseline"]), r["seed"], r["n_cases"]]
+        + [fmt(r["auc_reference"])]
         + [fmt(r["auc_baseline"]), fmt(r["diff"]), fmt(r["z"], 3), p_value(r["p"])]
         for r in delong
     ]
@@ -265,9 +271,9 @@ def to_markdown(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> str
         ]
     tables, ttests = report["tables"], report["ttests"]
     out += results_markdown(tables[("paper", "images")], "Image level, aggregation `paper` (as the paper)")
-    out += ttests_markdown(ttests["paper"])
+    out += ttests_markdown(ttests["paper"], report["methods"])
     out += results_markdown(tables[("runs", "images")], "Image level, aggregation `runs`")
-    out += ttests_markdown(ttests["runs"])
+    out += ttests_markdown(ttests["runs"], report["methods"])
     pooling = report["patient_pooling"]
     for aggregation in ("paper", "runs"):
         title = f"Patient level (slice probabilities pooled by {pooling}), aggregation `{aggregation}`"

@@ -31,8 +31,9 @@ from covidct.experiments import Experiment, parse_table1, registry, sort_experim
 from covidct.metrics import ECE_BINS, METRIC_NAMES, RECORD_METRICS
 from covidct.records import held_out_sites
 
-# The method the t-tests and DeLong's test compare every other row with (the paper's method), by name.
-REFERENCE = "ours"
+# The experiment the t-tests and DeLong's test compare every other row with unless the report is given
+# another (`--reference`): the paper's method.
+DEFAULT_REFERENCE = "ours"
 SELECTIONS = ("last", "best_val_auc")
 AGGREGATIONS = ("paper", "runs")
 LEVELS = ("images", "patients")
@@ -54,7 +55,18 @@ TABLE_COLUMNS = (
     "paper_mean",
     "paper_std",
 )
-TTEST_COLUMNS = ("selection", "aggregation", "site", "metric", "baseline", "n_pairs", "mean_diff", "t", "p")
+TTEST_COLUMNS = (
+    "selection",
+    "aggregation",
+    "site",
+    "metric",
+    "reference",
+    "baseline",
+    "n_pairs",
+    "mean_diff",
+    "t",
+    "p",
+)
 AGGREGATION_TEXT = {
     "paper": "per seed the 4-fold estimate (mean over folds), then mean ± sample std over seeds (n = seeds)",
     "runs": "mean ± sample std over every fold x seed run (n = runs)",
@@ -238,21 +250,22 @@ def paired_ttests(
     aggregation: str = "paper",
     metrics: Sequence[str] = TTEST_METRICS,
     experiments: Sequence[Experiment] | None = None,
+    reference: str = DEFAULT_REFERENCE,
 ) -> list[dict[str, Any]]:
-    """Paired t-tests of `ours` (REFERENCE) against each other row of the table (`table_methods` order) per
-    site and metric (image level), paired by seed (`paper`) or by (fold, seed) (`runs`)."""
+    """Paired t-tests of the `reference` experiment against each other row of the table (`table_methods` order)
+    per site and metric (image level), paired by seed (`paper`) or by (fold, seed) (`runs`)."""
     chosen = select_records(records, folds, seeds)
     methods = table_methods(chosen.values(), experiments)
     rows = []
     for site in record_sites(chosen.values(), selection):
         for metric in metrics:
-            ours = cell_values(chosen, REFERENCE, site, metric, folds, seeds, selection, aggregation)
+            reference_values = cell_values(chosen, reference, site, metric, folds, seeds, selection, aggregation)
             for method in methods:
                 baseline = method.name
-                if baseline == REFERENCE:
+                if baseline == reference:
                     continue
                 theirs = cell_values(chosen, baseline, site, metric, folds, seeds, selection, aggregation)
-                pairs = [(ours[k], theirs[k]) for k in sorted(ours) if k in theirs]
+                pairs = [(reference_values[k], theirs[k]) for k in sorted(reference_values) if k in theirs]
                 t = p = None
                 diffs = [a - b for a, b in pairs]
                 # differences that are constant up to rounding have no defined t statistic
@@ -265,6 +278,7 @@ def paired_ttests(
                         "aggregation": aggregation,
                         "site": site,
                         "metric": metric,
+                        "reference": reference,
                         "baseline": baseline,
                         "baseline_method": method.method,  # its label (not a CSV column)
                         "n_pairs": len(pairs),
@@ -367,23 +381,29 @@ def _methods(rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, int | No
     return {r["experiment"]: (r["method"], r.get("row")) for r in rows}
 
 
-def ttests_markdown(ttests: Sequence[Mapping[str, Any]]) -> list[str]:
+def ttests_markdown(ttests: Sequence[Mapping[str, Any]], methods: Mapping[str, str]) -> list[str]:
+    """The t-tests of one aggregation; `methods` labels the experiments (the reference by its label)."""
     if not ttests:
         return []
     first = ttests[0]
     pairs = "seed" if first["aggregation"] == "paper" else "fold and seed"
-    header = ["site", "metric", "baseline", "pairs", "mean diff (ours - baseline, pp)", "t", "p"]
+    reference = methods.get(first["reference"], first["reference"])
+    header = ["site", "metric", "baseline", "pairs", "mean diff (reference - baseline, pp)", "t", "p"]
     rows = [
         [t["site"], t["metric"], t.get("baseline_method", t["baseline"]), t["n_pairs"], fmt(t["mean_diff"])]
         + [fmt(t["t"], 3), p_value(t["p"])]
         for t in ttests
     ]
-    title = f"## Paired t-tests, aggregation `{first['aggregation']}`: ours vs each baseline (pairs by {pairs})"
+    title = (
+        f"## Paired t-tests, aggregation `{first['aggregation']}`: the reference, {reference}, vs each baseline "
+        f"(pairs by {pairs})"
+    )
     return [title, "", *markdown_table(header, rows), ""]
 
 
 def to_latex(rows: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]) -> str:
-    """A booktabs table like the paper's (its five metrics): ours ± std, the paper's mean in parentheses."""
+    """A booktabs table like the paper's (its five metrics): the measured mean ± std, the paper's mean in
+    parentheses."""
     cells = _by_cell(rows)
     sites = list(dict.fromkeys(row["site"] for row in rows))
     columns = [(site, metric) for site in sites for metric in METRIC_NAMES]
@@ -404,9 +424,9 @@ def to_latex(rows: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]) -
         values = []
         for site, metric in columns:
             row = cells[(experiment, site, metric)]
-            ours = _cell(row, plus_minus="$\\pm$").replace("*", "$^*$")
+            measured = _cell(row, plus_minus="$\\pm$").replace("*", "$^*$")
             paper = f" ({fmt(row['paper_mean'])})" if row["paper_mean"] is not None else ""
-            values.append(ours + paper)
+            values.append(measured + paper)
         out.append(method.replace("&", "\\&") + " & " + " & ".join(values) + " \\\\")
     out += ["\\bottomrule", "\\end{tabular}", ""]
     return "\n".join(out)

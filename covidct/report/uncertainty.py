@@ -42,10 +42,11 @@ DELONG_COLUMNS = (
     "selection",
     "site",
     "level",
+    "reference",
     "baseline",
     "seed",
     "n_cases",
-    "auc_ours",
+    "auc_reference",
     "auc_baseline",
     "diff",
     "z",
@@ -215,7 +216,8 @@ def delong_rows(
                 for seed in seeds:
                     cases = {e: _cases(by_run.get((e, seed, site), []), level, pooling) for e in (reference, baseline)}
                     shared = sorted(set(cases[reference]) & set(cases[baseline]))
-                    row: dict[str, Any] = {"site": site, "level": level, "baseline": baseline, "seed": seed}
+                    row: dict[str, Any] = {"site": site, "level": level, "reference": reference, "baseline": baseline}
+                    row["seed"] = seed
                     row["n_cases"] = len(shared)
                     try:
                         result = delong_test(
@@ -225,7 +227,7 @@ def delong_rows(
                         )
                     except ValueError:
                         result = {}
-                    row["auc_ours"] = _pct(result.get("auc_a"))
+                    row["auc_reference"] = _pct(result.get("auc_a"))
                     row["auc_baseline"] = _pct(result.get("auc_b"))
                     row["diff"] = _pct(result.get("diff"))
                     row["z"], row["p"] = result.get("z"), result.get("p")
