@@ -7,7 +7,7 @@ the logged metrics).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,9 +22,21 @@ from torchmetrics.functional.classification import (
 
 METRIC_NAMES = ("acc", "f1", "recall", "precision", "auc")  # Table I's
 ECE_BINS = 15
-RECORD_METRICS = (*METRIC_NAMES, "ece")  # and the expected calibration error, per site
 PATIENT_POOLINGS = ("mean", "max")
 DECISION_THRESHOLD = 0.5  # P(COVID) above it predicts COVID: torchmetrics' default, so the logged metrics agree
+
+# Every statistic of a set of predictions, by name: (P(COVID) as float64, labels as long) -> a scalar. The run
+# records and every table of the report (image and patient level, leave-one-site-out) take theirs from here, and
+# the report recomputes them from each run's predictions.csv: a statistic added here has a value for runs recorded
+# before it existed. Table I's five, then the expected calibration error (L1, ECE_BINS equal-width bins).
+STATISTICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "acc": lambda preds, target: binary_accuracy(preds, target, threshold=DECISION_THRESHOLD),
+    "f1": lambda preds, target: binary_f1_score(preds, target, threshold=DECISION_THRESHOLD),
+    "recall": lambda preds, target: binary_recall(preds, target, threshold=DECISION_THRESHOLD),
+    "precision": lambda preds, target: binary_precision(preds, target, threshold=DECISION_THRESHOLD),
+    "auc": lambda preds, target: binary_auroc(preds, target),
+    "ece": lambda preds, target: binary_calibration_error(preds, target, n_bins=ECE_BINS, norm="l1"),
+}
 
 
 def predicts_covid(prob_covid: float, threshold: float = DECISION_THRESHOLD) -> bool:
@@ -51,20 +63,12 @@ def undefined_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str
 
 
 def binary_metrics(labels: Sequence[int], probs: Sequence[float]) -> dict[str, float | None]:
-    """Table I's five metrics and the expected calibration error (L1, ECE_BINS equal-width bins); None for a
-    metric the predictions leave undefined (`undefined_metrics`), never a 0 that a mean would count."""
+    """Every statistic of STATISTICS; None for a metric the predictions leave undefined (`undefined_metrics`),
+    never a 0 that a mean would count."""
     preds = torch.tensor(list(probs), dtype=torch.float64)
     target = torch.tensor(list(labels), dtype=torch.long)
     undefined = undefined_metrics(labels, probs)
-    values = {
-        "acc": lambda: binary_accuracy(preds, target, threshold=DECISION_THRESHOLD),
-        "f1": lambda: binary_f1_score(preds, target, threshold=DECISION_THRESHOLD),
-        "recall": lambda: binary_recall(preds, target, threshold=DECISION_THRESHOLD),
-        "precision": lambda: binary_precision(preds, target, threshold=DECISION_THRESHOLD),
-        "auc": lambda: binary_auroc(preds, target),
-        "ece": lambda: binary_calibration_error(preds, target, n_bins=ECE_BINS, norm="l1"),
-    }
-    return {name: None if name in undefined else float(compute()) for name, compute in values.items()}
+    return {name: None if name in undefined else float(f(preds, target)) for name, f in STATISTICS.items()}
 
 
 def patient_of(row: Mapping[str, Any]) -> str:

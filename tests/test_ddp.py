@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from covidct.metrics import RECORD_METRICS
+from covidct.metrics import STATISTICS
 from tests.helpers import FAST, run_cli
 
 pytestmark = pytest.mark.slow  # 2-process DDP through the CLI
@@ -19,7 +19,7 @@ def test_ddp_two_cpu_processes_write_a_run_record(phantom_root: Path, tmp_path: 
     assert record["config"]["trainer"]["strategy"] == "ddp" and record["config"]["trainer"]["devices"] == 2
     for site in ("A", "B"):
         metrics = record["test"]["last"]["images"][site]
-        assert set(metrics) == set(RECORD_METRICS) and all(v is None or 0 <= v <= 1 for v in metrics.values())
+        assert set(metrics) == set(STATISTICS) and all(v is None or 0 <= v <= 1 for v in metrics.values())
     sites = record["run"]["splits"]["sites"]
     rows = record_path.with_name("predictions.csv").read_text().splitlines()[1:]
     assert len(rows) == sites["A"]["test"]["images"] + sites["B"]["test"]["images"]

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from covidct.data.sources import scan_site
-from covidct.metrics import RECORD_METRICS
+from covidct.metrics import STATISTICS
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import read_predictions
 from tests.helpers import run_cli
@@ -41,7 +41,7 @@ def test_ours_multirun_on_real_data_writes_run_records(real_data: Path, tmp_path
         assert any("image-level" in note for note in record["run"]["splits"]["notes"])
         for site in ("A", "B"):
             metrics = record["test"]["last"]["images"][site]
-            assert set(metrics) == set(RECORD_METRICS) and all(v is None or 0.0 <= v <= 1.0 for v in metrics.values())
+            assert set(metrics) == set(STATISTICS) and all(v is None or 0.0 <= v <= 1.0 for v in metrics.values())
         predictions = read_predictions(path.parent)
         sites = record["run"]["splits"]["sites"]
         assert len(predictions) == sites["A"]["test"]["images"] + sites["B"]["test"]["images"]

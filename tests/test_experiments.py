@@ -15,7 +15,7 @@ from covidct.data.sites import PAPER_SITES as SITES
 from covidct.errors import ConfigError
 from covidct.experiments import Experiment, load_experiments, table1_experiments
 from covidct.methods import Joint, MSNet, Ours, ParallelAdapter, SepNorm, SeriesAdapter, Single
-from covidct.metrics import METRIC_NAMES, RECORD_METRICS
+from covidct.metrics import METRIC_NAMES, STATISTICS
 from covidct.report.table1 import DEFAULT_REFERENCE
 from covidct.run import make_trainer, train
 from tests.helpers import FAST, compose_experiment
@@ -129,12 +129,12 @@ def test_experiment_composes_and_fast_runs(name: str, phantom_root: Path, tmp_pa
     assert record["test"] == results and list(results) == ["last"]  # no validation part: nothing else to select
     last = results["last"]
     for site in ("A", "B"):
-        assert set(last["images"][site]) == set(RECORD_METRICS)
+        assert set(last["images"][site]) == set(STATISTICS)
         # a barely trained net may predict one class only: what that leaves undefined is null, and says why
         for metric, value in last["images"][site].items():
             assert (value is None) == (f"images/{site}/{metric}" in last.get("undefined", {}))
             assert value is None or 0.0 <= value <= 1.0
-    assert set(last["patients"]) == {"B"} and set(last["patients"]["B"]) == set(RECORD_METRICS)
+    assert set(last["patients"]) == {"B"} and set(last["patients"]["B"]) == set(STATISTICS)
     assert record["run"]["experiment"] == name and record["run"]["global_steps"] == 2
     lines = (tmp_path / "predictions.csv").read_text().splitlines()
     n_test = sum(record["run"]["splits"]["sites"][s]["test"]["images"] for s in ("A", "B"))

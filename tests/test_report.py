@@ -23,7 +23,7 @@ from torchmetrics.functional.classification import binary_auroc
 from covidct.data.sites import paper_site
 from covidct.errors import ConfigError
 from covidct.experiments import table1_experiments
-from covidct.metrics import RECORD_METRICS, binary_metrics, pool_by_patient
+from covidct.metrics import STATISTICS, binary_metrics, evaluate, pool_by_patient
 from covidct.report import __main__ as report_cli
 from covidct.report.__main__ import main as report_main
 from covidct.report.curves import plot_reliability, plot_rocs, reliability_figure, roc_figure
@@ -56,7 +56,7 @@ def fake_records() -> list[dict]:
             for k, s in enumerate(SEEDS):
                 if experiment == "msnet" and (f, s) == (1, 644):
                     continue
-                images = {site: {m: level(i, f, k, j, site) for j, m in enumerate(RECORD_METRICS)} for site in "AB"}
+                images = {site: {m: level(i, f, k, j, site) for j, m in enumerate(STATISTICS)} for site in "AB"}
                 patients = {"B": {m: v + 0.02 for m, v in images["B"].items()}}
                 test = {"last": {"checkpoint": "checkpoints/last.ckpt", "images": images, "patients": patients}}
                 if f == 0:
@@ -130,7 +130,7 @@ def extra_records() -> list[dict]:
     for i, (experiment, config) in enumerate(EXTRA.items(), start=len(table1_experiments())):
         for f in FOLDS:
             for k, s in enumerate(SEEDS):
-                images = {site: {m: level(i, f, k, j, site) for j, m in enumerate(RECORD_METRICS)} for site in "AB"}
+                images = {site: {m: level(i, f, k, j, site) for j, m in enumerate(STATISTICS)} for site in "AB"}
                 patients = {"B": {m: v - 0.02 for m, v in images["B"].items()}}
                 test = {"last": {"checkpoint": "checkpoints/last.ckpt", "images": images, "patients": patients}}
                 run = {"experiment": experiment, "fold": f, "seed": s, "group_by": "patient", "split_seed": 0}
@@ -200,7 +200,7 @@ def test_runs_aggregation_is_mean_and_sample_std_over_folds_and_seeds():
     assert cell["n"] == cell["expected"] == 4 and cell["mean"] == pytest.approx(statistics.fmean(values))
     assert cell["std"] == pytest.approx(statistics.stdev(values))
     assert (cell["paper_mean"], cell["paper_std"]) == (75.02, 1.14)
-    assert len(rows) == len(table1_experiments()) * 2 * len(RECORD_METRICS)
+    assert len(rows) == len(table1_experiments()) * 2 * len(STATISTICS)
     assert all(r["n"] == 0 and r["mean"] is None for r in rows if r["experiment"] == "parallel_adapter")
     assert all(r["n"] == 3 for r in rows if r["experiment"] == "msnet")
 
@@ -363,13 +363,17 @@ def test_reliability_bins_by_hand():
 
 
 def _write_runs(runs: Path) -> None:
+    """fake_records as run folders, each record's metrics those of its predictions, as a run records them."""
     for i, record in enumerate(fake_records()):
         folder = runs / record["run"]["experiment"] / f"run{i}"
         folder.mkdir(parents=True)
+        predictions = fake_predictions(record)
+        for selection, result in record["test"].items():
+            result.update(evaluate([r for r in predictions if r["selection"] == selection], ["B"], "mean"))
         (folder / "metrics.json").write_text(json.dumps(record))
         (folder / "timing.json").write_text(json.dumps({"finished_at": f"2026-01-{1 + i % 20:02d} 10:00 UTC"}))
         columns = ["selection", "site", "file", "patient", "label", "prob_covid"]
-        lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in fake_predictions(record)]
+        lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in predictions]
         (folder / "predictions.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -609,6 +613,78 @@ def test_predictions_that_do_not_match_the_records_counts_are_refused_in_one_lin
         provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
         assert str(predictions) in provenance["left out (broken records)"]
         assert "(1/2)*" in (tmp_path / "out" / "table1.md").read_text()
+
+
+def test_every_metric_is_recomputed_from_the_predictions_and_a_record_that_disagrees_is_named(tmp_path: Path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _write_runs(runs)
+    for path in runs.rglob("metrics.json"):  # records from before the ECE: computed for them all the same
+        record = json.loads(path.read_text())
+        for result in record["test"].values():
+            for level in ("images", "patients"):
+                for metrics in result[level].values():
+                    metrics.pop("ece")
+        path.write_text(json.dumps(record))
+    args = ["--runs", str(runs), "--out", str(out), "--folds", "0,1", "--seeds", "643,644"]
+    assert report_main(args) == 0
+    ece = next(
+        r
+        for r in csv.DictReader((out / "table1.csv").open())
+        if (r["aggregation"], r["level"], r["experiment"], r["site"], r["metric"])
+        == ("runs", "images", "ours", "A", "ece")
+    )
+    rows = [list(csv.DictReader(p.open())) for p in sorted(runs.glob("ours/*/predictions.csv"))]
+    by_hand = [
+        100
+        * binary_metrics(
+            [int(r["label"]) for r in run if r["site"] == "A" and r["selection"] == "last"],
+            [float(r["prob_covid"]) for r in run if r["site"] == "A" and r["selection"] == "last"],
+        )["ece"]
+        for run in rows
+    ]
+    assert int(ece["n"]) == len(by_hand) == 4 and float(ece["mean"]) == pytest.approx(
+        statistics.fmean(by_hand), rel=1e-5
+    )
+    path = runs / "ours" / "run29" / "metrics.json"
+    record = json.loads(path.read_text())
+    recorded = record["test"]["last"]["images"]["A"]["auc"]
+    record["test"]["last"]["images"]["A"]["auc"] = 0.125  # edited by hand: the tables would have shown it
+    path.write_text(json.dumps(record))
+    assert report_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"error: {path} does not match its predictions.csv (its metrics are not its predictions': "
+        f"test.last.images.A.auc is 0.125, but its predictions give {recorded})"
+    )
+    assert report_main([*args, "--skip-broken"]) == 0
+    assert "(1/2)*" in (out / "table1.md").read_text()
+
+
+def test_a_statistic_added_in_one_function_has_a_value_for_runs_recorded_before_it(tmp_path: Path, monkeypatch):
+    """The committed CPU-scale records of ours predate any 'prevalence' statistic; the report computes it."""
+    runs = tmp_path / "runs"
+    shutil.copytree(REPO / "experiments" / "table1-cpu" / "runs" / "ours", runs / "ours")
+    monkeypatch.setitem(STATISTICS, "prevalence", lambda preds, target: target.double().mean())
+    args = ["--runs", str(runs), "--out", str(tmp_path / "out"), "--protocol", "cpu", "--folds", "0,1,2,3"]
+    assert report_main([*args, "--seeds", "643"]) == 0
+    table = list(csv.DictReader((tmp_path / "out" / "table1.csv").open()))
+    for level, site in (("images", "A"), ("images", "B"), ("patients", "B")):
+        cell = next(
+            r
+            for r in table
+            if (r["aggregation"], r["level"], r["experiment"], r["site"], r["metric"])
+            == ("runs", level, "ours", site, "prevalence")
+        )
+        expected = []
+        for folder in sorted((runs / "ours").iterdir()):
+            assert "prevalence" not in (folder / "metrics.json").read_text()  # recorded before it existed
+            rows = [r for r in csv.DictReader((folder / "predictions.csv").open()) if r["site"] == site]
+            rows = [r for r in rows if r["selection"] == "last"]
+            if level == "patients":
+                rows = pool_by_patient([{**r, "label": int(r["label"]), "prob_covid": 0.0} for r in rows])
+            expected.append(100 * statistics.fmean(int(r["label"]) for r in rows))
+        assert int(cell["n"]) == 4 and float(cell["mean"]) == pytest.approx(statistics.fmean(expected), rel=1e-5)
+    assert "| ECE | prevalence |" in (tmp_path / "out" / "table1.md").read_text()  # a column of its own
 
 
 EMPTY_RECORDS = {  # metrics.json (valid JSON) -> what the report says of it

@@ -28,6 +28,7 @@ from covidct.records import (
 from covidct.report.curves import plot_learning_curves, plot_reliability, plot_rocs
 from covidct.report.loso import LOSO_COLUMNS, loso_markdown, loso_rows
 from covidct.report.publish import replaced_outputs
+from covidct.report.recompute import check_cache
 from covidct.report.render import build_report, curve_caption, render_files
 from covidct.report.table1 import (
     DEFAULT_REFERENCE,
@@ -78,8 +79,10 @@ def load_run_records(runs: Path, skip_broken: bool = False) -> tuple[list[dict[s
 
 def read_run(run_dir: Path) -> dict[str, Any] | None:
     """A run folder's record, checked (`covidct.report.validate`): its metrics.json holds what the tables read and
-    its predictions.csv the whole test part the record counts. None for covidct.evaluate's records (e.g. under a
-    run's folder: a checkpoint on other data, not a sweep's run); UnusableRun names the file that is not usable."""
+    its predictions.csv the whole test part the record counts; its metrics are then recomputed from the
+    predictions, the recorded ones a cache that must agree (`covidct.report.recompute`). None for
+    covidct.evaluate's records (e.g. under a run's folder: a checkpoint on other data, not a sweep's run);
+    UnusableRun names the file that is not usable."""
     path = run_dir / METRICS_FILE
     try:
         record = read_run_record(run_dir)
@@ -100,6 +103,10 @@ def read_run(run_dir: Path) -> dict[str, Any] | None:
         check_predictions(record, rows)
     except ValueError as err:
         raise UnusableRun(f"{predictions} does not match its run record {path.name} ({err})") from None
+    try:
+        record = {**record, "test": check_cache(record, rows)}  # the tables read the predictions' metrics
+    except ValueError as err:
+        raise UnusableRun(f"{path} does not match its {PREDICTIONS_FILE} ({err})") from None
     timing = run_dir / TIMING_FILE
     try:
         finished = json.loads(timing.read_text()).get("finished_at") if timing.is_file() else None

@@ -13,9 +13,9 @@ from operator import itemgetter
 from typing import Any
 
 from covidct.experiments import Experiment
-from covidct.metrics import evaluate
 from covidct.report.claims import CLAIM_COLUMNS, CLAIM_EXPERIMENTS, claim_rows, claims_markdown
 from covidct.report.curves import roc_curve
+from covidct.report.recompute import recomputed_test
 from covidct.report.table1 import (
     AGGREGATIONS,
     DEFAULT_REFERENCE,
@@ -59,8 +59,9 @@ def _protocol(record: Mapping[str, Any]) -> tuple[str, str | None] | None:
 def repool_patients(
     records: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]], selection: str, pooling: str
 ) -> list[Mapping[str, Any]]:
-    """The records with patient-level results pooled by `pooling`, recomputed from their predictions (runs
-    record mean pooling, so switching to max needs no training)."""
+    """The records with the selection's results recomputed from their predictions with patients pooled by
+    `pooling` (runs record mean pooling, which the CLI's loader has recomputed already: switching to max needs
+    no training)."""
     if pooling == "mean":
         return list(records)
     by_run: dict[tuple[str, int, int], list[Mapping[str, Any]]] = {}
@@ -74,8 +75,8 @@ def repool_patients(
         if rows is None or result is None:
             out.append(record)
             continue
-        patients = evaluate(rows, list(result.get("patients", {})), pooling)["patients"]
-        out.append({**record, "test": {**record["test"], selection: {**result, "patients": patients}}})
+        repooled = recomputed_test({selection: result}, rows, pooling)
+        out.append({**record, "test": {**record["test"], **repooled}})
     return out
 
 
@@ -90,7 +91,8 @@ def build_report(
     experiments: Sequence[Experiment] | None = None,
     reference: str = DEFAULT_REFERENCE,
 ) -> dict[str, Any]:
-    """Every table of the report. `predictions` are prediction rows with experiment, fold and seed added;
+    """Every table of the report. `records` hold their predictions' metrics (the CLI's loader recomputes them,
+    covidct/report/recompute.py); `predictions` are prediction rows with experiment, fold and seed added;
     `pooling` pools a patient's slice probabilities (mean or max) for the patient-level results;
     `experiments` is the registry for records without `config.table1` (default: the repo's); `reference` the
     experiment the t-tests and DeLong's test compare every other row with. `methods`

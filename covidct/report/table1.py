@@ -28,7 +28,7 @@ from covidct.csvfiles import csv_text
 from covidct.data.sites import PAPER_SITES, paper_site
 from covidct.errors import ConfigError
 from covidct.experiments import Experiment, parse_table1, registry, sort_experiments
-from covidct.metrics import ECE_BINS, METRIC_NAMES, RECORD_METRICS
+from covidct.metrics import ECE_BINS, METRIC_NAMES, STATISTICS
 from covidct.records import held_out_sites
 
 # The experiment the t-tests and DeLong's test compare every other row with unless the report is given
@@ -215,7 +215,7 @@ def collect_results(
     for method in table_methods(chosen.values(), experiments):
         experiment = method.name
         for site in level_sites(chosen, selection, level):
-            for metric in RECORD_METRICS:
+            for metric in STATISTICS:
                 values = list(
                     cell_values(chosen, experiment, site, metric, folds, seeds, selection, aggregation, level).values()
                 )
@@ -361,13 +361,13 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
     for site in dict.fromkeys(r["site"] for r in rows):
         out += [f"### Site {site}", ""]
         header = ["method", "n"]
-        for m in RECORD_METRICS:
-            header += [METRIC_LABELS[m]] + (["paper"] if with_paper and m in METRIC_NAMES else [])
+        for m in STATISTICS:
+            header += [METRIC_LABELS.get(m, m)] + (["paper"] if with_paper and m in METRIC_NAMES else [])
         lines = []
         for experiment, (method, _) in methods.items():
-            head = cells[(experiment, site, RECORD_METRICS[0])]
+            head = cells[(experiment, site, next(iter(STATISTICS)))]
             values = [method, f"{head['n']}/{head['expected']}"]
-            for m in RECORD_METRICS:
+            for m in STATISTICS:
                 values += [_cell(cells[(experiment, site, m)])]
                 if with_paper and m in METRIC_NAMES:
                     values += [_paper_cell(cells[(experiment, site, m)])]
