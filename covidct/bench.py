@@ -66,15 +66,18 @@ def reference_losses(model: Ours, batch: dict[str, torch.Tensor]) -> dict[str, t
     return {"loss": ce + model.hparams.alpha * contrastive_loss(torch.cat(embeddings), labels, model.hparams.tau)}
 
 
-def random_batch(batch_per_site: int, image_size: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """A training batch as the DataModule delivers it: site A's block, then site B's, declared."""
+def random_batch(
+    batch_per_site: int, image_size: int, device: torch.device, seed: int = 0, n_sites: int = 2
+) -> dict[str, Any]:
+    """A training batch as the DataModule delivers it: one block of `batch_per_site` images per site, in the
+    sites' order, declared (`n_sites`: the benchmarked config's, the paper's two)."""
     generator = torch.Generator().manual_seed(seed)
-    n = 2 * batch_per_site
+    n = n_sites * batch_per_site
     return {
         "image": torch.randn(n, 3, image_size, image_size, generator=generator).to(device),
         "label": torch.randint(0, 2, (n,), generator=generator).to(device),
-        "site": torch.arange(2).repeat_interleave(batch_per_site).to(device),
-        "site_layout": ((0, 1), (batch_per_site, batch_per_site)),
+        "site": torch.arange(n_sites).repeat_interleave(batch_per_site).to(device),
+        "site_layout": (tuple(range(n_sites)), (batch_per_site,) * n_sites),
     }
 
 
@@ -223,9 +226,9 @@ def forward_gflop_per_image(image_size: int, width: float) -> float:
 
 def measure_data(root: Path, image_size: int, batch_per_site: int, workers: int, batches: int) -> dict[str, Any]:
     """Images per second the DataModule delivers (cache warm, augmentation on), after one warm-up batch."""
-    from covidct.data import TwoSiteDataModule
+    from covidct.data import SiteDataModule
 
-    datamodule = TwoSiteDataModule(
+    datamodule = SiteDataModule(
         root,
         image_size=image_size,
         batch_per_site=batch_per_site,

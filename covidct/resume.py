@@ -73,6 +73,8 @@ NON_SEMANTIC_KEYS = (
 # options added after runs were recorded, left out of the run id at the value that changes nothing, so those
 # runs keep their ids (and folders)
 INERT_DEFAULTS: dict[str, Any] = {"data.test_sites": [], "data.site_specs": None}
+# classes renamed after runs were recorded, hashed under the name those runs recorded, so they keep their ids
+RECORDED_TARGETS = {"covidct.data.SiteDataModule": "covidct.data.TwoSiteDataModule"}
 
 
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:
@@ -90,6 +92,9 @@ def semantic_config(cfg: DictConfig) -> dict[str, Any]:
         node = resolved.get(parent)
         if isinstance(node, dict) and leaf in node and node[leaf] == inert:
             node.pop(leaf)
+    for node in resolved.values():
+        if isinstance(node, dict) and node.get("_target_") in RECORDED_TARGETS:
+            node["_target_"] = RECORDED_TARGETS[node["_target_"]]
     return resolved
 
 
@@ -393,7 +398,7 @@ class LastCheckpoint(AtomicCheckpoint):
     written at every epoch's end, after the first step that ends `every_minutes` or more after the last one
     was written, and, on SIGINT (Ctrl-C), SIGTERM or SIGHUP, after the step in progress, before the run stops with
     RunInterrupted. A second Ctrl-C stops at once. Mid-epoch checkpoints hold the sampler's next batch
-    (TwoSiteDataModule.state_dict), so the resumed run sees exactly the batches an uninterrupted one would.
+    (SiteDataModule.state_dict), so the resumed run sees exactly the batches an uninterrupted one would.
     The last step of an epoch is never saved on its own: the epoch's own checkpoint follows it, after the
     epoch-end work (schedule step, validation) that a resume from that step would skip; nor is a step in the
     middle of a gradient accumulation. Under DDP the ranks agree every RANKS_AGREE_EVERY steps."""

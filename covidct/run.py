@@ -346,7 +346,7 @@ def silence_known_noise() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
-    # TwoSiteDataModule keeps its sampler's place in every checkpoint and resumes it exactly; Lightning, which
+    # SiteDataModule keeps its sampler's place in every checkpoint and resumes it exactly; Lightning, which
     # looks for that state on the loader itself, would warn on every mid-epoch resume
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")

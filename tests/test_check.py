@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 from covidct.data.__main__ import main
 from covidct.data.check import DataReport, check_data, format_report
 from covidct.data.sites import PAPER_SITES, paper_site
+from tests.phantoms import hospital_site_config, make_hospital_site
 from tests.test_dicom import write_series
 
 SITE_OF_FOLDER = {layout.folder: site for site, layout in ((site, paper_site(site)) for site in PAPER_SITES)}
@@ -71,7 +72,7 @@ def test_real_data_duplicates_stay_in_one_fold_with_patient_groups(real_report: 
 
 
 def test_real_data_site_b_patient_coverage(real_report: DataReport):
-    cov = real_report.coverage
+    cov = real_report.coverage["B"]
     assert cov is not None and cov.error is None
     assert cov.mapped == {"CT_COVID": 319, "CT_NonCOVID": 397}
     assert cov.unmapped == {"CT_COVID": 30, "CT_NonCOVID": 0}
@@ -141,7 +142,7 @@ def test_non_image_file_fails_and_other_site_is_still_checked(phantom_copy: Path
     assert not report.ok
     (problem,) = report.problems
     assert problem.site == "A" and "notes.txt is not an image" in problem.message
-    assert {c.site for c in report.classes} == {"B"} and report.coverage is not None
+    assert {c.site for c in report.classes} == {"B"} and "B" in report.coverage
 
 
 def test_empty_class_folder_fails(phantom_copy: Path):
@@ -159,7 +160,7 @@ def test_missing_site_folder_still_checks_the_other_site(phantom_copy: Path):
     (problem,) = report.problems
     assert problem.site == "A" and "sars-cov-2" in problem.message
     assert {(c.site, c.images) for c in report.classes} == {("B", 24)}
-    assert report.coverage.mapped == {"CT_COVID": 24, "CT_NonCOVID": 24}
+    assert report.coverage["B"].mapped == {"CT_COVID": 24, "CT_NonCOVID": 24}
 
 
 def test_malformed_patients_csv_fails_only_for_patient_folds(phantom_copy: Path):
@@ -170,7 +171,7 @@ def test_malformed_patients_csv_fails_only_for_patient_folds(phantom_copy: Path)
     assert problem.site == "B" and "patient_id" in problem.message and "data.group_by=image" in problem.message
     image = check_data(phantom_copy, group_by="image", workers=1)
     assert image.ok and any("patients.csv" in w for w in image.warnings)
-    assert image.coverage.error is not None
+    assert image.coverage["B"].error is not None
 
 
 def test_site_too_small_for_batch_per_site_fails(phantom_root: Path):
@@ -212,3 +213,19 @@ def test_a_fold_with_too_few_images_of_a_class_is_a_warning(phantom_copy: Path):
     report = check_data(phantom_copy, group_by="image", workers=1)
     assert report.ok
     assert sum("site B, fold" in w and "its test part holds 0 COVID" in w for w in report.warnings) == 2
+
+
+def test_every_site_with_patients_gets_its_coverage(phantom_copy: Path, tmp_path: Path):
+    """Not only site B: a third site whose patients are folders (a hospital's layout) is covered the same way."""
+    make_hospital_site(phantom_copy)
+    hospital = str(hospital_site_config(tmp_path / "conf"))
+    shutil.copytree(phantom_copy / "hospital" / "normal" / "P000", phantom_copy / "hospital" / "covid" / "P000")
+    report = check_data(phantom_copy, sites=["A", "B", hospital], workers=1)
+    assert set(report.coverage) == {"B", "hospital"}  # site A has no patient ids
+    cov = report.coverage["hospital"]
+    assert cov.mapped == {"covid": 25, "normal": 20} and cov.unmapped == {"covid": 0, "normal": 0}
+    assert cov.patients == {"covid": 5, "normal": 4} and cov.patients_in_both_classes == ["P000"]
+    assert any("1 patient id(s) appear in both classes of site hospital" in w for w in report.warnings)
+    text = format_report(report)
+    assert "Site hospital patient coverage (patient folders):" in text and "covid: 25 of 25 images mapped" in text
+    assert "Site B patient coverage (covid-ct/Meta/patients.csv):" in text

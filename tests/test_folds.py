@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from covidct.data import TwoSiteDataModule
+from covidct.data import SiteDataModule
 from covidct.data.folds import N_FOLDS, assign_groups, split_fold
 from covidct.data.sources import scan_site
 from covidct.errors import ConfigError
@@ -50,7 +50,7 @@ def test_folds_depend_only_on_split_seed(real_samples):
 
 def test_datamodule_splits_ignore_training_seed(real_data: Path):
     def test_files(seed: int, split_seed: int) -> list[str]:
-        dm = TwoSiteDataModule(real_data, fold=1, seed=seed, split_seed=split_seed, num_workers=0)
+        dm = SiteDataModule(real_data, fold=1, seed=seed, split_seed=split_seed, num_workers=0)
         dm.setup()
         return [s.name for s in dm.splits["B"]["test"]]
 

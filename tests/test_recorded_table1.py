@@ -5,7 +5,8 @@ re-trained.
   predictions.csv files with numpy and scipy alone, not through covidct.metrics, so a record whose metrics
   disagree with its own predictions fails.
 - The report regenerated from the committed records equals the committed tables byte for byte.
-- `covidct.run` on a committed run's folder finds the record, trains nothing and changes no file in it.
+- `covidct.run` on a committed run's folder finds the record, trains nothing and changes no file in it, and every
+  committed run's folder (the LOSO runs' too) is the one today's config names.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from scipy.stats import mannwhitneyu
 
 from covidct.experiments import table1_experiments
 from covidct.report.__main__ import write_report
+from covidct.resume import run_id
+from tests.helpers import compose_experiment
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "table1-cpu"
 RUNS = RESULTS / "runs"
@@ -203,3 +206,16 @@ def test_training_losses_come_from_the_csv_log_and_a_resumed_attempt_overrides(t
     (second / "metrics.csv").write_text(header + "2,29,0.8,\n3,39,0.7,\n")  # resumed from epoch 2
     assert read_training_losses(tmp_path) == [1.2, 1.0, 0.8, 0.7]
     assert read_training_losses(tmp_path / "elsewhere") == []
+
+
+def test_every_committed_run_keeps_its_id_under_todays_config() -> None:
+    """make table1 / make loso find a committed run by its folder's id, the hash of its semantic config: a
+    renamed class or a new option must leave it as it was (covidct/resume.py: INERT_DEFAULTS, RECORDED_TARGETS)."""
+    loso = sorted(p.parent for p in (RESULTS.parent / "loso-cpu" / "runs").rglob("metrics.json"))
+    for folder in [*_run_dirs(), *loso]:
+        run = json.loads((folder / "metrics.json").read_text())["run"]
+        held = run["splits"].get("test_sites", [])
+        overrides = [f"fold={run['fold']}", f"seed={run['seed']}", "+protocol=cpu", "split_seed=0"]
+        overrides += [f"data.test_sites=[{','.join(held)}]", "patient_ids=raw"] if held else []
+        cfg = compose_experiment(run["experiment"], overrides)
+        assert f"fold{run['fold']}-seed{run['seed']}-{run_id(_root_=cfg)}" == folder.name, folder

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from covidct.data import TwoSiteDataModule
+from covidct.data import SiteDataModule
 from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws
 
 
@@ -38,7 +38,7 @@ def test_order_depends_on_seed_and_epoch_only():
 
 def test_augmentation_is_reproducible_per_drawn_sample(phantom_root: Path, tmp_path: Path):
     def first_batch(workers: int, epoch: int) -> torch.Tensor:
-        dm = TwoSiteDataModule(
+        dm = SiteDataModule(
             phantom_root, image_size=32, batch_per_site=4, num_workers=workers, cache_dir=tmp_path, seed=3
         )
         dm.setup()
@@ -51,7 +51,7 @@ def test_augmentation_is_reproducible_per_drawn_sample(phantom_root: Path, tmp_p
 
 
 def test_datamodule_train_batches(phantom_root: Path, tmp_path: Path):
-    dm = TwoSiteDataModule(
+    dm = SiteDataModule(
         phantom_root, image_size=32, batch_per_site=4, val_fraction=0.1, num_workers=0, cache_dir=tmp_path
     )
     dm.setup()
@@ -69,9 +69,7 @@ def test_datamodule_train_batches(phantom_root: Path, tmp_path: Path):
 
 
 def test_single_site_mode(phantom_root: Path, tmp_path: Path):
-    dm = TwoSiteDataModule(
-        phantom_root, sites=["B"], image_size=32, batch_per_site=4, num_workers=0, cache_dir=tmp_path
-    )
+    dm = SiteDataModule(phantom_root, sites=["B"], image_size=32, batch_per_site=4, num_workers=0, cache_dir=tmp_path)
     dm.setup()
     loader = dm.train_dataloader()
     assert len(loader) == math.ceil(4 * len(dm.splits["B"]["train"]) / 4)  # as many steps as in the two-site run
@@ -107,7 +105,7 @@ def test_setup_warms_the_cache_and_stops_on_a_corrupt_image(phantom_root: Path, 
 
     from covidct.errors import DataError
 
-    dm = TwoSiteDataModule(phantom_root, image_size=32, num_workers=2, batch_per_site=4, cache_dir=tmp_path / "c")
+    dm = SiteDataModule(phantom_root, image_size=32, num_workers=2, batch_per_site=4, cache_dir=tmp_path / "c")
     dm.setup()
     assert len(list((tmp_path / "c").rglob("*.npy"))) == 2 * 2 * 24  # each image once, in its part's resize
     assert dm.cache.warm(dm._cache_items()) == 0
@@ -116,7 +114,7 @@ def test_setup_warms_the_cache_and_stops_on_a_corrupt_image(phantom_root: Path, 
     shutil.copytree(phantom_root, root)
     bad = root / "covid-ct" / "CT_NonCOVID" / "img005.png"
     bad.write_bytes(bad.read_bytes()[:50])
-    broken = TwoSiteDataModule(root, image_size=32, num_workers=2, batch_per_site=4, cache_dir=tmp_path / "c")
+    broken = SiteDataModule(root, image_size=32, num_workers=2, batch_per_site=4, cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match="img005.png"):
         broken.setup()
 
@@ -139,7 +137,7 @@ def test_normalising_on_the_device_is_albumentations_normalize(phantom_root: Pat
     import numpy as np
 
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    dm = TwoSiteDataModule(phantom_root, image_size=32, num_workers=0, cache_dir=tmp_path, mean=mean, std=std)
+    dm = SiteDataModule(phantom_root, image_size=32, num_workers=0, cache_dir=tmp_path, mean=mean, std=std)
     dm.setup()
     batch = next(iter(dm.test_dataloader()[0]))
     expected = np.stack(
@@ -237,8 +235,8 @@ def test_cached_resizes_are_the_authors_torchvision_pil_resize(real_data: Path, 
 
 
 def test_repeat_factors_are_per_site_and_auto_evens_the_sites_passes(real_data: Path, tmp_path: Path):
-    def datamodule(repeat) -> TwoSiteDataModule:
-        dm = TwoSiteDataModule(real_data, repeat=repeat, num_workers=0, cache_dir=tmp_path)
+    def datamodule(repeat) -> SiteDataModule:
+        dm = SiteDataModule(real_data, repeat=repeat, num_workers=0, cache_dir=tmp_path)
         dm.split_data()  # no image decoded
         return dm
 

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from covidct.data.datamodule import TwoSiteDataModule
+from covidct.data.datamodule import SiteDataModule
 from covidct.data.sites import find_site, paper_site, read_site_file, resolve_sites
 from covidct.data.sources import scan_site
 from covidct.errors import ConfigError, DataError
@@ -89,11 +89,11 @@ def test_every_experiment_runs_on_three_sites_added_by_one_yaml_file(three_sites
     assert (tmp_path / "report" / "roc_hospital.png").is_file()
 
 
-def _three_site_datamodule(root: Path, tmp_path: Path, **kwargs) -> TwoSiteDataModule:
+def _three_site_datamodule(root: Path, tmp_path: Path, **kwargs) -> SiteDataModule:
     hospital = read_site_file(hospital_site_config(tmp_path / "conf")).as_dict()
     hospital["folder"] = str(root / "hospital")
     defaults = {"image_size": 64, "batch_per_site": 4, "num_workers": 0, "eval_batch_size": 16}
-    return TwoSiteDataModule(
+    return SiteDataModule(
         root, sites=SITES3, site_specs={"hospital": hospital}, cache_dir=tmp_path / "cache", **{**defaults, **kwargs}
     )
 
@@ -158,7 +158,7 @@ def test_three_sites_each_bn_sees_only_its_own_samples_and_batches_hold_batch_pe
 
 
 def test_a_held_out_site_may_be_named_by_its_alias_and_is_stored_by_name(tmp_path: Path, phantom_root: Path):
-    datamodule = TwoSiteDataModule(phantom_root, sites=["sars_cov_2", "covid_ct"], test_sites=["B"], cache_dir=tmp_path)
+    datamodule = SiteDataModule(phantom_root, sites=["sars_cov_2", "covid_ct"], test_sites=["B"], cache_dir=tmp_path)
     assert (datamodule.sites, datamodule.unseen_sites) == (["A"], ["B"])
     assert (datamodule.hparams["sites"], datamodule.hparams["test_sites"]) == (["A"], ["B"])
     cfg = OmegaConf.create(

@@ -1,7 +1,7 @@
 """`python -m covidct.data check`: one pass over a data root that says, before a long run, what training will meet.
 
 Every image is decoded (corrupt files are found here, not hours into an epoch), byte-identical duplicates
-are matched against the folds training would use, and site B's patient ids are checked against the files.
+are matched against the folds training would use, and every site's patient ids are checked against its files.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 from covidct.data.dicom import DICOM_SUFFIX, is_dicom
 from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, assign_groups
 from covidct.data.sites import PAPER_SITES, SiteSpec, read_patient_table, resolve_sites, unmapped_group
-from covidct.data.sources import SiteListing, check_grouping, file_digest, list_site, load_image, scan_site
+from covidct.data.sources import Sample, SiteListing, check_grouping, file_digest, list_site, load_image, scan_site
 from covidct.errors import ConfigError, DataError
 
 # The training part of a site is (N_FOLDS - 1) / N_FOLDS of it under the paper's protocol (no validation part).
@@ -67,8 +67,10 @@ class DuplicateGroup:
 
 @dataclass
 class PatientCoverage:
-    """Site B images against Meta/patients.csv, per class folder; `error` when the file is missing or malformed."""
+    """A site's images against where its patient ids come from (`source`: its table, file-name pattern or patient
+    folders), per class folder; `error` when a table is missing or malformed."""
 
+    source: str = ""
     error: str | None = None
     mapped: dict[str, int] = field(default_factory=dict)
     unmapped: dict[str, int] = field(default_factory=dict)
@@ -91,7 +93,7 @@ class DataReport:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     duplicates: list[DuplicateGroup] = field(default_factory=list)
-    coverage: PatientCoverage | None = None
+    coverage: dict[str, PatientCoverage] = field(default_factory=dict)  # by site, for every site with patients
 
     @property
     def ok(self) -> bool:
@@ -148,7 +150,7 @@ def _class_stats(site: str, folder: str, label: int, infos: list[tuple[Path, _Fi
 
 def _patient_coverage(root: Path, spec: SiteSpec, images: list[tuple[Path, int]]) -> PatientCoverage:
     """How a site's patient table covers its images: what patient folds will group, and what they fall back on."""
-    coverage = PatientCoverage()
+    coverage = PatientCoverage(source=f"{spec.folder}/{spec.patients.file}")
     table = spec.site_dir(root) / spec.patients.file
     if not table.is_file():
         coverage.error = f"{table} is missing."
@@ -175,6 +177,29 @@ def _patient_coverage(root: Path, spec: SiteSpec, images: list[tuple[Path, int]]
     coverage.patients = {folder: len(ids) for folder, ids in patients_of.items()}
     coverage.missing_files = sorted(f"{spec.folder}/{name}" for name in patients if name not in names)
     covid_ids, non_covid_ids = patients_of.values()
+    coverage.patients_in_both_classes = sorted(covid_ids & non_covid_ids)
+    return coverage
+
+
+def _id_coverage(spec: SiteSpec, samples: Sequence[Sample]) -> PatientCoverage:
+    """How the ids a site's file names or folders give (patients.kind regex or folder) cover its images."""
+    source = f"file names ({spec.patients.pattern})" if spec.patients.kind == "regex" else "patient folders"
+    coverage = PatientCoverage(source=source)
+    coverage.mapped, coverage.unmapped = dict.fromkeys(spec.classes, 0), dict.fromkeys(spec.classes, 0)
+    patients_of: dict[str, set[str]] = {folder: set() for folder in spec.classes}
+    for sample in samples:
+        folder = sample.name.split("/", 1)[0]
+        if sample.patient:
+            coverage.mapped[folder] += 1
+            # a folder id is '<class>:<patient folder>': the same folder under both classes is one patient twice
+            patients_of[folder].add(
+                sample.patient.split(":", 1)[-1] if spec.patients.kind == "folder" else sample.patient
+            )
+        else:
+            coverage.unmapped[folder] += 1
+            coverage.unmapped_by_prefix[folder] = coverage.unmapped_by_prefix.get(folder, 0) + 1
+    coverage.patients = {folder: len(ids) for folder, ids in patients_of.items()}
+    covid_ids, non_covid_ids = (patients_of[f] for f in spec.classes)
     coverage.patients_in_both_classes = sorted(covid_ids & non_covid_ids)
     return coverage
 
@@ -260,38 +285,23 @@ def check_data(
                 )
             )
 
-    if "B" in listed and specs["B"].patients.kind == "csv":
-        report.coverage = _patient_coverage(root, specs["B"], listed["B"])
-        if report.coverage.error is not None:
-            message = (
-                f"{report.coverage.error} Site B patient folds need it: restore the file or use data.group_by=image."
-            )
-            if group_by == "patient":
-                report.problems.append(Problem("B", message))
-            else:
-                report.warnings.append(f"{message} (not needed with group_by=image)")
-        else:
-            cov = report.coverage
-            if cov.missing_files:
-                report.warnings.append(
-                    f"patients.csv names {len(cov.missing_files)} file(s) that do not exist: "
-                    f"{_examples(cov.missing_files)}"
-                )
-            if cov.patients_in_both_classes:
-                report.warnings.append(
-                    f"{len(cov.patients_in_both_classes)} patient id(s) appear in both classes of site B, which folds "
-                    f"treat as different patients: {_examples(cov.patients_in_both_classes)}"
-                )
+    for site in listed:
+        if specs[site].patients.kind == "csv":
+            report.coverage[site] = _patient_coverage(root, specs[site], listed[site])
+            _judge_coverage(report, site, group_by)
 
     folds: dict[Path, int] = {}
     for site in listed:
-        if site == "B" and group_by == "patient" and report.coverage.error is not None:
+        if group_by == "patient" and site in report.coverage and report.coverage[site].error is not None:
             continue
         try:
             samples = scan_site(root, specs[site], group_by, listings[site])
         except DataError as err:
             report.problems.append(Problem(site, str(err)))
             continue
+        if specs[site].patients.kind in ("regex", "folder"):
+            report.coverage[site] = _id_coverage(specs[site], samples)
+            _judge_coverage(report, site, group_by)
         fold_of = assign_groups(samples, N_FOLDS, split_seed)
         folds.update((s.path, f) for s, f in zip(samples, fold_of))
         for fold in range(N_FOLDS):
@@ -317,6 +327,27 @@ def check_data(
         if group.mixed_sites:
             report.warnings.append(f"duplicates span both sites: {files}")
     return report
+
+
+def _judge_coverage(report: DataReport, site: str, group_by: str) -> None:
+    """A site's patient coverage as problems (an unusable table, for patient folds) and warnings."""
+    cov = report.coverage[site]
+    if cov.error is not None:
+        message = f"{cov.error} Site {site} patient folds need it: restore the file or use data.group_by=image."
+        if group_by == "patient":
+            report.problems.append(Problem(site, message))
+        else:
+            report.warnings.append(f"{message} (not needed with group_by=image)")
+        return
+    if cov.missing_files:
+        report.warnings.append(
+            f"{cov.source} names {len(cov.missing_files)} file(s) that do not exist: {_examples(cov.missing_files)}"
+        )
+    if cov.patients_in_both_classes:
+        report.warnings.append(
+            f"{len(cov.patients_in_both_classes)} patient id(s) appear in both classes of site {site}, which folds "
+            f"treat as different patients: {_examples(cov.patients_in_both_classes)}"
+        )
 
 
 def _examples(items: list[str], shown: int = 5) -> str:
@@ -396,24 +427,23 @@ def format_report(report: DataReport) -> str:
         )
     lines.append("")
 
-    cov = report.coverage
-    lines.append("Site B patient coverage (covid-ct/Meta/patients.csv):")
-    if cov is None:
-        lines.append("  not checked: site B could not be listed")
-    elif cov.error is not None:
-        lines.append(f"  unusable: {cov.error}")
-    else:
+    for site, cov in sorted(report.coverage.items()):
+        lines.append(f"Site {site} patient coverage ({cov.source}):")
+        if cov.error is not None:
+            lines.append(f"  unusable: {cov.error}")
+            lines.append("")
+            continue
         for folder in cov.mapped:
             total = cov.mapped[folder] + cov.unmapped[folder]
             lines.append(
                 f"  {folder}: {cov.mapped[folder]} of {total} images mapped, {cov.unmapped[folder]} unmapped, "
                 f"{cov.patients[folder]} patients"
             )
-        lines.append(f"  unmapped images by source-paper prefix ({len(cov.unmapped_by_prefix)} group(s)):")
+        lines.append(f"  unmapped images by group ({len(cov.unmapped_by_prefix)} group(s)):")
         lines += [f"    {prefix}: {n}" for prefix, n in sorted(cov.unmapped_by_prefix.items())] or ["    none"]
         lines.append(f"  rows naming files that do not exist: {len(cov.missing_files)}")
         lines.append(f"  patient ids in both classes: {len(cov.patients_in_both_classes)}")
-    lines.append("")
+        lines.append("")
 
     if report.ok:
         images = sum(c.images for c in report.classes)

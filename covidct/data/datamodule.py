@@ -127,7 +127,7 @@ def checked_repeat(repeat: Mapping[str, int] | str | None, specs: Sequence[SiteS
     return factors
 
 
-class TwoSiteDataModule(pl.LightningDataModule):
+class SiteDataModule(pl.LightningDataModule):
     """The sites' folds; training batches of `batch_per_site` images per site; per-site eval loaders.
 
     `sites` names the sites by their config (data/sites.py), or `site_specs` gives them (as a checkpoint

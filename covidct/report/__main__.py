@@ -35,6 +35,7 @@ from covidct.report.table1 import (
     SELECTIONS,
     TABLE_COLUMNS,
     DuplicateRunError,
+    fold_caveats,
     record_sites,
     select_records,
     to_csv,
@@ -187,6 +188,9 @@ def write_report(
         "patient pooling": report["patient_pooling"],
         "reference (t-tests, DeLong)": reference,
     }
+    caveats = fold_caveats(selected)
+    if caveats:
+        provenance["fold caveat"] = "; ".join(caveats)
     if broken:
         provenance["left out (broken records)"] = "; ".join(broken)
     if protocol == "smoke":

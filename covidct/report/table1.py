@@ -25,7 +25,7 @@ from typing import Any
 from scipy import stats
 
 from covidct.csvfiles import csv_text
-from covidct.data.sites import PAPER_SITES, paper_site
+from covidct.data.sites import site_from_dict
 from covidct.errors import ConfigError
 from covidct.experiments import Experiment, parse_table1, registry, sort_experiments
 from covidct.metrics import ECE_BINS, METRIC_NAMES, STATISTICS
@@ -179,16 +179,12 @@ def expected_count(folds: Sequence[int], seeds: Sequence[int], aggregation: str)
 
 
 def record_sites(records: Iterable[Mapping[str, Any]], selection: str = "last", level: str = "images") -> list[str]:
-    """The sites the records test, in table order: the paper's A and B first (always at image level, so a gap
-    stays visible), then any other site by name."""
+    """The sites the records test at a level, in the order their runs list them (data.sites), then by name."""
+    records = list(records)
     found = {site for r in records for site in r.get("test", {}).get(selection, {}).get(level, {})}
-    always = PAPER_SITES if level == "images" else ()
-    return [*always, *sorted(found - set(always), key=lambda site: (site not in PAPER_SITES, site))]
-
-
-def level_sites(chosen: Mapping[Any, Mapping[str, Any]], selection: str, level: str) -> list[str]:
-    """Image level: every site (a gap stays visible); patient level: the sites whose runs have patients."""
-    return record_sites(chosen.values(), selection, level)
+    listed = [site for r in records for site in (r["run"].get("sites") or {})]
+    order = {site: k for k, site in reversed(list(enumerate(listed)))}  # each site's first place in a run's list
+    return sorted(found, key=lambda site: (order.get(site, len(order)), site))
 
 
 def collect_results(
@@ -214,7 +210,7 @@ def collect_results(
     rows = []
     for method in table_methods(chosen.values(), experiments):
         experiment = method.name
-        for site in level_sites(chosen, selection, level):
+        for site in record_sites(chosen.values(), selection, level):
             for metric in STATISTICS:
                 values = list(
                     cell_values(chosen, experiment, site, metric, folds, seeds, selection, aggregation, level).values()
@@ -324,8 +320,19 @@ def _by_cell(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], Ma
 
 
 def provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
-    lines = [f"- {key}: {value}" for key, value in provenance.items()]
-    return [*lines, f"- fold caveat: {paper_site('A').note('patient')}"]
+    return [f"- {key}: {value}" for key, value in provenance.items()]
+
+
+def fold_caveats(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """What the records' sites without patient ids mean for their folds (a patient's slices may straddle a split),
+    once per site, from the site specs the runs recorded."""
+    notes: dict[str, str] = {}
+    for record in records:
+        run = record["run"]
+        for name, spec in (run.get("sites") or {}).items():
+            if name not in notes and spec.get("patients", {}).get("kind") == "none":
+                notes[name] = site_from_dict(spec, f"run.sites.{name}", name).note(run.get("group_by", "patient"))
+    return [notes[name] for name in sorted(notes)]
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
