@@ -111,6 +111,10 @@ def test_evaluate_reproduces_the_runs_held_out_predictions(loso_runs, tmp_path: 
     assert (
         "## Site hospital held out (trained on A,B): AUC, image level" in (tmp_path / "report" / "loso.md").read_text()
     )
+    # leave-one-site-out runs alone: their table alone, no Table I of empty cells, the provenance counting them
+    assert not (tmp_path / "report" / "table1.md").exists()
+    provenance = json.loads((tmp_path / "report" / "provenance.json").read_text())
+    assert provenance["runs"] == "3 leave-one-site-out runs (folds [0] x seeds [643])"
 
 
 def test_a_loso_run_s_predictions_do_not_depend_on_its_eval_batch_size(loso_runs, tmp_path: Path):

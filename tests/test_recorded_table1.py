@@ -175,6 +175,17 @@ def test_the_report_regenerates_byte_identically_from_the_committed_records(tmp_
         assert (RESULTS / figure).is_file() and (tmp_path / figure).is_file(), figure
 
 
+def test_the_loso_report_regenerates_byte_identically_from_its_committed_records(tmp_path: Path) -> None:
+    loso = RESULTS.parent / "loso-cpu"
+    runs = [json.loads(p.read_text())["run"] for p in sorted((loso / "runs").rglob("metrics.json"))]
+    held = {(run["experiment"], *run["splits"]["test_sites"]) for run in runs}
+    assert len(runs) == 8 and held == {(e, site) for e in ("ours", "sepnorm", "joint", "single") for site in "AB"}
+    write_report(loso / "runs", tmp_path, "cpu", [0], SEEDS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loso.csv", "loso.md", "provenance.json"]
+    for name in ("loso.md", "loso.csv", "provenance.json"):
+        assert (tmp_path / name).read_bytes() == (loso / name).read_bytes(), name
+
+
 @pytest.mark.real_data
 def test_a_committed_run_is_found_and_nothing_in_it_changes(real_data: Path, tmp_path: Path) -> None:
     source = _run_dirs()[-1]

@@ -29,7 +29,7 @@ from covidct.report.curves import plot_learning_curves, plot_reliability, plot_r
 from covidct.report.loso import LOSO_COLUMNS, loso_markdown, loso_rows
 from covidct.report.publish import replaced_outputs
 from covidct.report.recompute import check_cache
-from covidct.report.render import build_report, curve_caption, render_files
+from covidct.report.render import build_report, curve_caption, provenance_json, render_files
 from covidct.report.table1 import (
     DEFAULT_REFERENCE,
     SELECTIONS,
@@ -174,21 +174,27 @@ def write_report(
             f"--reference {reference}: no such experiment in the table (its rows: {', '.join(methods)}); name one of "
             "them."
         )
-    finished = sorted(r["_finished_at"] for r in selected if r.get("_finished_at"))
+    wanted = {(f, s) for f in folds for s in seeds}
+    loso = [r for r in records if held_out_sites(r) and (int(r["run"]["fold"]), int(r["run"]["seed"])) in wanted]
+    table1 = bool(selected) or not loso  # a runs folder of leave-one-site-out runs alone gets their table alone
+    counted = selected if table1 else loso  # the runs the provenance describes
+    finished = sorted(r["_finished_at"] for r in counted if r.get("_finished_at"))
     provenance = {
         "protocol": protocol,
         "selection": selection,
-        "run commits": ", ".join(sorted({r["run"].get("git_commit", "unknown") for r in selected})) or "none",
-        "device": ", ".join(sorted({r["run"].get("device", "unknown") for r in selected})) or "none",
+        "run commits": ", ".join(sorted({r["run"].get("git_commit", "unknown") for r in counted})) or "none",
+        "device": ", ".join(sorted({r["run"].get("device", "unknown") for r in counted})) or "none",
         "date": finished[-1] if finished else "unknown",  # the newest record's: reruns give the same file
         "runs": f"{len(selected)} of {len(methods) * len(folds) * len(seeds)} "
-        f"({len(methods)} methods x folds {folds} x seeds {seeds})",
-        "group_by": ", ".join(sorted({r["run"].get("group_by", "?") for r in selected})) or "none",
-        "split_seed": ", ".join(sorted({str(r["run"].get("split_seed", "?")) for r in selected})) or "none",
+        f"({len(methods)} methods x folds {folds} x seeds {seeds})"
+        if table1
+        else f"{len(loso)} leave-one-site-out runs (folds {folds} x seeds {seeds})",
+        "group_by": ", ".join(sorted({r["run"].get("group_by", "?") for r in counted})) or "none",
+        "split_seed": ", ".join(sorted({str(r["run"].get("split_seed", "?")) for r in counted})) or "none",
         "patient pooling": report["patient_pooling"],
-        "reference (t-tests, DeLong)": reference,
+        **({"reference (t-tests, DeLong)": reference} if table1 else {}),
     }
-    caveats = fold_caveats(selected)
+    caveats = fold_caveats(counted)
     if caveats:
         provenance["fold caveat"] = "; ".join(caveats)
     if broken:
@@ -197,7 +203,7 @@ def write_report(
         provenance["note"] = (
             "smoke protocol: networks trained for 2 steps; the numbers test the pipeline, not the methods"
         )
-    texts = render_files(report, provenance)
+    texts = render_files(report, provenance) if table1 else {"provenance.json": provenance_json(provenance)}
     if any(held_out_sites(r) for r in records):  # leave-one-site-out records: their own table beside Table I
         try:
             rows = loso_rows(records, folds, seeds, selection)
@@ -207,12 +213,12 @@ def write_report(
     with replaced_outputs(out) as staging:
         for name, text in texts.items():
             atomic_write_text(staging / name, text)
-        images = draw_figures(staging, report, provenance, selected)
+        images = draw_figures(staging, report, provenance, selected) if table1 else {}
     if wandb:
         rows = [row for table in report["tables"].values() for row in table]
         figures = {name: out / path.name for name, path in images.items()}  # where they now are
         _log_to_wandb(rows, figures, provenance, out, wandb == "online")
-    return out / "table1.md"
+    return out / ("table1.md" if table1 else "loso.md")
 
 
 def draw_figures(

@@ -286,6 +286,10 @@ def to_markdown(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> str
     return "\n".join(out)
 
 
+def provenance_json(provenance: Mapping[str, Any]) -> str:
+    return json.dumps(dict(provenance), indent=2) + "\n"
+
+
 def render_files(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> dict[str, str]:
     """The report's text files by name (the figures are drawn by the CLI from `rocs` and `reliability`)."""
     tables = [row for rows in report["tables"].values() for row in rows]
@@ -297,7 +301,7 @@ def render_files(report: Mapping[str, Any], provenance: Mapping[str, Any]) -> di
         "ttests.csv": to_csv(ttests, TTEST_COLUMNS),
         "intervals.csv": to_csv(report["intervals"], INTERVAL_COLUMNS),
         "delong.csv": to_csv(report["delong"], DELONG_COLUMNS),
-        "provenance.json": json.dumps(dict(provenance), indent=2) + "\n",
+        "provenance.json": provenance_json(provenance),
         **(
             {
                 "claims.md": claims_markdown(report["claims"], report["methods"]),

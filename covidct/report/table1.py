@@ -410,7 +410,9 @@ def ttests_markdown(ttests: Sequence[Mapping[str, Any]], methods: Mapping[str, s
 
 def to_latex(rows: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any]) -> str:
     """A booktabs table like the paper's (its five metrics): the measured mean ± std, the paper's mean in
-    parentheses."""
+    parentheses; a comment alone where no run tests a Table I site (e.g. only leave-one-site-out runs)."""
+    if not rows:
+        return f"% Table I reproduced; protocol={provenance.get('protocol')}: no Table I runs\n"
     cells = _by_cell(rows)
     sites = list(dict.fromkeys(row["site"] for row in rows))
     columns = [(site, metric) for site in sites for metric in METRIC_NAMES]
