@@ -401,7 +401,7 @@ def test_cli_writes_every_output_and_a_rerun_gives_the_same_bytes(tmp_path: Path
     first = {name: (out / name).read_bytes() for name in OUTPUTS}
     assert Image.open(out / "reliability_B.png").size[0] > 300
     table = (out / "table1.md").read_text()
-    assert "missing (0/2)" in table and "(1/2)*" in table and "(3/4)*" in table and "image-level" in table
+    assert "missing (0/2)" in table and "(1/2)*" in table and "(3/4)*" in table
     assert "Patient level" in table and "DeLong" in table and "95% confidence intervals" in table
     assert json.loads(first["provenance.json"])["date"] == "2026-01-20 10:00 UTC"  # the newest record's
     assert report_main(args) == 0
