@@ -1,12 +1,15 @@
 """Every option of a run checked before any work: one line naming the key and what it may be.
 
 Hydra composes `fold=1.5` or `fold=abc` without complaint; without these checks such a value trains on the
-wrong images or fails deep inside a library.
+wrong images or fails deep inside a library. RunOptions, a schema, holds options to a type and a range; a copy of
+them is checked (merged into the run's config, a schema would add keys and so change every run id), strictly: the
+run reads them as written, so OmegaConf's 3 for the text '3' is refused.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import torch
@@ -19,55 +22,52 @@ from covidct.errors import ConfigError
 from covidct.pseudonyms import Pseudonyms
 from covidct.resolvers import without_environment
 from covidct.resume import semantic_config
+from covidct.schemas import checked, dotted, rule
 
 FP16_AUTOCAST = ("16", "16-mixed")  # Lightning's names of fp16 mixed precision
 SEED_MAX = 2**32 - 1  # the largest seed numpy (and so Lightning's seed_everything) accepts
-# key -> (smallest allowed, largest allowed or None, null allowed)
-INTEGER_OPTIONS: dict[str, tuple[int, int | None, bool]] = {
-    "fold": (0, N_FOLDS - 1, False),
-    "seed": (0, SEED_MAX, False),
-    "split_seed": (0, SEED_MAX, False),
-    "trainer.max_epochs": (1, None, False),
-    "data.image_size": (32, None, False),
-    "data.batch_per_site": (2, None, False),
-    "data.eval_batch_size": (1, None, False),
-    "data.num_workers": (0, None, True),
-}
-# key -> (lower bound, bound included, upper bound (included) or None): a finite number in that range
-NUMBER_OPTIONS: dict[str, tuple[float, bool, float | None]] = {
-    "model.optimizer.lr": (0.0, False, None),
-    "model.optimizer.weight_decay": (0.0, True, None),
-    "model.tau": (0.0, False, None),
-    "model.alpha": (0.0, True, None),
-    "model.kt_weight": (0.0, True, 1.0),  # MS-Net: the label term is weighted 1 - kt_weight
-    "model.backbone.width": (0.0, False, None),  # a width <= 0 would be clamped to 4 channels, silently
-    "data.val_fraction": (0.0, True, MAX_VAL_FRACTION),  # above it, round(1 / v) parts would still hold out 1/2
-}
+SITES = "a list of site names, each named once"
 
 
-def _allowed(low: int, high: int | None) -> str:
-    return f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+def _integer(low: int, high: int | None = None, block: str = "", null: str = "") -> Any:
+    allowed = f"be an integer in {low}..{high}" if high is not None else f"be an integer >= {low}"
+    return rule(allowed + null, lambda v: low <= v and (high is None or v <= high), None if null else low, block)
 
 
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _number(low: float, included: bool = False, high: float | None = None, block: str = "") -> Any:
+    bound = (f">= {low:g}" if included else f"> {low:g}") + (f" and <= {high:g}" if high is not None else "")
+    test = lambda v: math.isfinite(v) and (v > low or included and v == low) and (high is None or v <= high)  # noqa: E731
+    return rule(f"be a finite number {bound}", test, None, block)
 
 
-def _plain(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=None)
+@dataclass
+class RunOptions:
+    """The run options held to a type (OmegaConf's check) and a range (each field's rule), by key in its block."""
+
+    fold: int = _integer(0, N_FOLDS - 1)
+    seed: int = _integer(0, SEED_MAX)
+    split_seed: int = _integer(0, SEED_MAX)
+    max_epochs: int = _integer(1, block="trainer")
+    image_size: int = _integer(32, block="data")
+    batch_per_site: int = _integer(2, block="data")
+    eval_batch_size: int = _integer(1, block="data")
+    num_workers: int | None = _integer(0, block="data", null=" (or null for the default)")
+    val_fraction: float | None = _number(0.0, True, MAX_VAL_FRACTION, "data")  # above, 1 / v parts would hold 1/2
+    allow_outside_root: bool = rule("be true or false", default=False, block="data")
+    # a list, each site once: `data.sites=A` (no brackets) would iterate its letters
+    sites: tuple[str, ...] = rule(f"be {SITES}, e.g. data.sites=[A,B]", lambda s: 0 < len(s) == len(set(s)), (), "data")
+    test_sites: tuple[str, ...] | None = rule(f"be {SITES}, e.g. [B]", lambda s: len(s) == len(set(s)), None, "data")
+    tau: float | None = _number(0.0, block="model")
+    alpha: float | None = _number(0.0, True, block="model")
+    kt_weight: float | None = _number(0.0, True, 1.0, "model")  # MS-Net: the label term is weighted 1 - kt_weight
+    lr: float | None = _number(0.0, block="model.optimizer")
+    weight_decay: float | None = _number(0.0, True, block="model.optimizer")
+    width: float | None = _number(0.0, block="model.backbone")  # a width <= 0 would be clamped to 4 channels
+
+
+def _plain(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    value = OmegaConf.select(cfg, key, default=default)
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def _site_names(cfg: DictConfig, key: str) -> list[str]:
-    """A list of site names, or a ConfigError: `data.sites=A` (no brackets) would iterate its letters."""
-    value = _plain(cfg, key)
-    if value is None:
-        return []
-    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key} must be a list of site names, e.g. {key}=[A,B]; got {value!r}.")
-    if len(set(value)) != len(value):
-        raise ConfigError(f"{key} names a site more than once: {value}.")
-    return value
 
 
 def _first_difference(ours: Any, theirs: Any, prefix: str = "") -> str:
@@ -95,31 +95,11 @@ def _check_no_environment_in_results(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError, naming the key and its allowed values, for the first invalid option."""
-    for key, (low, high, nullable) in INTEGER_OPTIONS.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None and (nullable or OmegaConf.select(cfg, key, default="absent") == "absent"):
-            continue
-        if not _is_integer(value) or value < low or (high is not None and value > high):
-            null = " (or null for the default)" if nullable else ""
-            raise ConfigError(f"{key} must be {_allowed(low, high)}{null}, got {value!r}.")
-    for key, (low, inclusive, high) in NUMBER_OPTIONS.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None:
-            continue
-        valid = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not valid or value < low or (value == low and not inclusive) or (high is not None and value > high):
-            bound = f">= {low:g}" if inclusive else f"> {low:g}"
-            bound += f" and <= {high:g}" if high is not None else ""
-            raise ConfigError(f"{key} must be a finite number {bound}, got {value!r}.")
+    found = {spec.name: _plain(cfg, dotted(spec), MISSING) for spec in fields(RunOptions)}
+    options = checked(RunOptions, {key: value for key, value in found.items() if value is not MISSING}, "", strict=True)
     Pseudonyms(OmegaConf.select(cfg, "patient_ids", default="pseudonym"), OmegaConf.select(cfg, "pseudonym_key"))
-    names = _site_names(cfg, "data.sites")
-    if not names:
-        raise ConfigError("data.sites must name one or more sites, e.g. data.sites=[A,B] or [A,B,my_hospital].")
-    outside = OmegaConf.select(cfg, "data.allow_outside_root", default=False)
-    if not isinstance(outside, bool):
-        raise ConfigError(f"data.allow_outside_root must be true or false, got {outside!r}.")
-    held_out, given = _site_names(cfg, "data.test_sites"), _plain(cfg, "data.site_specs")
-    trained, held = split_sites(names, held_out, given, allow_outside_root=outside)
+    held_out, given = options["test_sites"] or [], _plain(cfg, "data.site_specs")
+    trained, held = split_sites(options["sites"], held_out, given, allow_outside_root=options["allow_outside_root"])
     checked_repeat(_plain(cfg, "data.repeat"), [*trained, *held])
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="auto"))
     on_cpu = OmegaConf.select(cfg, "trainer.accelerator", default="auto") == "cpu" or not torch.cuda.is_available()

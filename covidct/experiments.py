@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,9 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidct.cli import cli_errors
 from covidct.errors import ConfigError
+from covidct.schemas import checked, rule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TABLE1_KEYS = ("row", "label", "paper")
 
 
 @dataclass(frozen=True)
@@ -55,31 +55,20 @@ class Experiment:
         return self.label if self.label is not None else self.name
 
 
+@dataclass(frozen=True)
+class Table1:
+    """The schema of an experiment's `table1` block, checked strictly: its values are used as written."""
+
+    row: int = rule("be a positive integer", lambda row: row >= 1)
+    label: str = rule("be a non-empty string", str.strip)
+    paper: str | None = rule("be a key of experiments/paper_table1.csv (or null)", str.strip, None)
+
+
 def parse_table1(name: str, block: Any, where: str) -> Experiment:
     """An experiment from its `table1` block (None: no row); `where` names the block's source in errors."""
-    if block is None:
-        return Experiment(name)
     if isinstance(block, DictConfig):
         block = OmegaConf.to_container(block, resolve=False)
-    if not isinstance(block, Mapping):
-        raise ConfigError(f"{where}: table1 must be a mapping with keys row, label, paper; got {block!r}")
-    unknown = sorted(set(block) - set(TABLE1_KEYS))
-    if unknown:
-        keys = ", ".join(map(str, unknown))
-        raise ConfigError(f"{where}: table1 has unknown key(s) {keys}; allowed: row, label, paper")
-    missing = [key for key in ("row", "label") if key not in block]
-    if missing:
-        raise ConfigError(f"{where}: table1 lacks {' and '.join(missing)} (row: a positive integer, label: a name)")
-    row, label, paper = block["row"], block["label"], block.get("paper")
-    if isinstance(row, bool) or not isinstance(row, int) or row < 1:
-        raise ConfigError(f"{where}: table1.row must be a positive integer, got {row!r}")
-    if not isinstance(label, str) or not label.strip():
-        raise ConfigError(f"{where}: table1.label must be a non-empty string, got {label!r}")
-    if paper is not None and (not isinstance(paper, str) or not paper.strip()):
-        raise ConfigError(
-            f"{where}: table1.paper must be a key of experiments/paper_table1.csv (or null), got {paper!r}"
-        )
-    return Experiment(name, row, label, paper)
+    return Experiment(name) if block is None else Experiment(name, **checked(Table1, block, where, "table1", True))
 
 
 def read_experiment(path: Path) -> Experiment:
@@ -99,18 +88,13 @@ def read_experiment(path: Path) -> Experiment:
     return parse_table1(path.stem, cfg.get("table1"), str(path))
 
 
-def _config_dir(entry: str | Path) -> Path:
-    text = str(entry)
-    return Path(text.removeprefix("file://"))
-
-
 def load_experiments(config_dirs: Iterable[str | Path] = ()) -> list[Experiment]:
     """Every experiment of the repo's `conf/` and of `config_dirs` (folders holding an `experiment/` folder,
     optionally as `file://DIR`, like `hydra.searchpath` entries): the Table I ones sorted by row, then the
     others by name. A name found twice keeps its first definition (the repo's). Two experiments claiming one
     row are a ConfigError."""
     found: dict[str, tuple[Experiment, Path]] = {}
-    for folder in (CONF, *(_config_dir(d) for d in config_dirs)):
+    for folder in (CONF, *(Path(str(d).removeprefix("file://")) for d in config_dirs)):
         for path in sorted((folder / "experiment").glob("*.yaml")):
             if path.stem not in found:
                 found[path.stem] = (read_experiment(path), path)

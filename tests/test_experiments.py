@@ -61,13 +61,14 @@ def _write(folder: Path, name: str, text: str) -> Path:
     ("table1", "message"),
     [
         ("table1: [9, x]", "table1 must be a mapping with keys row, label, paper"),
-        ("table1:\n  label: X", "table1 lacks row (row: a positive integer"),
+        ("table1:\n  label: X", "table1.row is missing: it must be a positive integer"),
         ("table1:\n  row: nine\n  label: X", "table1.row must be a positive integer, got 'nine'"),
         ("table1:\n  row: 0\n  label: X", "table1.row must be a positive integer, got 0"),
+        ("table1:\n  row: '5'\n  label: X", "table1.row must be a positive integer, got '5'"),
         ("table1:\n  row: true\n  label: X", "table1.row must be a positive integer, got True"),
         ("table1:\n  row: 11\n  label: ''", "table1.label must be a non-empty string"),
         ("table1:\n  row: 11\n  label: X\n  paper: 3", "table1.paper must be a key of"),
-        ("table1:\n  row: 11\n  label: X\n  papers: x", "table1 has unknown key(s) papers"),
+        ("table1:\n  row: 11\n  label: X\n  papers: x", "table1.papers is unknown; allowed keys: row, label, paper"),
         ("table1:\n  row: 9\n  label: X", "table1.row 9 is also the row of " + str(REPO / "conf/experiment/ours.yaml")),
     ],
 )
@@ -76,6 +77,7 @@ def test_a_malformed_table1_block_names_the_file_and_what_is_wrong(tmp_path: Pat
     with pytest.raises(ConfigError) as err:
         load_experiments([tmp_path])
     assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_an_experiment_whose_name_is_not_its_file_is_refused(tmp_path: Path):

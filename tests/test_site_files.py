@@ -62,6 +62,15 @@ def test_a_site_file_reaches_no_file_outside_the_data_root_unless_allowed(phanto
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("OK: 40 images in 1 site(s)")
 
 
+def test_a_site_file_without_classes_is_one_line_naming_the_key(phantom_root: Path, tmp_path: Path, capsys):
+    site = tmp_path / "conf" / "data" / "site" / "unlabelled.yaml"
+    site.parent.mkdir(parents=True)
+    site.write_text("folder: covid-ct\npatients: folder\n")
+    assert data_main(["check", "--root", str(phantom_root), "--sites", str(site), *CHECK]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: site config {site}: classes is missing: it must give label 1 (COVID) and 0")
+
+
 def test_a_site_file_may_not_read_the_environment(phantom_copy: Path, tmp_path: Path):
     site = _site_file(tmp_path / "conf", "leaky", folder="covid-ct", dataset="${oc.env:COVIDCT_TEST_SECRET}")
     result = run_cli(

@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from covidct.data.dicom import LUNG_WINDOW
 from covidct.errors import ConfigError, DataError
+from covidct.schemas import checked, rule
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SITE_CONFIG_GROUP = Path("data") / "site"
@@ -42,8 +43,9 @@ PAPER_SITES = ("A", "B")  # the paper's datasets (Table I), as the records have 
 class Patients:
     """How a site's images group into patients (`kind`, one of PATIENT_KINDS) and that kind's settings."""
 
-    kind: str = "none"
-    duplicates: str = "apart"  # none: 'together' puts byte-identical files in one group
+    kind: str = rule(f"be one of {', '.join(PATIENT_KINDS)}", lambda kind: kind in PATIENT_KINDS, "none")
+    # none: 'together' puts byte-identical files in one group
+    duplicates: str = rule("be 'apart' or 'together'", lambda how: how in ("apart", "together"), "apart")
     file: str = ""  # csv: the table, a path inside the site folder (relative, no '..')
     columns: dict[str, str] = field(default_factory=dict)  # csv: {file, patient[, folder]} -> column names
     unmapped: dict[str, str] = field(default_factory=dict)  # csv: {} (an error) or {regex, tag}
@@ -55,16 +57,21 @@ class SiteSpec:
     """One site: its name in records, the folder holding its class folders (relative to data.root; a site file's
     folder outside it only with data.allow_outside_root), which class folder means which label (COVID = 1), its
     patients, where to get it, the dataset it is (figures name it) and the Hounsfield window its DICOM slices are
-    shown through."""
+    shown through. Its fields are also the schema of a site file (site_from_dict)."""
 
-    name: str
-    folder: str
-    classes: dict[str, int]
+    name: str = rule("be letters, digits, '_', '.' or '-'", lambda name: re.fullmatch(r"[A-Za-z0-9_.-]+", name))
+    folder: str = rule("be the folder holding the class folders (under data.root)")
+    classes: dict[str, int] = rule(
+        "give label 1 (COVID) and 0 (non-COVID), each to a folder, e.g. {covid: 1, normal: 0}",
+        lambda classes: set(classes.values()) == set(COVID_LABELS),
+    )
     patients: Patients = field(default_factory=Patients)
     download: str = ""
     dataset: str = ""
     aliases: tuple[str, ...] = ()
-    window: tuple[float, float] = LUNG_WINDOW
+    window: tuple[float, float] = rule(
+        "be [centre, width] in Hounsfield units, width > 0", lambda w: len(w) == 2 and w[1] > 0, LUNG_WINDOW
+    )
     fold_note: str = ""  # what a record says of this site's folds; derived from `patients` where empty
     source: str = ""  # the YAML file it was read from
 
@@ -109,31 +116,18 @@ def stays_inside(path: str) -> bool:
     return not PurePath(path).is_absolute() and PurePath(os.path.normpath(path)).parts[:1] != ("..",)
 
 
-def _patients(values: Any, source: str) -> Patients:
-    if values is None:
-        return Patients()
-    if isinstance(values, str):
-        values = {"kind": values}
+def _set(values: Any) -> Any:
+    """Mappings (nested too) without null or '' values (the default), keys as text (a folder named 1 is '1')."""
     if not isinstance(values, Mapping):
-        raise _problem(source, f"patients must be a mapping with a kind ({', '.join(PATIENT_KINDS)}), got {values!r}.")
-    known = {"kind", "duplicates", "file", "columns", "unmapped", "pattern"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise _problem(source, f"patients has unknown key(s) {unknown}; it may hold {sorted(known)}.")
-    kind = values.get("kind", "none")
-    if kind not in PATIENT_KINDS:
-        raise _problem(source, f"patients.kind must be one of {', '.join(PATIENT_KINDS)}, got {kind!r}.")
-    patients = Patients(
-        kind=kind,
-        duplicates=str(values.get("duplicates", "apart")),
-        file=str(values.get("file", "")),
-        columns={str(k): str(v) for k, v in (values.get("columns") or {}).items()},
-        unmapped={str(k): str(v) for k, v in (values.get("unmapped") or {}).items()},
-        pattern=str(values.get("pattern", "")),
-    )
-    if patients.duplicates not in ("apart", "together"):
-        raise _problem(source, f"patients.duplicates must be 'apart' or 'together', got {patients.duplicates!r}.")
-    if kind == "csv":
+        return values
+    return {str(k): _set(v) for k, v in values.items() if v is not None and v != ""}
+
+
+def _patients(values: Any, source: str) -> Patients:
+    """A site's `patients` (a mapping, or its kind alone) by the schema, then what each kind needs."""
+    given = _set({"kind": values} if isinstance(values, str) else values)
+    patients = Patients(**checked(Patients, given, f"site config {source}", "patients"))
+    if patients.kind == "csv":
         if not patients.file:
             raise _problem(source, "patients.kind csv needs patients.file, the table of file -> patient id.")
         if not stays_inside(patients.file):
@@ -151,48 +145,24 @@ def _patients(values: Any, source: str) -> Patients:
             re.compile(pattern)
         except re.error as err:
             raise _problem(source, f"pattern {pattern!r} is not a regular expression ({err}).") from None
-    if kind == "regex" and not patients.pattern:
+    if patients.kind == "regex" and not patients.pattern:
         raise _problem(source, "patients.kind regex needs patients.pattern, whose first group is the patient id.")
     return patients
 
 
 def site_from_dict(values: Mapping[str, Any], source: str = "", default_name: str = "") -> SiteSpec:
-    """A SiteSpec from a site file's (or a checkpoint's) mapping, or a ConfigError naming the bad key."""
+    """A SiteSpec from a site file's (or a checkpoint's) mapping, by SiteSpec's schema (a null or '' value means
+    the default; `aliases` may be one name), or a ConfigError naming the bad key."""
     source = source or "(inline)"
     if not isinstance(values, Mapping):
         raise _problem(source, f"a site config is a mapping, got {type(values).__name__}.")
-    known = {f for f in SiteSpec.__dataclass_fields__ if f != "source"}
-    unknown = sorted(set(values) - known - {"source"})  # a stored spec keeps the file it was read from
-    if unknown:
-        raise _problem(source, f"unknown key(s) {unknown}; a site config may hold {sorted(known)}.")
-    name = str(values.get("name") or default_name)
-    if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise _problem(source, f"name must be letters, digits, '_', '.' or '-', got {name!r}.")
-    folder = values.get("folder")
-    if not folder:
-        raise _problem(source, "folder is missing: the folder holding the class folders (under data.root).")
-    classes = values.get("classes")
-    if not isinstance(classes, Mapping) or not classes:
-        raise _problem(source, "classes must map each class folder to its label, e.g. {covid: 1, normal: 0}.")
-    labels = {str(k): v for k, v in classes.items()}
-    if any(v not in COVID_LABELS or isinstance(v, bool) for v in labels.values()) or set(labels.values()) != {0, 1}:
-        raise _problem(source, f"classes must give label 1 (COVID) and 0 (non-COVID), each to a folder; got {labels}.")
-    window = tuple(float(v) for v in values.get("window", LUNG_WINDOW))
-    if len(window) != 2 or window[1] <= 0:
-        raise _problem(source, f"window must be [centre, width] in Hounsfield units, width > 0; got {list(window)}.")
-    aliases = values.get("aliases") or ()
-    return SiteSpec(
-        name=name,
-        folder=str(folder),
-        classes=labels,
-        patients=_patients(values.get("patients"), source),
-        download=str(values.get("download") or ""),
-        dataset=str(values.get("dataset") or name),
-        aliases=tuple(str(a) for a in ([aliases] if isinstance(aliases, str) else aliases)),
-        window=(window[0], window[1]),
-        fold_note=str(values.get("fold_note") or ""),
-        source=str(values.get("source") or source),
-    )
+    given = {"name": default_name, "source": source, **_set(values)}  # a stored spec keeps the file it came from
+    patients = _patients(given.pop("patients", {}), source)
+    if isinstance(given.get("aliases"), str):
+        given["aliases"] = [given["aliases"]]
+    site = checked(SiteSpec, given, f"site config {source}")
+    dataset, aliases, window = site["dataset"] or site["name"], tuple(site["aliases"]), tuple(site["window"])
+    return SiteSpec(**site | {"patients": patients, "dataset": dataset, "aliases": aliases, "window": window})
 
 
 def read_site_file(path: Path) -> SiteSpec:
