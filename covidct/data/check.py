@@ -174,11 +174,16 @@ def _patient_coverage(root: Path, spec: SiteSpec, images: list[tuple[Path, int]]
             group = unmapped_group(spec, name).split(":", 2)[2] if spec.patients.unmapped else p.stem
             prefix = f"{folder}/{group}"
             coverage.unmapped_by_prefix[prefix] = coverage.unmapped_by_prefix.get(prefix, 0) + 1
-    coverage.patients = {folder: len(ids) for folder, ids in patients_of.items()}
     coverage.missing_files = sorted(f"{spec.folder}/{name}" for name in patients if name not in names)
+    _count_patients(coverage, patients_of)
+    return coverage
+
+
+def _count_patients(coverage: PatientCoverage, patients_of: dict[str, set[str]]) -> None:
+    """Each class folder's patients, and the ids found in both classes (the two folders' sets)."""
+    coverage.patients = {folder: len(ids) for folder, ids in patients_of.items()}
     covid_ids, non_covid_ids = patients_of.values()
     coverage.patients_in_both_classes = sorted(covid_ids & non_covid_ids)
-    return coverage
 
 
 def _id_coverage(spec: SiteSpec, samples: Sequence[Sample]) -> PatientCoverage:
@@ -198,9 +203,7 @@ def _id_coverage(spec: SiteSpec, samples: Sequence[Sample]) -> PatientCoverage:
         else:
             coverage.unmapped[folder] += 1
             coverage.unmapped_by_prefix[folder] = coverage.unmapped_by_prefix.get(folder, 0) + 1
-    coverage.patients = {folder: len(ids) for folder, ids in patients_of.items()}
-    covid_ids, non_covid_ids = (patients_of[f] for f in spec.classes)
-    coverage.patients_in_both_classes = sorted(covid_ids & non_covid_ids)
+    _count_patients(coverage, patients_of)
     return coverage
 
 

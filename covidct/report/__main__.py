@@ -147,6 +147,11 @@ def learning_curves(records: Sequence[dict[str, Any]], methods: dict[str, str]) 
     return curves
 
 
+def _joined(records: Sequence[dict[str, Any]], key: str, absent: str) -> str:
+    """The records' distinct values of run.<key>, joined for the provenance ('none' without records)."""
+    return ", ".join(sorted({str(r["run"].get(key, absent)) for r in records})) or "none"
+
+
 def write_report(
     runs: Path,
     out: Path,
@@ -182,15 +187,15 @@ def write_report(
     provenance = {
         "protocol": protocol,
         "selection": selection,
-        "run commits": ", ".join(sorted({r["run"].get("git_commit", "unknown") for r in counted})) or "none",
-        "device": ", ".join(sorted({r["run"].get("device", "unknown") for r in counted})) or "none",
+        "run commits": _joined(counted, "git_commit", "unknown"),
+        "device": _joined(counted, "device", "unknown"),
         "date": finished[-1] if finished else "unknown",  # the newest record's: reruns give the same file
         "runs": f"{len(selected)} of {len(methods) * len(folds) * len(seeds)} "
         f"({len(methods)} methods x folds {folds} x seeds {seeds})"
         if table1
         else f"{len(loso)} leave-one-site-out runs (folds {folds} x seeds {seeds})",
-        "group_by": ", ".join(sorted({r["run"].get("group_by", "?") for r in counted})) or "none",
-        "split_seed": ", ".join(sorted({str(r["run"].get("split_seed", "?")) for r in counted})) or "none",
+        "group_by": _joined(counted, "group_by", "?"),
+        "split_seed": _joined(counted, "split_seed", "?"),
         "patient pooling": report["patient_pooling"],
         **({"reference (t-tests, DeLong)": reference} if table1 else {}),
     }
