@@ -146,7 +146,7 @@ class RequeueableRun:
         self.experiment, self.overrides, self.output_dir = experiment, overrides, Path(output_dir)
 
     def __call__(self) -> dict:
-        from covidct.run import train
+        from covidct.training.fit import train
 
         return train(compose_experiment(self.experiment, self.overrides), self.output_dir)
 

@@ -16,10 +16,10 @@ import torch
 from covidct.errors import ConfigError, TrainingDiverged
 from covidct.methods import Ours
 from covidct.methods.ours import contrastive_loss
-from covidct.run import train
 from covidct.training import CapturedStep, DivergenceGuard, clip_gradients
 from covidct.training import fast_path as fast_path_module
 from covidct.training.captured import make_capturable
+from covidct.training.fit import train
 from tests.helpers import FAST, compose_experiment, fast_path_switches, tiny_method, two_site_batch
 
 CLIP = 2.0

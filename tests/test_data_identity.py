@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from covidct.errors import ConfigError, DataError
-from covidct.run import train
+from covidct.training.fit import train
 from tests.helpers import FAST, cli_env, compose_experiment, run_cli
 
 

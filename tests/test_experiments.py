@@ -17,7 +17,7 @@ from covidct.experiments import Experiment, load_experiments, table1_experiments
 from covidct.methods import Joint, MSNet, Ours, ParallelAdapter, SepNorm, SeriesAdapter, Single
 from covidct.metrics import METRIC_NAMES, STATISTICS
 from covidct.report.table1 import DEFAULT_REFERENCE
-from covidct.run import make_trainer, train
+from covidct.training.fit import make_trainer, train
 from tests.helpers import FAST, compose_experiment
 
 REPO = Path(__file__).resolve().parents[1]

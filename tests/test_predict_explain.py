@@ -33,7 +33,7 @@ from tests.test_dicom import compress, transcode, write_series
 
 
 def _train(phantom_root: Path, out: Path, experiment: str, *overrides: str) -> Path:
-    from covidct.run import train
+    from covidct.training.fit import train
 
     train(compose_experiment(experiment, [f"data.root={phantom_root}", *FAST, *overrides]), out)
     return out

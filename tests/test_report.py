@@ -529,7 +529,7 @@ def test_cli_logs_the_table_to_wandb_offline_unless_asked(tmp_path: Path, monkey
     assert report_main(args) == 0
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
     # a training with logger=wandb in the same process afterwards is offline by its own config, not by the report's
-    from covidct.run import train
+    from covidct.training.fit import train
     from tests.helpers import FAST, compose_experiment
 
     train(compose_experiment("joint", [f"data.root={phantom_root}", *FAST, "logger=wandb"]), tmp_path / "run")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from covidct.errors import ConfigError, DataError, TrainingDiverged, TrainingIncomplete
-from covidct.run import train
+from covidct.training.fit import train
 from tests.helpers import FAST, REPO, RequeueableRun, cli_env, compose_experiment, run_cli
 
 # Full phantom epochs (32 steps) so that a kill lands inside an epoch, not between runs.

@@ -4,7 +4,7 @@ import logging
 import re
 from pathlib import Path
 
-from covidct.run import train
+from covidct.training.fit import train
 from tests.helpers import FAST, compose_experiment, run_cli
 
 

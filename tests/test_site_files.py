@@ -118,6 +118,9 @@ def test_a_patient_table_with_a_repeated_column_or_not_in_utf8_is_refused_by_nam
         ("+data.note=${oc.env:COVIDCT_TEST_SECRET}", "data.note reads the environment"),
         ("data.sites=[A,B,hospital]", "lies outside data.root (absolute, or '..')"),
         ("data.allow_outside_root=maybe", "data.allow_outside_root must be true or false, got 'maybe'"),
+        # Hydra's own report of a key it cannot compose: five lines and a hint at HYDRA_FULL_ERROR
+        ("model.tua=0.1", "cannot compose the config: Could not override 'model.tua' (Key 'tua' is not in struct)"),
+        ("fold=[1", "cannot parse 'fold=[1': no viable alternative at input '[1'"),
         pytest.param(
             "trainer.precision=16-mixed",
             "trainer.precision=16-mixed is fp16 autocast, which needs a GPU",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from covidct.models.adapters import AdaptedConv, SiteConv1x1
-from covidct.run import train
+from covidct.training.fit import train
 from tests.helpers import FAST, RecordingMSNet, compose_experiment, tiny_method
 
 

@@ -140,7 +140,7 @@ def test_an_image_over_pils_pixel_limit_is_named_in_run_and_check(phantom_root: 
     from PIL import Image
 
     from covidct.data.check import check_data
-    from covidct.run import train
+    from covidct.training.fit import train
     from tests.helpers import FAST, compose_experiment
 
     root = tmp_path / "data"

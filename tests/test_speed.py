@@ -10,7 +10,7 @@ import torch
 from covidct.bench import main, reference_losses
 from covidct.errors import ConfigError
 from covidct.models import SiteBatchNorm
-from covidct.run import train
+from covidct.training.fit import train
 from tests.helpers import FAST, compose_experiment, fast_path_switches, grads, tiny_method, two_site_batch
 
 

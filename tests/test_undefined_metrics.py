@@ -10,7 +10,7 @@ import pytest
 
 from covidct.metrics import binary_metrics
 from covidct.report.table1 import collect_results
-from covidct.run import train
+from covidct.training.fit import train
 from tests.helpers import FAST, compose_experiment
 
 
