@@ -95,13 +95,16 @@ bench: setup
 	$(PY) -m covidct.bench --device $(DEVICE) --json $(RESULTS)/bench/bench-$(DEVICE).json \
 		$(if $(wildcard $(DATA)/covid-ct),--data-root "$(DATA)",) --dicom 200 $(BENCH_ARGS)
 
+# the tests run on every core (pytest-xdist, one torch thread a worker: tests/conftest.py); TEST_WORKERS=0 runs them in
+# this process (pdb, -x)
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 ## the fast loop: no slow, real-data or GPU tests (under 3 minutes on 2 CPU cores)
 .PHONY: test-fast
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not real_data and not gpu" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not real_data and not gpu" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

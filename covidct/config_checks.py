@@ -15,13 +15,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from covidct.data.datamodule import checked_repeat
 from covidct.data.folds import MAX_VAL_FRACTION, N_FOLDS
-from covidct.data.sites import split_sites
+from covidct.data.sites import checked_repeat, split_sites
 from covidct.errors import ConfigError
 from covidct.pseudonyms import Pseudonyms
 from covidct.resolvers import without_environment
-from covidct.resume import semantic_config
+from covidct.run_folder import semantic_config
 from covidct.schemas import checked, dotted, rule
 
 FP16_AUTOCAST = ("16", "16-mixed")  # Lightning's names of fp16 mixed precision

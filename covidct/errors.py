@@ -1,5 +1,10 @@
 """Errors that reach the user as one clear message instead of a library traceback."""
 
+import signal
+
+# SIGHUP: the terminal or SSH session closed; treated as SIGTERM, so a run started without nohup keeps its epoch
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
 
 class CovidCTError(Exception):
     """Base class: the CLI prints these as 'error: <message>' and exits non-zero."""

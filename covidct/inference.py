@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from covidct.checkpoints import read_checkpoint
 from covidct.data.dicom import LUNG_WINDOW
 from covidct.data.sites import SiteSpec, find_site, split_sites
 from covidct.data.sources import load_image
@@ -22,7 +23,6 @@ from covidct.errors import ConfigError
 from covidct.methods import SiteMethod, method_class
 from covidct.models.routing import SiteBlocks
 from covidct.models.unseen import UNSEEN_NORMS, has_site_copies, unseen_choices, unseen_site_model
-from covidct.resume import read_checkpoint
 
 DEVICES = ("auto", "cpu", "cuda")
 

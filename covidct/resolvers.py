@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from covidct.data.sites import INTERPOLATION, split_sites
 from covidct.errors import ConfigError
-from covidct.resume import run_id
+from covidct.run_folder import run_id
 
 NO_EXPERIMENT = "adhoc"
 

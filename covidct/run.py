@@ -20,12 +20,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+import covidct.resolvers  # noqa: F401  (registers the config's interpolations, which Hydra resolves first)
 from covidct.cli import cli_errors
-from covidct.errors import ConfigError, RunInterrupted
-from covidct.resume import STOP_SIGNALS
-from covidct.training.fit import train
+from covidct.config_checks import check_config
+from covidct.errors import STOP_SIGNALS, ConfigError, RunInterrupted
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -40,9 +39,6 @@ def silence_known_noise() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
-    # SiteDataModule keeps its sampler's place in every checkpoint and resumes it exactly; Lightning, which
-    # looks for that state on the loader itself, would warn on every mid-epoch resume
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _not_litlogger_advert not in rank_zero.filters:
         rank_zero.addFilter(_not_litlogger_advert)
@@ -52,6 +48,11 @@ def silence_known_noise() -> None:
 def _train_here(cfg: DictConfig) -> int:
     """Train into Hydra's run folder; the exit status (Hydra ignores a task's return value)."""
     silence_known_noise()
+    check_config(cfg)  # before Lightning is imported (5 s on a laptop): a wrong option is one line at once
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from covidct.training.fit import train
+
     previous = {number: signal.signal(number, _stop_outside_training) for number in (signal.SIGINT, signal.SIGHUP)}
     try:
         train(cfg, Path(HydraConfig.get().runtime.output_dir))

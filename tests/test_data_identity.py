@@ -103,7 +103,7 @@ def test_a_warm_started_run_keeps_its_provenance_across_a_kill(phantom_root: Pat
 
 
 def test_warm_start_false_leaves_the_run_folder_names_as_they_were():
-    from covidct.resume import semantic_config
+    from covidct.run_folder import semantic_config
 
     assert "warm_start" not in semantic_config(compose_experiment("joint", []))
     assert semantic_config(compose_experiment("joint", ["warm_start=true"]))["warm_start"] is True

@@ -117,6 +117,7 @@ def test_evaluate_reproduces_the_runs_held_out_predictions(loso_runs, tmp_path: 
     assert provenance["runs"] == "3 leave-one-site-out runs (folds [0] x seeds [643])"
 
 
+@pytest.mark.slow
 def test_a_loso_run_s_predictions_do_not_depend_on_its_eval_batch_size(loso_runs, tmp_path: Path):
     """data.eval_batch_size is left out of the run id, so it must change nothing: AdaBN's statistics are the held-out
     site's own over all its images, however they are batched."""

@@ -466,6 +466,7 @@ def multicentre_export(root: Path, patients: int = 2, slices: int = 3) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_multicentre_jpeg_lossless_export_predicts_per_patient_with_pseudonyms_only(ours_run: Path, tmp_path: Path):
     images = multicentre_export(tmp_path / "export")
     shutil.copy(images / "MRN0000" / "IM0000", images / "DICOMDIR")  # the export's index: not an image

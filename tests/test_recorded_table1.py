@@ -25,7 +25,7 @@ from scipy.stats import mannwhitneyu
 
 from covidct.experiments import table1_experiments
 from covidct.report.__main__ import write_report
-from covidct.resume import run_id
+from covidct.run_folder import run_id
 from tests.helpers import compose_experiment
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "table1-cpu"

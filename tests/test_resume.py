@@ -169,6 +169,7 @@ def test_a_checkpoint_of_another_method_or_backbone_is_refused(phantom_root: Pat
     assert not list(tmp_path.glob("[scn]/metrics.json"))
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_of_other_settings_is_refused_naming_them(phantom_root: Path, tmp_path: Path):
     """A checkpoint of another seed, learning rate and schedule length would resume at learning rate 0 (the cosine
     of its shorter schedule) under a record stating the new settings: refused in one line; its own settings
@@ -387,17 +388,22 @@ def test_slurm_launcher_config():
 
 @pytest.mark.slow
 def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phantom_root: Path, tmp_path: Path):
-    args = ["experiment=joint", f"data.root={phantom_root}", *LONG]
+    """The first run trains far longer than the second takes to start (3 epochs could end first on a fast machine),
+    and is stopped once the second has been refused; the lock goes with its process."""
+    from covidct.run_folder import run_dir_lock
+
+    args = ["experiment=joint", f"data.root={phantom_root}", *LONG[:-1], "trainer.max_epochs=500"]
     first, folder = _start_run(args, tmp_path)
     try:
         second = run_cli(args, tmp_path)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"is in use by another run (pid {first.pid} on" in second.stderr
     finally:
+        first.send_signal(signal.SIGTERM)
         first.wait(timeout=300)
-    assert first.returncode == 0 and (folder / "metrics.json").is_file()
-    again = run_cli(args, tmp_path)  # the lock went with the process
-    assert again.returncode == 0 and "skipping" in again.stdout + again.stderr
+    assert first.returncode == 128 + signal.SIGTERM and not (folder / "metrics.json").exists()
+    with run_dir_lock(folder):  # free again: taking it would refuse otherwise
+        pass
 
 
 @pytest.mark.slow
@@ -472,3 +478,20 @@ def test_a_full_disk_while_writing_the_record_names_the_file(phantom_root: Path,
     with pytest.raises(DataError, match=r"cannot write .*run_config.json \(No space left on device\); free space"):
         train(cfg, tmp_path)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_mid_epoch_checkpoint_of_an_earlier_covidct_is_refused_not_resumed_from_the_epoch_s_start(
+    phantom_root: Path, tmp_path: Path
+):
+    """Earlier versions kept the loader's place in the DataModule's state, which Lightning no longer hands back:
+    resuming such a checkpoint would silently redo its epoch from batch 0 (other batches than an uninterrupted run)."""
+    overrides = [f"data.root={phantom_root}", *FAST, "keep_optimizer_state=true"]
+    train(compose_experiment("joint", overrides), tmp_path / "first")
+    checkpoint = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["loops"]["fit_loop"]["state_dict"] = {}
+    checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"] = False
+    checkpoint["SiteDataModule"] = {"next_batch": {"seed": 643, "epoch": 0, "batch": 1}}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    with pytest.raises(ConfigError, match=r"stopped mid-epoch under an earlier covidct"):
+        train(compose_experiment("joint", [*overrides, f"resume_from={old}"]), tmp_path / "second")

@@ -17,7 +17,7 @@ from covidct.errors import ConfigError, DataError
 from covidct.experiments import registry
 from covidct.models.norms import SiteBatchNorm
 from covidct.records import read_predictions
-from covidct.resume import semantic_config
+from covidct.run_folder import semantic_config
 from tests.helpers import FAST, compose_experiment, run_cli, tiny_method
 from tests.phantoms import hospital_site_config, make_hospital_site, make_phantom_root
 
@@ -52,6 +52,7 @@ def test_the_paper_sites_are_two_site_files_found_by_name_or_alias():
     )
 
 
+@pytest.mark.slow
 def test_every_experiment_runs_on_three_sites_added_by_one_yaml_file(three_sites, tmp_path: Path):
     root, conf = three_sites
     names = [e.name for e in registry()]

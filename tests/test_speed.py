@@ -50,6 +50,7 @@ def test_channels_last_and_bf16_stay_within_tolerance(model_and_batch):
     assert bf16 == pytest.approx(reference, rel=5e-2)
 
 
+@pytest.mark.slow
 def test_bench_runs_on_cpu_and_writes_json(phantom_root: Path, tmp_path: Path):
     out = tmp_path / "bench.json"
     args = ["--device", "cpu", "--image-size", "32", "--width", "0.125", "--steps", "2", "--warmup", "1"]

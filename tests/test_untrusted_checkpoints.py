@@ -80,6 +80,7 @@ def test_predict_evaluate_and_explain_refuse_it(
     _refused(_cli(f"covidct.{command}", f"ckpt={crafted}", *args), crafted, marker)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["resume_from", "warm_start", "last.ckpt"])
 def test_a_run_refuses_it_to_resume_or_warm_start_from(
     how: str, trained: Path, phantom_root: Path, tmp_path: Path
@@ -98,6 +99,7 @@ def test_a_run_refuses_it_to_resume_or_warm_start_from(
     _refused(_cli("covidct.run", *args), crafted, marker)
 
 
+@pytest.mark.slow
 def test_a_crafted_file_among_a_finished_runs_checkpoints_is_left_unread(
     trained: Path, phantom_root: Path, tmp_path: Path
 ) -> None:

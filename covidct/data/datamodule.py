@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from covidct.data.cache import DecodedImageCache, default_cache_dir
 from covidct.data.folds import FEW_IMAGES_PER_CLASS, N_FOLDS, split_fold, validation_rounding
 from covidct.data.sampler import SiteBalancedBatchSampler, SiteEpochDraws, collate_with_site_layout
-from covidct.data.sites import PAPER_SITES, SiteSpec, split_sites
+from covidct.data.sites import PAPER_SITES, SiteSpec, checked_repeat, split_sites
 from covidct.data.sources import Sample, list_site, scan_site
 from covidct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropFlip, normalize_images
 from covidct.errors import ConfigError
@@ -37,8 +37,9 @@ def init_loader_worker(worker_id: int) -> None:
 
 
 class TrainLoader(DataLoader):
-    """The training loader, which knows where in its epoch it is: `next_batch` is the (epoch, batch) it hands
-    out next, what a checkpoint stores so that a resumed run continues with exactly that batch.
+    """The training loader, which knows where in its epoch it is. Lightning checkpoints its `state_dict` (the seed,
+    the epoch and the batch it hands out next) and gives it to a resumed run's loader, so that run continues with
+    exactly that batch; an epoch-end checkpoint's next epoch starts at its first batch (the sampler's set_epoch).
 
     Its sampler is read when the first batch is requested, not when Lightning asks for an iterator (which
     happens before it sets a resumed run's epoch), so loader workers never prefetch the wrong epoch.
@@ -55,10 +56,18 @@ class TrainLoader(DataLoader):
             self._position += 1
             yield batch
 
-    def next_batch(self, batches_per_epoch: int) -> tuple[int, int]:
-        """(epoch, batch) of the next batch, given how many batches the loop runs per epoch."""
-        done = self._position >= batches_per_epoch
-        return (self._epoch + 1, 0) if done else (self._epoch, self._position)
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.batch_sampler.sampler.seed, "epoch": self._epoch, "batch": self._position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        draws = self.batch_sampler.sampler
+        if state_dict["seed"] != draws.seed:
+            log.warning(
+                "the checkpoint drew its batches with seed %s; this run continues with seed %s",
+                state_dict["seed"],
+                draws.seed,
+            )
+        draws.resume_at(int(state_dict["epoch"]), int(state_dict["batch"]))
 
 
 class SiteImageDataset(Dataset):
@@ -100,31 +109,6 @@ class SiteImageDataset(Dataset):
             "site": self.site_ids[sample.site],
             "file": sample.name,
         }
-
-
-PAPER_REPEAT = {"B": 4}  # site B's 4 passes per epoch: the authors' setting (auto would give 3 on fold 0)
-
-
-def checked_repeat(repeat: Mapping[str, int] | str | None, specs: Sequence[SiteSpec]) -> dict[str, int] | str:
-    """data.repeat as a {site name: passes} dict (aliases such as covid_ct allowed; the paper's sites may be
-    named while not in the run: single-site mode) or 'auto', or a ConfigError naming what is wrong
-    (check_config calls it too, before any work)."""
-    if repeat is None:
-        return dict(PAPER_REPEAT)
-    if isinstance(repeat, str):
-        if repeat != "auto":
-            raise ConfigError(f"data.repeat must be 'auto' or a mapping such as {{B: 4}}, got {repeat!r}.")
-        return repeat
-    names = {alias: spec.name for spec in specs for alias in (spec.name, *spec.aliases)}
-    names |= {site: site for site in PAPER_SITES}
-    factors = {}
-    for site, factor in dict(repeat).items():
-        if site not in names:
-            raise ConfigError(f"data.repeat names site {site!r}; the sites are {', '.join(s.name for s in specs)}.")
-        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-            raise ConfigError(f"data.repeat: site {site}'s factor must be an integer >= 1, got {factor!r}.")
-        factors[names[site]] = factor
-    return factors
 
 
 class SiteDataModule(pl.LightningDataModule):
@@ -207,8 +191,6 @@ class SiteDataModule(pl.LightningDataModule):
         self.splits: dict[str, dict[str, list[Sample]]] = {}
         self.unread: dict[str, list[str]] = {}  # site -> what its folder holds that is not read
         self._warmed = False
-        self._train_loader: TrainLoader | None = None
-        self._resume_at: dict[str, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """The folds, then every image decoded into the cache (once per DataModule)."""
@@ -302,29 +284,7 @@ class SiteDataModule(pl.LightningDataModule):
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         draws = SiteEpochDraws(site_indices, repeats, self.batch_per_site, self.seed, rank, world_size)
-        if self._resume_at is not None:
-            draws.resume_at(self._resume_at["epoch"], self._resume_at["batch"])
-            self._resume_at = None
-        self._train_loader = self._loader(dataset, TrainLoader, batch_sampler=SiteBalancedBatchSampler(draws))
-        return self._train_loader
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where training stands in its draws, (seed, epoch, batch) of the next batch: saved in checkpoints."""
-        if self._train_loader is None or self.trainer is None:
-            return {}
-        epoch, batch = self._train_loader.next_batch(self.trainer.num_training_batches)
-        return {"next_batch": {"seed": self.seed, "epoch": epoch, "batch": batch}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed run's first epoch continues the checkpoint's draws from its next batch."""
-        at = state_dict.get("next_batch")
-        if at is None:
-            return
-        if at["seed"] != self.seed:
-            log.warning(
-                "the checkpoint drew its batches with seed %s; this run continues with seed %s", at["seed"], self.seed
-            )
-        self._resume_at = {"epoch": int(at["epoch"]), "batch": int(at["batch"])}
+        return self._loader(dataset, TrainLoader, batch_sampler=SiteBalancedBatchSampler(draws))
 
     def site_ids(self) -> dict[str, int]:
         """Each training site's index in batches and site-routed layers: its place in `sites`."""

@@ -413,3 +413,28 @@ def regex_patient(spec: SiteSpec, path: Path, required: bool = True) -> str:
             "rename it, fix the pattern, or use data.group_by=image."
         )
     return match.group(1) if match.groups() else match.group(0)
+
+
+PAPER_REPEAT = {"B": 4}  # site B's 4 passes per epoch: the authors' setting (auto would give 3 on fold 0)
+
+
+def checked_repeat(repeat: Mapping[str, int] | str | None, specs: Sequence[SiteSpec]) -> dict[str, int] | str:
+    """data.repeat as a {site name: passes} dict (aliases such as covid_ct allowed; the paper's sites may be
+    named while not in the run: single-site mode) or 'auto', or a ConfigError naming what is wrong
+    (check_config calls it too, before any work)."""
+    if repeat is None:
+        return dict(PAPER_REPEAT)
+    if isinstance(repeat, str):
+        if repeat != "auto":
+            raise ConfigError(f"data.repeat must be 'auto' or a mapping such as {{B: 4}}, got {repeat!r}.")
+        return repeat
+    names = {alias: spec.name for spec in specs for alias in (spec.name, *spec.aliases)}
+    names |= {site: site for site in PAPER_SITES}
+    factors = {}
+    for site, factor in dict(repeat).items():
+        if site not in names:
+            raise ConfigError(f"data.repeat names site {site!r}; the sites are {', '.join(s.name for s in specs)}.")
+        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+            raise ConfigError(f"data.repeat: site {site}'s factor must be an integer >= 1, got {factor!r}.")
+        factors[names[site]] = factor
+    return factors

@@ -24,11 +24,11 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
+from covidct.checkpoints import RUN_IDENTITY_KEY, RUN_SETTINGS_KEY
 from covidct.errors import ConfigError
 from covidct.metrics import DECISION_THRESHOLD
 from covidct.models import CovidNet
 from covidct.models.routing import Sites, batch_sites
-from covidct.resume import RUN_IDENTITY_KEY, RUN_SETTINGS_KEY
 from covidct.training.clipping import clip_gradients
 
 EVAL_STAGES = ("val", "test")

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from covidct.atomic import atomic_write
+from covidct.checkpoints import check_checkpoint, read_checkpoint, resume_point
 from covidct.config_checks import check_config
 from covidct.data.sources import patient_folders
 from covidct.errors import ConfigError, CovidCTError, DataError, TrainingIncomplete
@@ -25,15 +26,7 @@ from covidct.pseudonyms import Pseudonyms
 from covidct.records import METRICS_FILE, git_commit, write_run_record
 from covidct.report.curves import roc_curve
 from covidct.resolvers import recorded_config  # also registers the config's interpolations
-from covidct.resume import (
-    LAST_CHECKPOINT,
-    check_checkpoint,
-    prepare_run_dir,
-    read_checkpoint,
-    resume_point,
-    run_dir_lock,
-    run_settings,
-)
+from covidct.run_folder import LAST_CHECKPOINT, prepare_run_dir, run_dir_lock, run_settings
 from covidct.scoring import unseen_results, unseen_site_rows
 
 log = logging.getLogger("covidct.run")  # the name users filter on, as for every job's log
