@@ -82,6 +82,7 @@ def test_the_norm_choices_differ_as_defined(loso_runs):
     assert mean != a and mean != b
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_runs_held_out_predictions(loso_runs, tmp_path: Path, capsys):
     """The evaluate CLI on the run's checkpoint gives the run's own unseen-site predictions, every choice."""
     for experiment in ("ours", "single"):

@@ -167,6 +167,7 @@ def test_table1_md_shows_the_csv_numbers() -> None:
             assert any(cell in text for cell in shown), row
 
 
+@pytest.mark.slow
 def test_the_report_regenerates_byte_identically_from_the_committed_records(tmp_path: Path) -> None:
     write_report(RUNS, tmp_path, "cpu", FOLDS, SEEDS)
     for name in TEXT_OUTPUTS:
@@ -219,6 +220,7 @@ def test_training_losses_come_from_the_csv_log_and_a_resumed_attempt_overrides(t
     assert read_training_losses(tmp_path / "elsewhere") == []
 
 
+@pytest.mark.slow
 def test_every_committed_run_keeps_its_id_under_todays_config() -> None:
     """make table1 / make loso find a committed run by its folder's id, the hash of its semantic config: a
     renamed class or a new option must leave it as it was (covidct/resume.py: INERT_DEFAULTS, RECORDED_TARGETS)."""

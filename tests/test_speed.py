@@ -108,7 +108,14 @@ def test_compile_switch_compiles_the_trunk_that_methods_call():
     assert model.net.features is not plain and hasattr(model.net.features, "_torchdynamo_orig_callable")
 
 
-@pytest.mark.parametrize("experiment", ["ours", "single", "msnet"])
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        "ours",
+        pytest.param("single", marks=pytest.mark.slow),
+        pytest.param("msnet", marks=pytest.mark.slow),
+    ],
+)
 def test_the_compiled_step_traces_whole_once_and_computes_the_eager_loss(experiment, monkeypatch):
     """A graph break (a host sync, say) or a recompile per batch in a compiled module would also break the
     captured step that compiling runs inside on a GPU (callbacks.fast_path.cuda_graph). Traced here with the

@@ -64,7 +64,14 @@ def test_the_crafted_file_would_run_its_code_if_unpickled(trained: Path, tmp_pat
     assert marker.exists()
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate", "explain"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "predict",
+        pytest.param("evaluate", marks=pytest.mark.slow),
+        pytest.param("explain", marks=pytest.mark.slow),
+    ],
+)
 def test_predict_evaluate_and_explain_refuse_it(
     command: str, trained: Path, phantom_root: Path, tmp_path: Path
 ) -> None:
