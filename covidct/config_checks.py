@@ -48,7 +48,7 @@ class RunOptions:
     split_seed: int = _integer(0, SEED_MAX)
     max_epochs: int = _integer(1, block="trainer")
     image_size: int = _integer(32, block="data")
-    batch_per_site: int = _integer(2, block="data")
+    batch_per_site: int = _integer(2, block="data")  # each site's BatchNorm needs 2 samples
     eval_batch_size: int = _integer(1, block="data")
     num_workers: int | None = _integer(0, block="data", null=" (or null for the default)")
     val_fraction: float | None = _number(0.0, True, MAX_VAL_FRACTION, "data")  # above, 1 / v parts would hold 1/2

@@ -160,14 +160,6 @@ class SiteDataModule(pl.LightningDataModule):
         # stored by name, with their specs: a checkpoint rebuilds its sites on any machine, without the files
         self.hparams.update(sites=self.sites, test_sites=self.unseen_sites)
         self.hparams["site_specs"] = {name: spec.as_dict() for name, spec in self.specs.items()}
-        if not 0 <= fold < N_FOLDS:
-            raise ConfigError(f"fold must be in 0..{N_FOLDS - 1}, got {fold}.")
-        if batch_per_site < 2:
-            raise ConfigError(
-                f"data.batch_per_site must be at least 2 (each site's BatchNorm needs 2 samples), got {batch_per_site}."
-            )
-        if image_size < 32:
-            raise ConfigError(f"data.image_size must be at least 32, got {image_size}.")
         self.root = Path(root)
         self.fold = fold
         self.split_seed = split_seed
