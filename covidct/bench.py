@@ -423,12 +423,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`, as the run options hold data.image_size and data.batch_per_site."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidct.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on GPU, 64 on CPU")
-    parser.add_argument("--batch-per-site", type=int, default=16)
+    parser.add_argument("--image-size", type=_at_least(32), default=None, help="default: 224 on GPU, 64 on CPU")
+    parser.add_argument("--batch-per-site", type=_at_least(2), default=16)  # each BatchNorm needs 2
     parser.add_argument("--width", type=float, default=None, help="default: 1.0 on GPU, 0.25 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 GPU, 2 CPU)")

@@ -30,8 +30,9 @@ def _size_of_last(filepath: str) -> str:
 
 
 class AtomicCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that writes to a temp file and renames it, so a kill mid-write never corrupts
-    the checkpoint a rerun resumes from."""
+    """ModelCheckpoint that writes to a temp file beside the checkpoint and renames it, so a kill mid-write never
+    corrupts the checkpoint a rerun resumes from. Lightning's own save stages the file in the system's temp folder
+    and moves it: a copy, not a rename, where that folder is another file system."""
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if not trainer.is_global_zero:  # writes nothing on the other ranks, but they must join its barrier
@@ -58,11 +59,14 @@ class LastCheckpoint(AtomicCheckpoint):
     """The checkpoint a rerun resumes from, so that a stopped run loses at most `every_minutes` of training:
     written at every epoch's end, after the first step that ends `every_minutes` or more after the last one
     was written, and, on SIGINT (Ctrl-C), SIGTERM or SIGHUP, after the step in progress, before the run stops with
-    RunInterrupted. A second Ctrl-C stops at once. Mid-epoch checkpoints hold the sampler's next batch
-    (SiteDataModule.state_dict), so the resumed run sees exactly the batches an uninterrupted one would.
+    RunInterrupted. A second Ctrl-C stops at once. Mid-epoch checkpoints hold the loader's next batch
+    (TrainLoader.state_dict, which Lightning checkpoints), so the resumed run sees exactly the batches an
+    uninterrupted one would.
     The last step of an epoch is never saved on its own: the epoch's own checkpoint follows it, after the
     epoch-end work (schedule step, validation) that a resume from that step would skip; nor is a step in the
-    middle of a gradient accumulation. Under DDP the ranks agree every RANKS_AGREE_EVERY steps."""
+    middle of a gradient accumulation. Under DDP the ranks agree every RANKS_AGREE_EVERY steps.
+    Not ModelCheckpoint's `train_time_interval`: Lightning refuses it beside epoch-end saving (the two are mutually
+    exclusive there), and it would save an epoch's last step and steps inside an accumulation."""
 
     def __init__(self, every_minutes: float | None = 10.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)

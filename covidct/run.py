@@ -19,6 +19,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from omegaconf import DictConfig
 
 import covidct.resolvers  # noqa: F401  (registers the config's interpolations, which Hydra resolves first)
@@ -119,8 +120,10 @@ def compose_problem(argv: list[str]) -> str | None:
     """Why Hydra cannot compose the config `argv` asks for (a multirun's first job), if it cannot, in one line:
     Hydra's own report of an unknown key (`model.tua=0.1`), a missing choice or a bad override is several lines
     and a hint at HYDRA_FULL_ERROR, printed after the sweep has begun."""
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
-        return None  # another config folder, or Hydra only prints (--cfg, --help, ...): Hydra's own handling
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv) or any(
+        a.startswith(("hydra.sweeper.", "hydra.mode=")) for a in argv
+    ):
+        return None  # another config folder, Hydra only prints (--cfg, --help, ...), or sweeps it: Hydra's own handling
     overrides = [a for a in argv if not a.startswith("-")]
     parser = OverridesParser.create()
     multirun = "-m" in argv or "--multirun" in argv
@@ -130,6 +133,8 @@ def compose_problem(argv: list[str]) -> str | None:
         except Exception as err:  # Hydra's parse error, which for a whole list would not name the override
             return f"cannot parse {text!r}: " + _one_line(err)
         if multirun and override.is_sweep_override():
+            if override.value_type in (ValueType.GLOB_CHOICE_SWEEP, ValueType.INTERVAL_SWEEP):
+                return None  # a glob or an interval: the sweeper (its launcher) expands it
             overrides[index] = f"{override.get_key_element()}={next(override.sweep_string_iterator())}"
     try:
         with initialize_config_dir(str(CONF), version_base="1.3"):

@@ -27,7 +27,7 @@ from covidct.atomic import atomic_write_text
 from covidct.errors import ConfigError, DataError
 from covidct.records import METRICS_FILE, read_run_record
 
-log = logging.getLogger("covidct.resume")
+log = logging.getLogger("covidct.run_folder")
 RUN_CONFIG_FILE = "run_config.json"
 DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 LOCK_FILE = ".lock"
@@ -115,13 +115,13 @@ def run_dir_lock(output_dir: Path, wait: bool = False) -> Iterator[None]:
     """An exclusive lock on a run folder for as long as its run lives, so two identical runs never write one
     checkpoint at once: the second refuses in one line naming the holder (or, with `wait`, waits for it to end,
     then skips or resumes as usual). Taken by a run's first process only (its DDP ranks share the folder) with
-    filelock (flock, released by the system however the process ends; its own marker file where a file system
-    has no flock)."""
+    filelock's flock, released by the system however the process ends (on a file system without flock, such as
+    some network mounts, the run warns and goes on unlocked)."""
     if any(os.environ.get(name, "0") != "0" for name in _RANK_VARIABLES):
         yield
         return
     path = Path(output_dir) / LOCK_FILE
-    lock = FileLock(path, timeout=0)
+    lock = FileLock(path, timeout=0, fallback_to_soft=False)  # a soft marker would outlive a killed run
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _acquire(lock, wait)
@@ -130,9 +130,8 @@ def run_dir_lock(output_dir: Path, wait: bool = False) -> Iterator[None]:
         yield
         return
     try:
-        if not _soft_marker(lock):  # filelock's own marker holds the holder where it has no flock
-            since = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            path.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
+        since = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        path.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {since}")
         yield
     finally:
         lock.release()
@@ -151,15 +150,6 @@ def _acquire(lock: FileLock, wait: bool) -> None:
             ) from None
         log.info("%s is in use by another run (%s): waiting for it", folder, holder)
         lock.acquire(timeout=-1)
-
-
-def _soft_marker(lock: FileLock) -> bool:
-    """Whether filelock fell back on its marker file (a file system without flock): its `pid` exists only then."""
-    try:
-        lock.pid  # noqa: B018
-    except AttributeError:
-        return False
-    return True
 
 
 def fingerprint_change(saved: Any, current: dict[str, dict[str, str]]) -> str | None:

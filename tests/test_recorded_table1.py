@@ -223,7 +223,7 @@ def test_training_losses_come_from_the_csv_log_and_a_resumed_attempt_overrides(t
 @pytest.mark.slow
 def test_every_committed_run_keeps_its_id_under_todays_config() -> None:
     """make table1 / make loso find a committed run by its folder's id, the hash of its semantic config: a
-    renamed class or a new option must leave it as it was (covidct/resume.py: INERT_DEFAULTS, RECORDED_TARGETS)."""
+    renamed class or a new option must leave it as it was (covidct/run_folder.py: INERT_DEFAULTS, RECORDED_TARGETS)."""
     loso = sorted(p.parent for p in (RESULTS.parent / "loso-cpu" / "runs").rglob("metrics.json"))
     for folder in [*_run_dirs(), *loso]:
         run = json.loads((folder / "metrics.json").read_text())["run"]

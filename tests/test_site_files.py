@@ -176,3 +176,26 @@ def test_a_run_says_what_it_skips_as_data_check_does_and_records_what_ran(phanto
     assert record["config"]["data"]["root"] == "${oc.env:COVIDCT_DATA,data}"  # where it came from, as written
     assert record["config"]["data"]["cache_dir"] == "${oc.env:COVIDCT_CACHE,null}"
     assert os.fspath(tmp_path / "c") not in record_path.read_text()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "experiment=glob(*)", "fold=0"],  # the sweeper expands globs and intervals, not the check
+        ["-m", "experiment=ours", "model.optimizer.lr=interval(0.001,0.1)"],
+        ["experiment=ours", "hydra.mode=MULTIRUN", "fold=0,1"],  # a multirun without -m
+        ["-m", "experiment=ours,joint", "fold=0,1,2,3", "seed=range(643,646)", "data.test_sites=[A],[B]"],
+        ["-m", "experiment=ours", "+protocol=cpu", "hydra/launcher=joblib"],
+    ],
+)
+def test_the_compose_check_passes_every_sweep_hydra_runs(argv: list[str]):
+    from covidct.run import compose_problem
+
+    assert compose_problem(argv) is None
+
+
+def test_the_compose_check_reads_a_multirun_s_first_job():
+    from covidct.run import compose_problem
+
+    argv = ["-m", "experiment=ours,joint", "fold=0,1", "seed=range(643,646)", "model.tua=0.1"]
+    assert compose_problem(argv).startswith("cannot compose the config: Could not override 'model.tua'")
