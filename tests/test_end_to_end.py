@@ -4,6 +4,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from covidct.data.sources import scan_site
 from covidct.metrics import STATISTICS
 from covidct.pseudonyms import Pseudonyms
@@ -66,6 +68,7 @@ def test_missing_data_root_is_one_clear_line(tmp_path: Path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_data_root_that_is_a_file_is_one_clear_line(tmp_path: Path):
     (tmp_path / "data.zip").write_bytes(b"PK")
     result = run_cli(["experiment=ours", f"data.root={tmp_path / 'data.zip'}", "trainer.max_epochs=1"], tmp_path)

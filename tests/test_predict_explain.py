@@ -578,6 +578,7 @@ def test_evaluate_and_explain_never_write_over_a_record_or_an_earlier_output_una
     assert not list(out.glob(".*.tmp"))  # written atomically: no temp file left behind
 
 
+@pytest.mark.slow
 def test_a_folder_kind_site_s_patient_folders_are_pseudonyms_in_the_record_and_explain_finds_them(tmp_path: Path):
     """A hospital site whose patients are its folders (covid/P100/slice00.png): the run record shows neither the
     patient ids nor the folders; explain, holding the key, finds the images again and names them as the record."""

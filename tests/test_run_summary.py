@@ -4,6 +4,8 @@ import logging
 import re
 from pathlib import Path
 
+import pytest
+
 from covidct.training.fit import train
 from tests.helpers import FAST, compose_experiment, run_cli
 
@@ -25,6 +27,7 @@ def test_a_run_announces_itself_and_estimates_its_time(phantom_root: Path, tmp_p
     assert "epoch 2/2 done in" in text and "training time left 0:00" in text
 
 
+@pytest.mark.slow
 def test_the_progress_bar_shows_the_epoch_out_of_the_total_and_the_run_s_time_left(phantom_root: Path, tmp_path: Path):
     args = ["experiment=joint", f"data.root={phantom_root}", *FAST, "trainer.max_epochs=2"]
     result = run_cli([*args, "trainer.enable_progress_bar=true"], tmp_path)

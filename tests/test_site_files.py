@@ -144,6 +144,7 @@ def test_data_settings_that_ended_in_a_traceback_or_wrong_numbers_are_one_line(
     assert not list(tmp_path.glob("**/metrics.json"))
 
 
+@pytest.mark.slow
 def test_a_run_says_what_it_skips_as_data_check_does_and_records_what_ran(phantom_copy: Path, tmp_path: Path, capsys):
     """Images in a subfolder of a class folder (and a broken symlink) used to be dropped from runs unsaid;
     data.val_fraction=0.3 holds out 1/3 and says so; the record states the precision that ran, and keeps
