@@ -39,6 +39,11 @@ def cli_errors(main: Callable[P, int | None]) -> Callable[P, int | None]:
     return guarded
 
 
+def usage(doc: str) -> str:
+    """A command's usage line: the first `...` span of its module docstring, on one line (the two cannot differ)."""
+    return " ".join(doc.split("`")[1].split())
+
+
 def parse_args(schema: type, argv: Sequence[str] | None, usage: str) -> Any:
     """key=value arguments over a dataclass of defaults; unknown, missing or mistyped keys become ConfigErrors."""
     argv = sys.argv[1:] if argv is None else list(argv)

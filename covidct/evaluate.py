@@ -24,24 +24,19 @@ from typing import Any
 import torch
 from omegaconf import MISSING
 
-from covidct.cli import cli_errors, parse_args
+from covidct.cli import cli_errors, parse_args, usage
 from covidct.data.folds import split_fold
 from covidct.data.sites import SiteSpec, check_folder_inside, find_site, site_from_dict
 from covidct.data.sources import Sample, patient_folders, scan_site
 from covidct.errors import ConfigError
-from covidct.metrics import evaluate as evaluate_rows
+from covidct.metrics import recomputed_test
 from covidct.models.unseen import check_choice
 from covidct.outputs import check_outputs
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import EVALUATION, METRICS_FILE, PREDICTIONS_FILE, UNSEEN_COLUMN, git_commit, write_run_record
-from covidct.scoring import prediction_row, site_probabilities, unseen_results, unseen_site_rows
+from covidct.scoring import prediction_row, site_probabilities, unseen_site_rows
 
-USAGE = (
-    "python -m covidct.evaluate ckpt=PATH site=NAME|FILE.yaml|FOLDER [out=DIR] "
-    "[unseen_norm=all|adabn|mean|site:<name>] ['classes={covid: 1, normal: 0}'] [window=[-600,1500]] "
-    "[data_root=DIR] [batch_size=32] [device=auto|cpu|cuda] [patient_ids=pseudonym|raw] [pseudonym_key=PATH] "
-    "[overwrite=false]"
-)
+USAGE = usage(__doc__)
 
 
 # The CLI ----------------------------------------------------------------------------------------------------
@@ -158,13 +153,10 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
     else:
         choices = None if args.unseen_norm == "all" else [args.unseen_norm]
         rows = unseen_site_rows(model.method, spec.name, samples, images, choices)
-    patient_sites = [spec.name] if any(s.patient for s in samples) else []
     selection = selection_of(Path(args.ckpt))
     checkpoint = str(Path(args.ckpt).resolve())
-    if trained:
-        result = {"checkpoint": checkpoint, **evaluate_rows(rows, patient_sites, "mean")}
-    else:
-        result = {"checkpoint": checkpoint, "images": {}, "patients": {}, "unseen": unseen_results(rows, patient_sites)}
+    rows = [{"selection": selection, **r} for r in rows]
+    result = recomputed_test({selection: {"checkpoint": checkpoint}}, rows, "mean")[selection]
     part = f"fold {model.data['fold']}'s test part" if trained else "every image"
     run = {
         "experiment": EVALUATION,
@@ -184,7 +176,7 @@ def evaluate_checkpoint(args: EvaluateArgs) -> Path:
         | ({} if trained else {"test_sites": [spec.name]}),
     }
     folders = {r["patient"]: patient_folders(spec, r["file"]) for r in rows}
-    shown = pseudonyms.rows([{"selection": selection, **r} for r in rows], folders)
+    shown = pseudonyms.rows(rows, folders)
     path = write_run_record(out, {selection: result}, shown, run, {})
     curves = {}
     for how in dict.fromkeys(r.get(UNSEEN_COLUMN, "") for r in rows):

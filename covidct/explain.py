@@ -1,7 +1,7 @@
 """Grad-CAM overlays of test images per site, as in the paper's Figs. 4 and 5.
 
-`python -m covidct.explain ckpt=PATH [site=A|B|NAME|all] [n=8] [files=[...]] [data_root=DIR] [predictions=PATH]
-[out=DIR] [device=cpu|cuda|auto] [seed=0] [overwrite=false] [pseudonym_key=PATH]`
+`python -m covidct.explain ckpt=PATH [site=A|B|NAME|all] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR]
+[predictions=PATH] [out=DIR] [device=cpu|cuda|auto] [seed=0] [overwrite=false] [pseudonym_key=PATH]`
 
 By default the images are drawn from the run's predictions.csv (`<run>/predictions.csv`, the run folder
 being two levels above the checkpoint): up to n per site, half of them misclassified when there are
@@ -36,7 +36,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from covidct.atomic import atomic_write_text
-from covidct.cli import cli_errors, parse_args
+from covidct.cli import cli_errors, parse_args, usage
 from covidct.data.sites import SiteSpec
 from covidct.data.sources import COVID, patient_folders, scan_site
 from covidct.errors import ConfigError, DataError
@@ -49,10 +49,7 @@ from covidct.pseudonyms import Pseudonyms
 from covidct.records import PREDICTIONS_FILE, read_predictions, read_run_record
 from covidct.report.curves import save_figure
 
-USAGE = (
-    "python -m covidct.explain ckpt=PATH [site=A|B|NAME|all] [n=8] [files=[CLASS/FILE,...]] [data_root=DIR] "
-    "[predictions=PATH] [out=DIR] [device=cpu|cuda|auto] [seed=0] [overwrite=false] [pseudonym_key=PATH]"
-)
+USAGE = usage(__doc__)
 GRID_COLUMNS = 4
 TILE_TITLE_WIDTH = 38  # characters of a 7-pt title line that fit over a tile
 TITLE_CHARS_PER_INCH = 11  # of the 10-pt figure title

@@ -20,9 +20,12 @@ from torchmetrics.functional.classification import (
     binary_recall,
 )
 
+from covidct.records import UNSEEN_COLUMN
+
 METRIC_NAMES = ("acc", "f1", "recall", "precision", "auc")  # Table I's
 ECE_BINS = 15
 PATIENT_POOLINGS = ("mean", "max")
+LEVELS = ("images", "patients")  # a test section's: per image, and per patient where a site has patient ids
 DECISION_THRESHOLD = 0.5  # P(COVID) above it predicts COVID: torchmetrics' default, so the logged metrics agree
 
 # Every statistic of a set of predictions, by name: (P(COVID) as float64, labels as long) -> a scalar. The run
@@ -109,3 +112,30 @@ def evaluate(rows: Sequence[Mapping[str, Any]], patient_sites: Iterable[str], po
     if undefined:
         result["undefined"] = undefined
     return result
+
+
+def patient_sites(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The sites whose predictions carry patient ids (as a run's test part does: they get patient-level
+    results)."""
+    return sorted({row["site"] for row in rows if row["patient"]})
+
+
+def recomputed_test(test: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], pooling: str) -> dict[str, Any]:
+    """A record's `test` section computed from its prediction rows: per checkpoint selection the seen sites'
+    images and patients (pooled by `pooling`) and each unseen-site norm choice's; what else a selection holds (its
+    checkpoint, epoch, validation AUC) is kept. What a run, an evaluation and the report (from predictions.csv)
+    all compute, so the three cannot differ."""
+    with_patients = patient_sites(rows)
+    out: dict[str, Any] = {}
+    for selection, result in test.items():
+        mine = [row for row in rows if row["selection"] == selection]
+        seen = [row for row in mine if not row.get(UNSEEN_COLUMN)]
+        kept = {key: value for key, value in result.items() if key not in (*LEVELS, "undefined", "unseen")}
+        out[selection] = {**kept, **evaluate(seen, with_patients, pooling)}
+        choices = list(dict.fromkeys(row[UNSEEN_COLUMN] for row in mine if row.get(UNSEEN_COLUMN)))
+        if choices:
+            out[selection]["unseen"] = {
+                how: evaluate([row for row in mine if row.get(UNSEEN_COLUMN) == how], with_patients, pooling)
+                for how in choices
+            }
+    return out

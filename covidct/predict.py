@@ -29,7 +29,7 @@ import torch
 from omegaconf import MISSING
 
 from covidct.atomic import atomic_write_text
-from covidct.cli import cli_errors, parse_args
+from covidct.cli import cli_errors, parse_args, usage
 from covidct.csvfiles import csv_text
 from covidct.data.decoding import Decoded, DecodedImages, chunks
 from covidct.data.dicom import CtSlice, ct_series, is_dicom
@@ -43,11 +43,7 @@ from covidct.pseudonyms import Pseudonyms, key_file
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # decoding is the bottleneck of a DICOM series on a CPU
 CSV_COLUMNS = ("file", "prob_covid", "prediction", "error")
 PATIENT_COLUMNS = ("patient", "series", "slices", "unreadable", "prob_mean", "prob_max", "prediction")
-USAGE = (
-    "python -m covidct.predict ckpt=PATH images=DIR site=A|B|NAME [recursive=false] [out=predictions.csv] "
-    "[unseen_norm=adabn|mean|site:<name>] [window=[-600,1500]] [batch_size=32] [device=cpu|cuda|auto] [threshold=0.5] "
-    "[workers=N] [patient_ids=pseudonym|raw] [pseudonym_key=PATH] [overwrite=false]"
-)
+USAGE = usage(__doc__)
 
 
 @dataclass

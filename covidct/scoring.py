@@ -6,7 +6,7 @@ metrics. The test step of training (methods/base.py), leave-one-site-out runs (c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +14,6 @@ import torch
 from covidct.data.sources import Sample
 from covidct.errors import DataError
 from covidct.methods import SiteMethod
-from covidct.metrics import evaluate as evaluate_rows
 from covidct.models.routing import SiteBlocks
 from covidct.models.unseen import unseen_choices, unseen_site_model
 from covidct.records import UNSEEN_COLUMN
@@ -59,10 +58,3 @@ def prediction_row(sample: Sample, prob_covid: float) -> dict[str, Any]:
         "label": sample.label,
         "prob_covid": prob_covid,
     }
-
-
-def unseen_results(rows: Sequence[Mapping[str, Any]], patient_sites: Iterable[str]) -> dict[str, Any]:
-    """{choice: {"images": {site: metrics}, "patients": {site: metrics}}} of the rows of unseen sites."""
-    choices = list(dict.fromkeys(r[UNSEEN_COLUMN] for r in rows))
-    sites = list(patient_sites)
-    return {how: evaluate_rows([r for r in rows if r[UNSEEN_COLUMN] == how], sites, "mean") for how in choices}

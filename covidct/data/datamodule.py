@@ -325,10 +325,6 @@ class SiteDataModule(pl.LightningDataModule):
     def has_validation(self) -> bool:
         return any(parts["val"] for parts in self.splits.values())
 
-    def sites_with_patients(self) -> list[str]:
-        """Sites whose images carry patient ids: they get patient-level results too."""
-        return [site for site, parts in self.splits.items() if any(s.patient for s in parts["test"])]
-
     def test_patients(self) -> dict[tuple[str, str], str]:
         """(site, file) -> patient id ('' where unknown) of every test image."""
         return {(site, s.name): s.patient for site, parts in self.splits.items() for s in parts["test"]}

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler, default_collate
+from torch.utils.data import BatchSampler, Sampler, default_collate
 
 
 class SiteEpochDraws(Sampler[tuple[int, int]]):
@@ -89,9 +89,9 @@ class SiteEpochDraws(Sampler[tuple[int, int]]):
             yield from zip(indices, seeds[step])
 
 
-class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
+class SiteBalancedBatchSampler(BatchSampler):
     """Batches of `batch_per_site` (index, augmentation seed) pairs from each site in turn (site order as given),
-    cut from its epoch's draws, as torch's BatchSampler cuts a sampler's.
+    cut from its epoch's draws by torch's BatchSampler (the draws are whole batches, so none is short).
 
     Orders and augmentation seeds depend only on (seed, epoch) (see SiteEpochDraws): a resumed or re-run
     epoch, with any number of loader workers, sees exactly the same images with exactly the same
@@ -99,19 +99,7 @@ class SiteBalancedBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, draws: SiteEpochDraws):
-        self.sampler = draws
-
-    def __len__(self) -> int:
-        return self.sampler.steps()
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        size = self.sampler.batch_size
-        batch: list[tuple[int, int]] = []
-        for draw in self.sampler:
-            batch.append(draw)
-            if len(batch) == size:
-                yield batch
-                batch = []
+        super().__init__(draws, draws.batch_size, drop_last=False)
 
 
 def site_layout_of(site: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:

@@ -15,39 +15,11 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from covidct.metrics import evaluate
-from covidct.records import UNSEEN_COLUMN
-from covidct.report.table1 import LEVELS
+from covidct.metrics import LEVELS, recomputed_test
 
 # How far a cached value may lie from its recomputation: the same formula on the same (exactly written)
 # probabilities, summed in another order at most.
 TOLERANCE = 1e-9
-
-
-def patient_sites(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The sites whose predictions carry patient ids (as a run's test part does: they get patient-level
-    results)."""
-    return sorted({row["site"] for row in rows if row["patient"]})
-
-
-def recomputed_test(test: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], pooling: str) -> dict[str, Any]:
-    """A record's `test` section with every metric recomputed from its prediction rows: per checkpoint
-    selection the seen sites' images and patients (pooled by `pooling`) and each unseen-site norm choice's;
-    what else a selection holds (its checkpoint, epoch, validation AUC) is kept."""
-    with_patients = patient_sites(rows)
-    out: dict[str, Any] = {}
-    for selection, result in test.items():
-        mine = [row for row in rows if row["selection"] == selection]
-        seen = [row for row in mine if not row.get(UNSEEN_COLUMN)]
-        kept = {key: value for key, value in result.items() if key not in (*LEVELS, "undefined", "unseen")}
-        out[selection] = {**kept, **evaluate(seen, with_patients, pooling)}
-        choices = list(dict.fromkeys(row[UNSEEN_COLUMN] for row in mine if row.get(UNSEEN_COLUMN)))
-        if choices:
-            out[selection]["unseen"] = {
-                how: evaluate([row for row in mine if row.get(UNSEEN_COLUMN) == how], with_patients, pooling)
-                for how in choices
-            }
-    return out
 
 
 def _site_metrics(test: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:

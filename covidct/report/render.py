@@ -13,13 +13,12 @@ from operator import itemgetter
 from typing import Any
 
 from covidct.experiments import Experiment
+from covidct.metrics import LEVELS, recomputed_test
 from covidct.report.claims import CLAIM_COLUMNS, CLAIM_EXPERIMENTS, claim_rows, claims_markdown
 from covidct.report.curves import roc_curve
-from covidct.report.recompute import recomputed_test
 from covidct.report.table1 import (
     AGGREGATIONS,
     DEFAULT_REFERENCE,
-    LEVELS,
     TABLE_COLUMNS,
     TTEST_COLUMNS,
     collect_results,

@@ -36,7 +36,6 @@ from covidct.records import held_out_sites
 DEFAULT_REFERENCE = "ours"
 SELECTIONS = ("last", "best_val_auc")
 AGGREGATIONS = ("paper", "runs")
-LEVELS = ("images", "patients")
 METRIC_LABELS = {"acc": "Acc", "f1": "F1", "recall": "Recall", "precision": "Precision", "auc": "AUC", "ece": "ECE"}
 TTEST_METRICS = ("auc", "acc")
 TABLE_COLUMNS = (

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from covidct.errors import DataError
+from covidct.metrics import LEVELS
 from covidct.records import EVALUATION, UNSEEN_COLUMN, held_out_sites
-from covidct.report.table1 import LEVELS
 
 RUN_NAMES = ("git_commit", "device", "group_by")  # run fields the provenance joins as text, where present
 

@@ -21,13 +21,13 @@ from covidct.checkpoints import check_checkpoint, read_checkpoint, resume_point
 from covidct.config_checks import check_config
 from covidct.data.sources import patient_folders
 from covidct.errors import ConfigError, CovidCTError, DataError, TrainingIncomplete
-from covidct.metrics import evaluate
+from covidct.metrics import recomputed_test
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import METRICS_FILE, git_commit, write_run_record
 from covidct.report.curves import roc_curve
 from covidct.resolvers import recorded_config  # also registers the config's interpolations
 from covidct.run_folder import LAST_CHECKPOINT, prepare_run_dir, run_dir_lock, run_settings
-from covidct.scoring import unseen_results, unseen_site_rows
+from covidct.scoring import unseen_site_rows
 
 log = logging.getLogger("covidct.run")  # the name users filter on, as for every job's log
 
@@ -137,27 +137,19 @@ def _test_selections(
         epoch = int(read_checkpoint(path)["epoch"])
         choices["best_val_auc"] = {"checkpoint": path, "epoch": epoch, "val_auc": float(best.best_model_score)}
     patients = datamodule.test_patients()
-    test: dict[str, dict[str, Any]] = {}
     predictions: list[dict[str, Any]] = []
     for selection, choice in choices.items():  # 'last' first: the weights in memory are the last epoch's
         model.test_log_prefix = "test" if selection == "last" else f"test_{selection}"
         trainer.test(model, datamodule=datamodule, ckpt_path=choice["checkpoint"], verbose=False, weights_only=True)
-        rows = [
+        predictions += [
             {"selection": selection, **p, "patient": patients.get((p["site"], p["file"]), "")}
             for p in model.test_predictions
         ]
-        checkpoint = Path(choice["checkpoint"] or output_dir / LAST_CHECKPOINT).resolve()
-        test[selection] = {
-            **choice,
-            "checkpoint": str(checkpoint.relative_to(output_dir.resolve())),  # Lightning resolves symlinks
-            **evaluate(rows, datamodule.sites_with_patients(), "mean"),
-        }
         if datamodule.unseen_sites:  # the weights just tested, on the sites never trained on
-            unseen = [{"selection": selection, **row} for row in _unseen_site_rows(trainer, model, datamodule)]
-            test[selection]["unseen"] = unseen_results(unseen, datamodule.sites_with_patients())
-            rows += unseen
-        predictions += rows
-    return test, predictions
+            predictions += [{"selection": selection, **r} for r in _unseen_site_rows(trainer, model, datamodule)]
+        checkpoint = Path(choice["checkpoint"] or output_dir / LAST_CHECKPOINT).resolve()
+        choice["checkpoint"] = str(checkpoint.relative_to(output_dir.resolve()))  # Lightning resolves symlinks
+    return recomputed_test(choices, predictions, "mean"), predictions
 
 
 def _unseen_site_rows(trainer: pl.Trainer, model: Any, datamodule: Any) -> list[dict[str, Any]]:
