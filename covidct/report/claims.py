@@ -16,6 +16,7 @@ from typing import Any
 
 from scipy import stats
 
+from covidct.report.table1 import markdown_table
 from covidct.report.uncertainty import delong_rows
 
 ALPHA = 0.05
@@ -120,14 +121,15 @@ def claims_markdown(rows: Sequence[Mapping[str, Any]], methods: Mapping[str, str
     for claim, (said, _) in CLAIMS.items():
         mine = [r for r in rows if r["claim"] == claim]
         lines += [f"## {claim}: {said}: **{claim_verdict([r['verdict'] for r in mine])}**", ""]
-        lines += ["| better | worse | site | level | seed | n | AUC better | AUC worse | diff [95% CI] | p | verdict |"]
-        lines += ["|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in mine:
-            interval = f"{_num(r['diff'])} [{_num(r['low'])}, {_num(r['high'])}]"
-            lines.append(
-                f"| {methods.get(r['better'], r['better'])} | {methods.get(r['worse'], r['worse'])} | {r['site']} "
-                f"| {r['level']} | {r['seed']} | {r['n_cases']} | {_num(r['auc_better'])} | {_num(r['auc_worse'])} "
-                f"| {interval} | {_p(r['p'])} | {r['verdict']} |"
-            )
+        header = ["better", "worse", "site", "level", "seed", "n", "AUC better", "AUC worse", "diff [95% CI]", "p"]
+        lines += markdown_table(
+            [*header, "verdict"],
+            (
+                [methods.get(r["better"], r["better"]), methods.get(r["worse"], r["worse"]), r["site"], r["level"]]
+                + [r["seed"], r["n_cases"], _num(r["auc_better"]), _num(r["auc_worse"])]
+                + [f"{_num(r['diff'])} [{_num(r['low'])}, {_num(r['high'])}]", _p(r["p"]), r["verdict"]]
+                for r in mine
+            ),
+        )
         lines.append("")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from typing import Any
 
 from covidct.experiments import Experiment, sort_experiments
 from covidct.records import held_out_sites
-from covidct.report.table1 import DuplicateRunError, table_methods
+from covidct.report.table1 import DuplicateRunError, markdown_table, table_methods
 
 LOSO_COLUMNS = ("selection", "experiment", "method", "held_out", "trained_on", "unseen_norm", "level", "metric")
 LOSO_COLUMNS += ("n", "mean", "std")
@@ -122,9 +122,8 @@ def loso_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         methods = list(dict.fromkeys(r["method"] for r in block))
         level_name = "image" if level == "images" else "patient"
         out += [f"## Site {site} held out (trained on {trained}): {metric.upper()}, {level_name} level", ""]
-        out.append("| method | " + " | ".join(choices) + " |")
-        out.append("|---|" + "---|" * len(choices))
-        for method in methods:
-            out.append(f"| {method} | " + " | ".join(_cell(cells.get((method, c))) for c in choices) + " |")
+        out += markdown_table(
+            ["method", *choices], ([m, *(_cell(cells.get((m, c))) for c in choices)] for m in methods)
+        )
         out.append("")
     return "\n".join(out)
