@@ -95,16 +95,17 @@ bench: setup
 	$(PY) -m covidct.bench --device $(DEVICE) --json $(RESULTS)/bench/bench-$(DEVICE).json \
 		$(if $(wildcard $(DATA)/covid-ct),--data-root "$(DATA)",) --dicom 200 $(BENCH_ARGS)
 
-# the tests run on every core (pytest-xdist, one torch thread a worker: tests/conftest.py); TEST_WORKERS=0 runs them in
+# the tests run on every core (pytest-xdist, one torch thread a worker: tests/conftest.py; an idle worker takes
+# tests queued for a busy one, worksteal); TEST_WORKERS=0 runs them in
 # this process (pdb, -x)
 TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 ## the fast loop: no slow, real-data or GPU tests (under 3 minutes on 2 CPU cores)
 .PHONY: test-fast
 test-fast: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not real_data and not gpu" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow and not real_data and not gpu" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
