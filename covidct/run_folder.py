@@ -142,7 +142,10 @@ def _acquire(lock: FileLock, wait: bool) -> None:
         lock.acquire()
     except Timeout:
         folder = Path(lock.lock_file).parent
-        holder = Path(lock.lock_file).read_text().strip() or "another process"
+        try:
+            holder = Path(lock.lock_file).read_text().strip() or "another process"
+        except OSError:  # held all the same: never taken for a folder without a lock
+            holder = "another process"
         if not wait:
             raise ConfigError(
                 f"{folder} is in use by another run ({holder}); wait for it to finish or stop it, then rerun (or "

@@ -408,7 +408,8 @@ def test_a_second_identical_run_is_refused_while_the_first_holds_the_folder(phan
 
 @pytest.mark.slow
 def test_a_second_run_asked_to_wait_waits_then_skips_the_finished_folder(phantom_root: Path, tmp_path: Path):
-    args = ["experiment=joint", f"data.root={phantom_root}", *LONG]
+    """15 epochs: the first run must still hold the folder when the second reaches it (3 could end first)."""
+    args = ["experiment=joint", f"data.root={phantom_root}", *LONG[:-1], "trainer.max_epochs=15"]
     first, folder = _start_run(args, tmp_path)
     second = run_cli([*args, "wait_for_run_folder=true"], tmp_path)
     first.wait(timeout=300)
