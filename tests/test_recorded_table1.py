@@ -24,7 +24,7 @@ import pytest
 from scipy.stats import mannwhitneyu
 
 from covidct.experiments import table1_experiments
-from covidct.report.__main__ import write_report
+from covidct.report.write import write_report
 from covidct.run_folder import run_id
 from tests.helpers import compose_experiment
 

@@ -24,7 +24,7 @@ from covidct.data.sites import paper_site
 from covidct.errors import ConfigError
 from covidct.experiments import table1_experiments
 from covidct.metrics import STATISTICS, binary_metrics, evaluate, pool_by_patient
-from covidct.report import __main__ as report_cli
+from covidct.report import write as report_write
 from covidct.report.__main__ import main as report_main
 from covidct.report.curves import plot_reliability, plot_rocs, reliability_figure, roc_figure
 from covidct.report.publish import JOURNAL, is_output, report_outputs
@@ -459,8 +459,8 @@ def _cli_figures(runs: Path, out: Path, monkeypatch, *args: str) -> dict[str, tu
 
         return draw
 
-    monkeypatch.setattr(report_cli, "plot_rocs", spy(plot_rocs))
-    monkeypatch.setattr(report_cli, "plot_reliability", spy(plot_reliability))
+    monkeypatch.setattr(report_write, "plot_rocs", spy(plot_rocs))
+    monkeypatch.setattr(report_write, "plot_reliability", spy(plot_reliability))
     assert report_main(["--runs", str(runs), "--out", str(out), "--folds", "0,1", "--seeds", "643,644", *args]) == 0
     return drawn
 
