@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import covidct.resolvers  # noqa: F401  (the config's interpolations)
 from covidct.atomic import atomic_write_text
 from covidct.cli import cli_errors
+from covidct.config_checks import MIN_BATCH_PER_SITE, MIN_IMAGE_SIZE
 from covidct.errors import ConfigError
 from covidct.methods import Ours
 from covidct.methods.ours import contrastive_loss
@@ -439,8 +440,9 @@ def _at_least(low: int) -> Callable[[str], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidct.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--image-size", type=_at_least(32), default=None, help="default: 224 on GPU, 64 on CPU")
-    parser.add_argument("--batch-per-site", type=_at_least(2), default=16)  # each BatchNorm needs 2
+    size = _at_least(MIN_IMAGE_SIZE)
+    parser.add_argument("--image-size", type=size, default=None, help="default: 224 on GPU, 64 on CPU")
+    parser.add_argument("--batch-per-site", type=_at_least(MIN_BATCH_PER_SITE), default=16)
     parser.add_argument("--width", type=float, default=None, help="default: 1.0 on GPU, 0.25 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 GPU, 2 CPU)")

@@ -26,6 +26,8 @@ from covidct.schemas import checked, dotted, rule
 FP16_AUTOCAST = ("16", "16-mixed")  # Lightning's names of fp16 mixed precision
 SEED_MAX = 2**32 - 1  # the largest seed numpy (and so Lightning's seed_everything) accepts
 SITES = "a list of site names, each named once"
+MIN_IMAGE_SIZE = 32
+MIN_BATCH_PER_SITE = 2  # each site's BatchNorm needs 2 samples
 
 
 def _integer(low: int, high: int | None = None, block: str = "", null: str = "") -> Any:
@@ -47,8 +49,8 @@ class RunOptions:
     seed: int = _integer(0, SEED_MAX)
     split_seed: int = _integer(0, SEED_MAX)
     max_epochs: int = _integer(1, block="trainer")
-    image_size: int = _integer(32, block="data")
-    batch_per_site: int = _integer(2, block="data")  # each site's BatchNorm needs 2 samples
+    image_size: int = _integer(MIN_IMAGE_SIZE, block="data")
+    batch_per_site: int = _integer(MIN_BATCH_PER_SITE, block="data")
     eval_batch_size: int = _integer(1, block="data")
     num_workers: int | None = _integer(0, block="data", null=" (or null for the default)")
     val_fraction: float | None = _number(0.0, True, MAX_VAL_FRACTION, "data")  # above, 1 / v parts would hold 1/2
