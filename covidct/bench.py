@@ -320,7 +320,7 @@ def measure_dicom(slices: int, image_size: int, workers: int, ckpt: Path | None)
 
     model = None
     if ckpt is not None:
-        from covidct.inference import TrainedModel
+        from covidct.inference.trained import TrainedModel
 
         model = TrainedModel(ckpt, "cpu")
     with tempfile.TemporaryDirectory(prefix="covidct-bench-dicom-") as temp:

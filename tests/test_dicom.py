@@ -196,7 +196,7 @@ def test_a_folder_mixing_series_is_refused_naming_them(tmp_path: Path):
 
 
 def test_predict_lists_dicom_files_without_a_suffix(tmp_path: Path):
-    from covidct.predict import image_files
+    from covidct.inference.prediction import image_files
 
     (tmp_path / "IM0001").write_bytes(CT.read_bytes())
     (tmp_path / "1.2.840.10008.5").write_bytes(CT.read_bytes())

@@ -21,10 +21,19 @@ from covidct import explain as explain_module
 from covidct import predict as predict_module
 from covidct.data.sites import paper_site
 from covidct.errors import ConfigError, DataError
-from covidct.explain import FLAT_NOTE, TILE_TITLE_WIDTH, choose, describe_run, explain, grad_cam, gradcam_figure
-from covidct.inference import TrainedModel
+from covidct.inference import gradcam as gradcam_module
+from covidct.inference.gradcam import (
+    FLAT_NOTE,
+    TILE_TITLE_WIDTH,
+    choose,
+    describe_run,
+    explain,
+    grad_cam,
+    gradcam_figure,
+)
+from covidct.inference.prediction import patient_summary, predict_folder
+from covidct.inference.trained import TrainedModel
 from covidct.methods import Ours, Single
-from covidct.predict import predict_folder
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import read_predictions
 from tests.helpers import FAST, REPO, compose_experiment, run_cli
@@ -180,7 +189,7 @@ def test_predict_lists_an_unreadable_slice_and_stops_at_a_series_it_cannot_order
     rows = predict_folder(ckpt(ours_run), images, "B", recursive=True)
     assert [bool(r["error"]) for r in rows] == [False, True, False]
     assert "JPEG 2000" in rows[1]["error"] and "cannot be decoded" in rows[1]["error"]
-    (patient,) = predict_module.patient_summary(rows, images)
+    (patient,) = patient_summary(rows, images)
     assert (patient["slices"], patient["unreadable"]) == (3, 1)
 
     shutil.copy(get_testdata_file("MR_small.dcm"), images / "P1" / "mr.dcm")
@@ -300,13 +309,13 @@ def test_explain_writes_a_grid_per_site_with_misclassified_images(ours_run: Path
 
 def test_explain_titles_name_the_dataset_run_fold_and_checkpoint(ours_run: Path, tmp_path: Path, monkeypatch):
     figures = []
-    draw = explain_module.gradcam_figure
+    draw = gradcam_module.gradcam_figure
 
     def spy(*args):
         figures.append(draw(*args))
         return figures[-1]
 
-    monkeypatch.setattr(explain_module, "gradcam_figure", spy)
+    monkeypatch.setattr(gradcam_module, "gradcam_figure", spy)
     explain(ckpt(ours_run), n=2, out=tmp_path, device="cpu")
     for site, figure in zip(("A", "B"), figures):
         title = figure.get_suptitle()
@@ -423,7 +432,7 @@ def test_choose_takes_half_misclassified_or_all_there_are():
 
 def test_explain_draws_from_the_predictions_of_its_own_checkpoint(tmp_path: Path):
     """A run with a validation part lists every test image twice (last and best_val_auc)."""
-    from covidct.explain import _selection, selection_of
+    from covidct.inference.gradcam import _selection, selection_of
 
     lines = ["selection,site,file,patient,label,prob_covid"]
     lines += [f"last,A,COVID/last{i}.png,,1,0.9" for i in range(6)]
