@@ -20,7 +20,7 @@ from covidct.data.sites import checked_repeat, split_sites
 from covidct.errors import ConfigError
 from covidct.pseudonyms import Pseudonyms
 from covidct.resolvers import without_environment
-from covidct.run_folder import semantic_config
+from covidct.run_folder import differing_keys, semantic_config
 from covidct.schemas import checked, dotted, rule
 
 FP16_AUTOCAST = ("16", "16-mixed")  # Lightning's names of fp16 mixed precision
@@ -71,22 +71,11 @@ def _plain(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def _first_difference(ours: Any, theirs: Any, prefix: str = "") -> str:
-    """The first dotted key at which two plain configs differ ('' if equal)."""
-    if isinstance(ours, dict) and isinstance(theirs, dict):
-        for key in [*ours, *(k for k in theirs if k not in ours)]:
-            found = _first_difference(ours.get(key), theirs.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return ""
-    return prefix.rstrip(".") if ours != theirs else ""
-
-
 def _check_no_environment_in_results(cfg: DictConfig) -> None:
     """A value that changes results (one the run id covers) may not come from the environment: run_config.json
     and the run id store such values resolved, so the environment would be copied into them. The environment says
     only where things are (data.root, paths, the cache), which records keep as written (resolvers.py)."""
-    key = _first_difference(semantic_config(cfg), semantic_config(without_environment(cfg)))
+    key = min(differing_keys(semantic_config(cfg), semantic_config(without_environment(cfg))), default="")
     if key:
         raise ConfigError(
             f"{key} reads the environment (${{oc.env:...}}), but it changes results: write its value in the config "

@@ -222,6 +222,8 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, di
 
 
 def differing_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    """Every dotted key at which two plain configs differ (a folder's recorded options against this run's; a value
+    against its environment-free reading)."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys: set[str] = set()
         for k in set(a) | set(b):
