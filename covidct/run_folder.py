@@ -57,6 +57,7 @@ NON_SEMANTIC_KEYS = (
     "callbacks.run_summary",
     "callbacks.lr_monitor",
     "callbacks.progress_bar",
+    "federated.round_timeout_s",  # how long the server waits, not what the sites train
 )
 
 

@@ -32,7 +32,7 @@ from covidct.scoring import unseen_site_rows
 log = logging.getLogger("covidct.run")  # the name users filter on, as for every job's log
 
 
-def _build(node: DictConfig, **kwargs: Any) -> Any:
+def build(node: DictConfig, **kwargs: Any) -> Any:
     """hydra's instantiate, letting our own errors through unwrapped so they print as one clear line."""
     try:
         return instantiate(node, **kwargs)
@@ -81,7 +81,7 @@ def _finish_logger(logger: Any, test: dict[str, Any], predictions: list[dict[str
     experiment.finish()
 
 
-def _drop_optimizer_state(folder: Path) -> None:
+def drop_optimizer_state(folder: Path) -> None:
     """A finished run is never resumed: keep the weights, drop the Adam state (two thirds of each file)."""
     for path in folder.glob("*.ckpt"):
         try:
@@ -119,7 +119,7 @@ def _callbacks(cfg: DictConfig, output_dir: Path, validation: bool, logger: Any)
         if node is None or unused.get(name):
             continue
         extra = {"dirpath": output_dir / "checkpoints"} if name.endswith("checkpoint") else {}
-        callbacks[name] = _build(node, **extra)
+        callbacks[name] = build(node, **extra)
     if "last_checkpoint" not in callbacks:
         raise ConfigError("callbacks.last_checkpoint is needed: it is what an interrupted run resumes from.")
     return callbacks
@@ -181,13 +181,42 @@ def _shown_predictions(rows: list[dict[str, Any]], datamodule: Any, pseudonyms: 
     return pseudonyms.rows(rows, folders)
 
 
+def recorded_run(
+    cfg: DictConfig, datamodule: Any, fingerprint: dict[str, Any], pseudonyms: Pseudonyms, selections: list[str]
+) -> dict[str, Any]:
+    """The record's `run` block as every run has it (a centralised or a federated one): identity, data, sites,
+    protocol, commit."""
+    return {
+        "experiment": cfg.name,
+        "fold": cfg.fold,
+        "seed": cfg.seed,
+        "split_seed": cfg.split_seed,
+        "group_by": cfg.data.group_by,
+        "selections": selections,
+        "patient_pooling": "mean",
+        "patient_ids": cfg.patient_ids,
+        "pseudonym_key_id": pseudonyms.key_id,  # records whose pseudonyms match share it
+        "git_commit": git_commit(),
+        "splits": datamodule.split_summary(),
+        "data_fingerprint": fingerprint,
+        "data_root": str(datamodule.root),  # absolute: the run's data wherever the record is read
+        "sites": {name: spec.as_dict() for name, spec in datamodule.specs.items()},
+        "protocol": OmegaConf.to_container(cfg.protocol) if cfg.get("protocol") else None,
+    }
+
+
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Fit on the training part, test the last (and best-validation) checkpoint, write the run record.
 
     Returns the record's "test" part. A folder with a complete record is skipped; an interrupted run
-    resumes from its last checkpoint.
+    resumes from its last checkpoint. An experiment with a `federated` node trains through Flower instead
+    (covidct/federated/fit.py), into the same record.
     """
     check_config(cfg)
+    if cfg.get("federated") is not None:
+        from covidct.federated.fit import train_federated  # Flower (and Ray) load for a federated run only
+
+        return train_federated(cfg, output_dir)
     if (Path(output_dir) / METRICS_FILE).is_file():  # before anything logs: the data scan, the lock
         _stop_logging_into(Path(output_dir))
     with run_dir_lock(Path(output_dir), wait=bool(cfg.get("wait_for_run_folder"))):
@@ -205,7 +234,7 @@ def _stop_logging_into(folder: Path) -> None:
 
 
 def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    datamodule = _build(cfg.data, _convert_="all")
+    datamodule = build(cfg.data, _convert_="all")
     fingerprint = datamodule.fingerprint()
     state = prepare_run_dir(cfg, output_dir, fingerprint)
     if state.record is not None:
@@ -216,7 +245,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         log.warning("%s", note)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup("fit")
-    model = _build(cfg.model, sites=datamodule.sites, _convert_="all")
+    model = build(cfg.model, sites=datamodule.sites, _convert_="all")
     identity = {
         "fold": cfg.fold,
         "split_seed": cfg.split_seed,
@@ -265,26 +294,11 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     test, predictions = _test_selections(trainer, model, datamodule, callbacks.get("best_checkpoint"), output_dir)
     pseudonyms = Pseudonyms(cfg.patient_ids, cfg.pseudonym_key)
     predictions = _shown_predictions(predictions, datamodule, pseudonyms)
-    run = {
-        "experiment": cfg.name,
-        "fold": cfg.fold,
-        "seed": cfg.seed,
-        "split_seed": cfg.split_seed,
-        "group_by": cfg.data.group_by,
-        "selections": list(test),
-        "patient_pooling": "mean",
-        "patient_ids": cfg.patient_ids,
-        "pseudonym_key_id": pseudonyms.key_id,  # records whose pseudonyms match share it
+    run = recorded_run(cfg, datamodule, fingerprint, pseudonyms, list(test)) | {
         "epochs_trained": trainer.current_epoch,
         "global_steps": trainer.global_step,
-        "git_commit": git_commit(),
         "device": _device_name(trainer),
         "precision": str(trainer.precision),  # what ran: 'auto' chosen, as Lightning runs it
-        "splits": datamodule.split_summary(),
-        "data_fingerprint": fingerprint,
-        "data_root": str(datamodule.root),  # absolute: the run's data wherever the record is read
-        "sites": {name: spec.as_dict() for name, spec in datamodule.specs.items()},
-        "protocol": OmegaConf.to_container(cfg.protocol) if cfg.get("protocol") else None,
         **({"warm_start": warm_start} if warm_start else {}),
     }
     if not trainer.is_global_zero:
@@ -297,7 +311,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             number, seconds, speed = epoch["epoch"] + 1, epoch["seconds"], epoch["img_per_s"]
             log.info("epoch %d/%d: %.1f s training, %.1f img/s", number, trainer.max_epochs, seconds, speed)
     if not cfg.keep_optimizer_state:
-        _drop_optimizer_state(output_dir / "checkpoints")
+        drop_optimizer_state(output_dir / "checkpoints")
     _finish_logger(logger, test, predictions)
     log.info("run record: %s", path)
     if note:

@@ -1,0 +1,141 @@
+"""One site's part of a federated run: a round of local training, and the final test, on its own images only.
+
+A site trains the experiment's network (`model`) on its own fold of the data (`data.sites` narrowed to it, its
+repeat factor kept), with Lightning, for `federated.local_epochs` epochs a round. Between rounds its whole state
+(weights, optimizer, the loader's place) is a Lightning checkpoint in its own folder: what it keeps to itself
+(the strategy's `local_keys`) never leaves it, and a rerun of a round starts from the same checkpoint. What it
+sends is the rest of its weights; what it tests it reports as prediction rows, patients already pseudonymised
+with its own key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from covidct.atomic import atomic_write
+from covidct.checkpoints import read_checkpoint
+from covidct.data.sources import patient_folders
+from covidct.pseudonyms import Pseudonyms
+from covidct.training.fit import build, drop_optimizer_state, make_trainer
+
+
+class GlobalWeights(pl.Callback):
+    """Loads the server's weights once Lightning has restored the site's own checkpoint (which would otherwise
+    overwrite them), and, with FedProx's mu > 0, adds the proximal term's gradient mu (w - w_global) to every
+    shared parameter's gradient, before clipping and the optimizer step, as (mu / 2) ||w - w_global||^2 in the
+    loss would."""
+
+    def __init__(self, shared: Mapping[str, torch.Tensor], proximal_mu: float = 0.0):
+        self.shared, self.proximal_mu = dict(shared), float(proximal_mu)
+        self.anchors: dict[str, torch.Tensor] = {}
+        self.first_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.first_step = trainer.global_step
+        state = pl_module.state_dict()
+        for key, value in self.shared.items():
+            state[key].copy_(value.to(state[key].dtype))
+        if self.proximal_mu:
+            parameters = dict(pl_module.named_parameters())
+            self.anchors = {key: parameters[key].detach().clone() for key in self.shared if key in parameters}
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.anchors:
+            return
+        for key, parameter in pl_module.named_parameters():
+            if key in self.anchors and parameter.grad is not None:
+                parameter.grad.add_(parameter.detach() - self.anchors[key], alpha=self.proximal_mu)
+
+
+def federated_epochs(cfg: DictConfig) -> DictConfig:
+    """`cfg` with trainer.max_epochs the federation's epochs (rounds x local epochs): what a schedule over the
+    run's epochs (the cosine's T_max) spans."""
+    cfg, rounds = cfg.copy(), int(cfg.federated.rounds)  # resolved first: it may follow trainer.max_epochs
+    with open_dict(cfg):
+        cfg.federated.rounds = rounds
+        cfg.trainer.max_epochs = rounds * int(cfg.federated.local_epochs)
+    return cfg
+
+
+class SiteClient:
+    """One site of `cfg`'s federation, its state in `folder`."""
+
+    def __init__(self, cfg: DictConfig, site: str, folder: Path):
+        self.cfg, self.site, self.folder = federated_epochs(cfg), site, Path(folder)
+        self.strategy = instantiate(cfg.federated.strategy)
+
+    def checkpoint(self, server_round: int) -> Path:
+        return self.folder / f"round-{server_round:04d}.ckpt"
+
+    def _datamodule(self) -> Any:
+        return build(self.cfg.data, sites=[self.site], test_sites=[], _convert_="all")
+
+    def model(self) -> Any:
+        """The site's network as it starts: the experiment's, at the run's seed, so every site (and the server's
+        first weights) begin alike."""
+        pl.seed_everything(self.cfg.seed, workers=True)
+        return build(self.cfg.model, sites=[self.site], _convert_="all")
+
+    def shared_part(self, model: pl.LightningModule) -> dict[str, torch.Tensor]:
+        local = self.strategy.local_keys(model)
+        return {key: value.detach().cpu() for key, value in model.state_dict().items() if key not in local}
+
+    def train_round(
+        self, server_round: int, shared: Mapping[str, torch.Tensor], proximal_mu: float = 0.0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Round `server_round` (from 1): from the site's checkpoint of the round before and the server's
+        weights, `local_epochs` epochs on its images; returns what it shares and its metrics (the images it
+        trained on, which weight its share, and its mean training loss)."""
+        datamodule = self._datamodule()
+        datamodule.setup("fit")
+        model = self.model()
+        pl.seed_everything(self.cfg.seed + server_round, workers=True)
+        epochs = int(self.cfg.federated.local_epochs)
+        weights = GlobalWeights(shared, proximal_mu)
+        trainer = make_trainer(
+            self.cfg,
+            max_epochs=server_round * epochs,
+            logger=False,
+            callbacks=[weights],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+            default_root_dir=str(self.folder),
+        )
+        before = self.checkpoint(server_round - 1)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=before if before.is_file() else None, weights_only=True)
+        steps = trainer.global_step - weights.first_step
+        atomic_write(self.checkpoint(server_round), trainer.save_checkpoint)
+        self.checkpoint(server_round - 2).unlink(missing_ok=True)  # the one before stays: a rerun of this round
+        metrics = {
+            "num-examples": float(steps * int(self.cfg.data.batch_per_site)),
+            "train_loss": float(trainer.callback_metrics["train/loss_epoch"]),
+        }
+        return self.shared_part(model), metrics
+
+    def test(self, server_round: int, shared: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """The site's test part classified by its final model (the server's weights and its own), as prediction
+        rows whose patients are pseudonyms of the site's key (unless patient_ids=raw)."""
+        datamodule = self._datamodule()
+        model = self.model()
+        state = read_checkpoint(self.checkpoint(server_round))["state_dict"]
+        model.load_state_dict({**state, **{key: value.to(state[key].dtype) for key, value in shared.items()}})
+        trainer = make_trainer(self.cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        model.test_log_prefix = "test"
+        trainer.test(model, datamodule=datamodule, verbose=False, weights_only=True)
+        patients = datamodule.test_patients()
+        rows = [{**p, "patient": patients.get((p["site"], p["file"]), "")} for p in model.test_predictions]
+        self.checkpoint(server_round - 1).unlink(missing_ok=True)  # finished: the last round's weights stay
+        if not self.cfg.keep_optimizer_state:
+            drop_optimizer_state(self.folder)
+        folders: dict[str, set[str]] = {}
+        for row in rows:
+            folders.setdefault(row["patient"], set()).update(patient_folders(datamodule.specs[self.site], row["file"]))
+        return Pseudonyms(self.cfg.patient_ids, self.cfg.pseudonym_key).rows(rows, folders)

@@ -1,0 +1,96 @@
+"""Train and test one federated configuration into its run folder: what `python -m covidct.run` does for an
+experiment with a `federated` node (fedavg, fedprox, fedbn, silobn, local), in order: check the config, lock and
+claim the folder, run the rounds through Flower (resuming the last completed one), have every site test its
+final model, write the run record in the centralised runs' format, plus what federation adds."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from covidct.errors import ConfigError, TrainingIncomplete
+from covidct.federated import apps
+from covidct.metrics import recomputed_test
+from covidct.pseudonyms import Pseudonyms
+from covidct.records import write_run_record
+from covidct.resolvers import recorded_config
+from covidct.run_folder import prepare_run_dir, run_dir_lock
+from covidct.training.fit import build, recorded_run
+
+log = logging.getLogger("covidct.run")
+FOLDER = "federated"  # in a run folder: the server's state, and clients/<site>/ in the Simulation Runtime
+
+
+def check_federated(cfg: DictConfig) -> None:
+    """What a federated run needs beyond a centralised one's options."""
+    sites = list(cfg.data.sites)
+    if len(sites) < 2:
+        raise ConfigError(f"a federated run needs at least two sites in data.sites, got {sites}.")
+    if float(cfg.data.val_fraction) > 0:
+        raise ConfigError("data.val_fraction > 0: a federated run tests its last round only; set data.val_fraction=0.")
+    if cfg.data.test_sites:
+        raise ConfigError("data.test_sites (leave-one-site-out) is not yet supported for federated runs.")
+    if cfg.federated.runtime != "simulation":
+        raise ConfigError(f"federated.runtime={cfg.federated.runtime}: only 'simulation' runs from covidct.run.")
+
+
+def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Run the federation, test, write the record; returns its "test" part. A folder with a complete record is
+    skipped; an interrupted run resumes from its last completed round."""
+    check_federated(cfg)
+    output_dir = Path(output_dir)
+    with run_dir_lock(output_dir, wait=bool(cfg.get("wait_for_run_folder"))):
+        datamodule = build(cfg.data, _convert_="all")
+        fingerprint = datamodule.fingerprint()
+        state = prepare_run_dir(cfg, output_dir, fingerprint)
+        if state.record is not None:
+            log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
+            return state.record["test"]
+        folder = output_dir / FOLDER
+        resumed = apps.read_server_state(folder)
+        if resumed is not None:
+            log.info("resuming the federation from round %d of %d", resumed["round"], cfg.federated.rounds)
+        start = time.monotonic()
+        _simulate(cfg, folder)
+        wall_s = time.monotonic() - start
+        saved = apps.read_server_state(folder)
+        if saved is None or "test_rows" not in saved:
+            raise TrainingIncomplete(
+                f"the federation ended without its final test: no record written; rerun the same command to resume "
+                f"from {folder / apps.SERVER_STATE}."
+            )
+        rows = [{"selection": "last", **row} for row in saved["test_rows"]]
+        epochs = int(cfg.federated.rounds) * int(cfg.federated.local_epochs)
+        choices = {"last": {"checkpoint": f"{FOLDER}/{apps.SERVER_STATE}", "epoch": epochs - 1}}
+        test = recomputed_test(choices, rows, "mean")
+        pseudonyms = Pseudonyms(cfg.patient_ids, cfg.pseudonym_key)
+        run = recorded_run(cfg, datamodule, fingerprint, pseudonyms, list(test)) | {
+            "epochs_trained": epochs,
+            "device": "cpu" if cfg.trainer.accelerator == "cpu" else str(cfg.trainer.accelerator),
+            "federated": {
+                **OmegaConf.to_container(cfg.federated, resolve=True),
+                "rounds_completed": int(saved["round"]),
+                "per_round": saved["rounds"],
+                "wall_s": wall_s if resumed is None else None,  # a resumed run's time is in pieces
+            },
+        }
+        path = write_run_record(output_dir, test, rows, run, recorded_config(cfg))
+        log.info("run record: %s", path)
+        return test
+
+
+def _simulate(cfg: DictConfig, folder: Path) -> None:
+    """Flower's Simulation Runtime on this machine: one ClientApp per site, one CPU each."""
+    from flwr.simulation import run_simulation
+
+    sites = list(cfg.data.sites)
+    run_simulation(
+        server_app=apps.server_app(cfg, folder),
+        client_app=apps.client_app(cfg, folder),
+        num_supernodes=len(sites),
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )

@@ -1,0 +1,160 @@
+"""Federated runs (covidct/federated/) checked against their definitions, through the CLI and Flower's Simulation
+Runtime, on phantoms: FedAvg's aggregate is the size-weighted mean of the sites' weights; FedBN keeps every
+BatchNorm at its site and shares everything else; one FedBN round of one SGD step is SepNorm's centralised step;
+FedProx with mu = 0 is FedAvg."""
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from covidct.checkpoints import read_checkpoint
+from covidct.data.sampler import site_layout_of
+from covidct.federated.sharing import batchnorm_keys
+from covidct.training.fit import build
+from tests.helpers import FAST, compose_experiment, run_cli
+from tests.phantoms import make_phantom_root
+
+pytestmark = pytest.mark.slow  # each run starts Flower's runtime (Ray): tens of seconds
+ONE_SGD_STEP = [  # one plain SGD step a round (the schedule's first epoch: its initial rate); no clipping
+    "trainer.limit_train_batches=1",
+    "trainer.gradient_clip_val=null",
+    "model.optimizer._target_=torch.optim.SGD",
+    "model.optimizer.lr=0.1",
+    "model.optimizer.weight_decay=0",
+]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_phantom_root(tmp_path_factory.mktemp("federated") / "data", per_class=12)
+
+
+def federated_run(experiment: str, root: Path, outputs: Path, *overrides: str) -> Path:
+    """The run folder of `experiment` trained through the CLI."""
+    args = [f"experiment={experiment}", f"data.root={root}", *FAST, "federated.rounds=1", *overrides]
+    result = run_cli(args, outputs, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = (outputs / experiment).glob("*/metrics.json")
+    return record.parent
+
+
+def site_state(run: Path, site: str, server_round: int = 1) -> dict[str, torch.Tensor]:
+    """A site's weights as it sent them at the end of a round (its checkpoint of that round)."""
+    return read_checkpoint(run / "federated" / "clients" / site / f"round-{server_round:04d}.ckpt")["state_dict"]
+
+
+def server_state(run: Path) -> dict:
+    return read_checkpoint(run / "federated" / "server.pt")
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return federated_run("fedavg", root, tmp_path_factory.mktemp("fedavg"), "trainer.limit_train_batches=null")
+
+
+def test_fedavg_aggregate_is_the_size_weighted_mean_of_the_sites_weights(fedavg_run: Path):
+    record = json.loads((fedavg_run / "metrics.json").read_text())
+    (sizes,) = record["run"]["federated"]["per_round"]
+    n = {site: sizes[site]["num-examples"] for site in ("A", "B")}
+    assert n["B"] > n["A"]  # site B's 4 passes under the data budget: the weights are not equal
+    a, b = site_state(fedavg_run, "A"), site_state(fedavg_run, "B")
+    shared = server_state(fedavg_run)["shared"]
+    assert set(shared) == set(a)  # FedAvg shares everything
+    moved = 0
+    for key, value in shared.items():
+        mean = (n["A"] * a[key].double() + n["B"] * b[key].double()) / (n["A"] + n["B"])
+        torch.testing.assert_close(value.double(), mean, rtol=1e-6, atol=1e-6, msg=key)
+        moved += not torch.equal(a[key], b[key])
+    assert moved > 100  # the sites trained apart
+    assert set(record["test"]["last"]["images"]) == {"A", "B"}
+
+
+def test_fedbn_keeps_every_batchnorm_at_its_site_and_shares_everything_else(root: Path, tmp_path: Path):
+    run = federated_run("fedbn", root, tmp_path, "federated.rounds=2")
+    a, b = site_state(run, "A", 2), site_state(run, "B", 2)
+    network = build(compose_experiment("fedbn", FAST).model, sites=["A"], _convert_="all")
+    norms = batchnorm_keys(network)
+    layers = {
+        f"{name}.{entry}"
+        for name, module in network.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+        for entry in module.state_dict()
+    }
+    shared = server_state(run)["shared"]
+    assert set(shared) == set(a) - norms  # no BatchNorm entry left a site
+    assert layers and layers <= set(shared)  # every convolution and dense layer did
+    trained = [key for key in norms if not key.endswith("num_batches_tracked")]
+    assert all(not torch.equal(a[key], b[key]) for key in trained)  # each site's own norms, statistics and affine
+    # what each site tests with: the server's weights where shared, its own norms
+    finals = {site: {**state, **shared} for site, state in (("A", a), ("B", b))}
+    assert all(torch.equal(finals["A"][key], finals["B"][key]) for key in shared)
+    record = json.loads((run / "metrics.json").read_text())
+    sent = [site["bytes_received"] for round_ in record["run"]["federated"]["per_round"] for site in round_.values()]
+    assert len(sent) == 4 and all(0 < size < sum(v.numel() * v.element_size() for v in a.values()) for size in sent)
+
+
+def test_one_fedbn_round_of_one_sgd_step_is_sepnorm_s_centralised_step_with_twice_its_norms_step(
+    root: Path, tmp_path: Path
+):
+    """The correspondence: SepNorm's loss is the mean over the 2 x b images of both sites, so a shared weight
+    gets the mean of the two sites' gradients, which FedAvg of one step at each site (equal weights: b images
+    each) gives exactly; a site's BatchNorm gets half its site's gradient there, the whole of it at its FedBN
+    client. So FedBN = SepNorm with the norms' learning rate times the number of sites (here 2)."""
+    run = federated_run("fedbn", root, tmp_path, *ONE_SGD_STEP)
+    overrides = [f"data.root={root}", *FAST, *ONE_SGD_STEP]
+    cfg = compose_experiment("sepnorm", overrides)
+    batches = []
+    for index, site in enumerate(("A", "B")):  # each site's first batch, as its client drew it
+        datamodule = build(compose_experiment("fedbn", overrides).data, sites=[site], test_sites=[], _convert_="all")
+        datamodule.setup("fit")
+        batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+        batches.append({**batch, "site": torch.full_like(batch["site"], index)})
+    batch = {key: torch.cat([b[key] for b in batches]) for key in ("image", "label", "site")}
+    batch["site_layout"] = site_layout_of(batch["site"])
+    pl.seed_everything(643)
+    sepnorm = build(cfg.model, sites=["A", "B"], _convert_="all")
+    before = {key: value.clone() for key, value in sepnorm.state_dict().items()}
+    sepnorm.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each site's client runs (one CPU each): the same sums in the same order
+    try:
+        sepnorm.training_losses(batch)["loss"].backward()
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        for parameter in sepnorm.parameters():
+            parameter -= 0.1 * parameter.grad
+    after = sepnorm.state_dict()
+    shared = server_state(run)["shared"]
+    sites = {0: site_state(run, "A"), 1: site_state(run, "B")}
+    parameters = dict(sepnorm.named_parameters())
+    checked = 0
+    for key, value in after.items():
+        copy = next((i for i in (0, 1) if f".norms.{i}." in key), None)
+        fed_key = key if copy is None else key.replace(f".norms.{copy}.", ".norms.0.")
+        if copy is None:
+            torch.testing.assert_close(shared[key], value, rtol=1e-6, atol=1e-6, msg=key)
+        elif key in parameters:  # a site's affine: twice SepNorm's step
+            step = sites[copy][fed_key] - before[key]
+            torch.testing.assert_close(step, 2 * (value - before[key]), rtol=1e-6, atol=1e-6, msg=key)
+        else:  # its running statistics: the same batch's, the same update
+            torch.testing.assert_close(sites[copy][fed_key].to(value.dtype), value, rtol=1e-6, atol=1e-6, msg=key)
+        checked += 1
+    assert checked == len(after) and any(not torch.equal(after[k], before[k]) for k in shared)
+
+
+def test_fedprox_with_mu_zero_is_fedavg_and_with_mu_above_zero_is_not(fedavg_run: Path, root: Path, tmp_path: Path):
+    same = federated_run(
+        "fedprox", root, tmp_path / "zero", "trainer.limit_train_batches=null", "federated.proximal_mu=0"
+    )
+    assert (same / "predictions.csv").read_bytes() == (fedavg_run / "predictions.csv").read_bytes()
+    shared, fedavg = server_state(same)["shared"], server_state(fedavg_run)["shared"]
+    assert all(torch.equal(shared[key], fedavg[key]) for key in fedavg)
+    other = federated_run(
+        "fedprox", root, tmp_path / "one", "trainer.limit_train_batches=null", "federated.proximal_mu=1"
+    )
+    assert any(not torch.equal(server_state(other)["shared"][key], fedavg[key]) for key in fedavg)
