@@ -22,6 +22,8 @@ from tests.helpers import FAST, compose_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = [e.name for e in load_experiments()]  # the registry: Table I's by row, then the others
+# federated experiments start Flower's Simulation Runtime (Ray, ~15 s): outside the fast loop
+FEDERATED = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml") if "/federated:" in p.read_text()}
 # What some experiments must wire up (method class, redesigned backbone, norms per site, adapter, LR schedule);
 # an experiment not named here is still composed and fast-run.
 EXPECTED = {
@@ -116,7 +118,9 @@ def test_extra_config_dirs_add_experiments_and_the_cli_lists_them(tmp_path: Path
     assert result.returncode == 2 and "broken.yaml: table1 must be a mapping" in result.stderr
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in FEDERATED else name for name in EXPERIMENTS]
+)
 def test_experiment_composes_and_fast_runs(name: str, phantom_root: Path, tmp_path: Path):
     cfg = compose_experiment(name, [f"data.root={phantom_root}", *FAST])
     assert cfg.name == name

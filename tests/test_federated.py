@@ -4,6 +4,11 @@ BatchNorm at its site and shares everything else; one FedBN round of one SGD ste
 FedProx with mu = 0 is FedAvg."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ from covidct.checkpoints import read_checkpoint
 from covidct.data.sampler import site_layout_of
 from covidct.federated.sharing import batchnorm_keys
 from covidct.training.fit import build
-from tests.helpers import FAST, compose_experiment, run_cli
+from tests.helpers import FAST, REPO, cli_env, compose_experiment, run_cli
 from tests.phantoms import make_phantom_root
 
 pytestmark = pytest.mark.slow  # each run starts Flower's runtime (Ray): tens of seconds
@@ -158,3 +163,48 @@ def test_fedprox_with_mu_zero_is_fedavg_and_with_mu_above_zero_is_not(fedavg_run
         "fedprox", root, tmp_path / "one", "trainer.limit_train_batches=null", "federated.proximal_mu=1"
     )
     assert any(not torch.equal(server_state(other)["shared"][key], fedavg[key]) for key in fedavg)
+
+
+def test_a_federated_run_killed_mid_round_resumes_from_its_last_round_to_the_same_record(root: Path, tmp_path: Path):
+    args = ["experiment=fedbn", f"data.root={root}", *FAST, "federated.rounds=3"]
+    straight = federated_run("fedbn", root, tmp_path / "straight", "federated.rounds=3")
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "covidct.run", *args],
+        cwd=REPO,
+        env=cli_env(killed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    folder = killed / "fedbn" / straight.name
+    try:
+        deadline = time.time() + 300
+        while not (folder / "federated" / "server.pt").is_file():  # round 1 completed and saved
+            assert process.poll() is None and time.time() < deadline, "the run ended before its first round"
+            time.sleep(0.05)
+        time.sleep(1.0)  # into round 2
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (folder / "metrics.json").exists(), "the kill came too late to test resuming"
+    assert server_state(folder)["round"] < 3
+    resumed = run_cli(args, killed, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the federation from round" in resumed.stderr + resumed.stdout
+    assert (folder / "predictions.csv").read_bytes() == (straight / "predictions.csv").read_bytes()
+    mine, theirs = (json.loads((f / "metrics.json").read_text()) for f in (folder, straight))
+    assert mine["test"] == theirs["test"]
+    assert mine["run"]["federated"]["per_round"] == theirs["run"]["federated"]["per_round"]
+
+
+def test_a_site_that_fails_stops_the_run_in_one_line_naming_it(root: Path, tmp_path: Path):
+    """Flower's own strategies would average the other sites and go on; a record without a site is wrong."""
+    diverging = ["model._target_=tests.helpers.DivergingJoint", "+model.diverge_at_step=3", "federated.rounds=3"]
+    result = run_cli(["experiment=fedavg", f"data.root={root}", *FAST, *diverging], tmp_path, timeout=600)
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: round 2 failed: site ") and "non-finite" in line and "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("metrics.json"))
+    (state,) = tmp_path.rglob("server.pt")
+    assert server_state(state.parent.parent)["round"] == 1  # what a rerun resumes from

@@ -7,13 +7,13 @@ killed run resumes from its last completed round.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from hydra.utils import instantiate
@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 from covidct.atomic import atomic_write
 from covidct.checkpoints import read_checkpoint
-from covidct.errors import TrainingIncomplete
+from covidct.cli import user_message
+from covidct.errors import CovidCTError, TrainingIncomplete
 from covidct.federated.client import SiteClient
 
 log = logging.getLogger("covidct.run")
@@ -47,24 +48,45 @@ def client_app(cfg: DictConfig, folder: Path) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        config = message.content["config"]
-        server_round = int(config["first-round"]) + int(config["server-round"])
         site = client(context)
-        shared, metrics = site.train_round(
-            server_round, message.content["arrays"].to_torch_state_dict(), float(config.get("proximal-mu", 0.0))
-        )
-        named = ConfigRecord({"name": site.site})
-        content = {"arrays": _arrays(shared), "metrics": MetricRecord(metrics), "site": named}
-        return Message(RecordDict(content), reply_to=message)
+
+        def work() -> Message:
+            config = message.content["config"]
+            server_round = int(config["first-round"]) + int(config["server-round"])
+            shared, metrics = site.train_round(
+                server_round, message.content["arrays"].to_torch_state_dict(), float(config.get("proximal-mu", 0.0))
+            )
+            named = ConfigRecord({"name": site.site})
+            content = {"arrays": _arrays(shared), "metrics": MetricRecord(metrics), "site": named}
+            return Message(RecordDict(content), reply_to=message)
+
+        return _replying(site.site, message, work)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         site = client(context)
-        rows = site.test(int(message.content["config"]["round"]), message.content["arrays"].to_torch_state_dict())
-        columns = ConfigRecord({column: [row[column] for row in rows] for column in TEST_COLUMNS})
-        return Message(RecordDict({"rows": columns, "site": ConfigRecord({"name": site.site})}), reply_to=message)
+
+        def work() -> Message:
+            rows = site.test(int(message.content["config"]["round"]), message.content["arrays"].to_torch_state_dict())
+            columns = ConfigRecord({column: [row[column] for row in rows] for column in TEST_COLUMNS})
+            return Message(RecordDict({"rows": columns, "site": ConfigRecord({"name": site.site})}), reply_to=message)
+
+        return _replying(site.site, message, work)
 
     return app
+
+
+def _replying(site: str, message: Message, work: Callable[[], Message]) -> Message:
+    """`work`'s reply, or an error reply that names the site and says what went wrong in one line (the server
+    stops the run with it); the traceback stays in the site's own log."""
+    try:
+        return work()
+    except CovidCTError as err:
+        reason = user_message(err)
+    except Exception as err:  # a bug, or a library's error: still one line at the server, the rest here
+        log.exception("site %s failed", site)
+        reason = f"{type(err).__name__}: {err}"
+    return Message(Error(code=0, reason=f"site {site}: {reason}"), reply_to=message)
 
 
 def _arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -131,9 +153,7 @@ def server_app(cfg: DictConfig, folder: Path) -> ServerApp:
         rows = []
         for reply in grid.send_and_receive(messages, timeout=float(federated.round_timeout_s)):
             if reply.has_error():
-                raise TrainingIncomplete(
-                    f"the final test: node {reply.metadata.src_node_id} failed ({reply.error.reason.strip()})."
-                )
+                raise TrainingIncomplete(f"the final test failed: {reply.error.reason.strip()}.")
             columns = reply.content["rows"]
             rows += [dict(zip(TEST_COLUMNS, values)) for values in zip(*(columns[c] for c in TEST_COLUMNS))]
         final = read_server_state(folder) or saved

@@ -23,6 +23,7 @@ from covidct.atomic import atomic_write
 from covidct.checkpoints import read_checkpoint
 from covidct.data.sources import patient_folders
 from covidct.pseudonyms import Pseudonyms
+from covidct.training import DivergenceGuard
 from covidct.training.fit import build, drop_optimizer_state, make_trainer
 
 
@@ -103,7 +104,7 @@ class SiteClient:
             self.cfg,
             max_epochs=server_round * epochs,
             logger=False,
-            callbacks=[weights],
+            callbacks=[weights, DivergenceGuard()],
             enable_checkpointing=False,
             enable_progress_bar=False,
             limit_val_batches=0,

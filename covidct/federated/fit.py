@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from covidct.pseudonyms import Pseudonyms
 from covidct.records import write_run_record
 from covidct.resolvers import recorded_config
 from covidct.run_folder import prepare_run_dir, run_dir_lock
-from covidct.training.fit import build, recorded_run
+from covidct.training.fit import build, log_test, recorded_run
 
 log = logging.getLogger("covidct.run")
 FOLDER = "federated"  # in a run folder: the server's state, and clients/<site>/ in the Simulation Runtime
@@ -80,17 +81,33 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         }
         path = write_run_record(output_dir, test, rows, run, recorded_config(cfg))
         log.info("run record: %s", path)
+        log_test(test)
         return test
+
+
+def quiet_flower() -> None:
+    """Flower logs every step of its loop twice (its own console handler, then Hydra's) and its database layer
+    (alembic) its plug-ins; the run logs each round itself, and a failed site ends it with its own error."""
+    for name in ("flwr", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
 
 
 def _simulate(cfg: DictConfig, folder: Path) -> None:
     """Flower's Simulation Runtime on this machine: one ClientApp per site, one CPU each."""
+    quiet_flower()
     from flwr.simulation import run_simulation
 
     sites = list(cfg.data.sites)
+    ray = {  # Ray on the loopback address only, no dashboard; the sites' Lightning chatter stays in Ray's logs
+        "_node_ip_address": "127.0.0.1",
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": "ERROR",
+    }
     run_simulation(
         server_app=apps.server_app(cfg, folder),
         client_app=apps.client_app(cfg, folder),
         num_supernodes=len(sites),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": ray},
     )

@@ -316,6 +316,12 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     log.info("run record: %s", path)
     if note:
         log.warning("%s", note)
+    log_test(test)
+    return test
+
+
+def log_test(test: dict[str, Any]) -> None:
+    """Each selection's metrics per site and level, one line each, at the end of the run's log."""
     for selection, result in test.items():
         for level, sites in (("image", result["images"]), ("patient", result["patients"])):
             for site, values in sites.items():
@@ -325,4 +331,3 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             for site, values in unseen["images"].items():
                 text = "  ".join(f"{k}={'undefined' if v is None else f'{v:.4f}'}" for k, v in values.items())
                 log.info("test %s, image-level, unseen site %s (unseen_norm=%s): %s", selection, site, how, text)
-    return test

@@ -42,8 +42,8 @@ class SiteStrategy:
         if failed:
             reply = failed[0]
             raise TrainingIncomplete(
-                f"round {server_round}: node {reply.metadata.src_node_id} failed ({reply.error.reason.strip()}); "
-                "no record written: rerun the same command to resume from the last completed round."
+                f"round {server_round} failed: {reply.error.reason.strip()}; no record written: rerun the same "
+                "command to resume from the last completed round."
             )
         self.rounds.append(
             {
