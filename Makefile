@@ -24,6 +24,7 @@ SWEEP := $(PROTOCOL)$(if $(filter-out 0,$(SPLIT_SEED)),-split$(SPLIT_SEED))
 OUT ?= $(RESULTS)/table1-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
 RUNS ?= $(if $(RECORD),experiments,outputs)/table1-$(SWEEP)$(if $(RECORD),/runs)
 TABLE1 = $(or $(shell $(PY) -m covidct.experiments),$(error no Table I experiments from $(PY) -m covidct.experiments))
+FEDERATED = $(shell $(PY) -m covidct.experiments --block federated)
 ifeq ($(PROTOCOL),smoke)
 FOLDS ?= 0
 SEEDS ?= 643
@@ -46,7 +47,7 @@ LOSO_RUNS ?= $(if $(RECORD),experiments,outputs)/loso-$(SWEEP)$(if $(RECORD),/ru
 DEVICE ?= auto
 BENCH_ARGS ?=
 
-.PHONY: setup train test lint format clean table1 table1-collect loso bench
+.PHONY: setup train test lint format clean table1 table1-collect federated loso bench
 
 setup: $(VENV)/.installed
 
@@ -73,6 +74,14 @@ train: setup
 table1: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
 	$(PY) -m covidct.run -m fold=$(FOLDS) seed=$(SEEDS) experiment=$(TABLE1) +protocol=$(PROTOCOL) \
+		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
+	$(MAKE) --no-print-directory table1-collect
+
+## Table I's federated block (local, FedAvg, FedProx, SiloBN, FedBN: one Flower client per site) on the same folds
+## and seeds, into the same runs folder, then the tables (the federated rows under the centralised ones)
+federated: setup
+	@$(PY) -m covidct.data where --root "$(DATA)"
+	$(PY) -m covidct.run -m fold=$(FOLDS) seed=$(SEEDS) experiment=$(FEDERATED) +protocol=$(PROTOCOL) \
 		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
 	$(MAKE) --no-print-directory table1-collect
 

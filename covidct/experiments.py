@@ -6,13 +6,15 @@ Each experiment file may declare its row of Table I:
       row: 9                              # its position (1, 2, ...): rows are sorted by it
       label: SepNorm + Contrastive (ours) # the method's name in the tables
       paper: ours                         # its rows in experiments/paper_table1.csv (null: none)
+      block: centralised                  # or federated: the table's second block (default: centralised)
 
 An experiment without a `table1` block (or with `table1: null`) runs like any other and is reported after
 Table I's rows, under its name. The Makefile's sweep (`make table1`), the report's fallback for run records
 that predate `config.table1`, and the tests all read this registry; nothing else lists the methods.
 
-`python -m covidct.experiments` prints the Table I experiments comma-separated, in row order (what
-`make table1` sweeps); `--all` prints every experiment; `--config-dir DIR` adds the experiments of another
+`python -m covidct.experiments` prints the Table I experiments of the centralised block comma-separated, in row
+order (what `make table1` sweeps); `--block federated` those of the federated block (`make federated`); `--all`
+prints every experiment; `--config-dir DIR` adds the experiments of another
 config folder (as `hydra.searchpath` does; the repo's `conf/` comes first and wins a name both define).
 """
 
@@ -33,6 +35,7 @@ from covidct.errors import ConfigError
 from covidct.schemas import checked, rule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+BLOCKS = ("centralised", "federated")  # Table I's blocks, in the table's order
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Experiment:
     row: int | None = None
     label: str | None = None
     paper: str | None = None
+    block: str = "centralised"
 
     @property
     def in_table1(self) -> bool:
@@ -62,6 +66,7 @@ class Table1:
     row: int = rule("be a positive integer", lambda row: row >= 1)
     label: str = rule("be a non-empty string", str.strip)
     paper: str | None = rule("be a key of experiments/paper_table1.csv (or null)", str.strip, None)
+    block: str = rule(f"be one of {', '.join(BLOCKS)}", lambda block: block in BLOCKS, BLOCKS[0])
 
 
 def parse_table1(name: str, block: Any, where: str) -> Experiment:
@@ -112,8 +117,8 @@ def load_experiments(config_dirs: Iterable[str | Path] = ()) -> list[Experiment]
 
 
 def sort_experiments(experiments: Iterable[Experiment]) -> list[Experiment]:
-    """Table I's experiments by row (then name), then those without a row by name."""
-    return sorted(experiments, key=lambda e: (e.row is None, e.row or 0, e.name))
+    """Table I's experiments block by block, by row (then name), then those without a row by name."""
+    return sorted(experiments, key=lambda e: (e.row is None, BLOCKS.index(e.block), e.row or 0, e.name))
 
 
 @lru_cache(maxsize=1)
@@ -122,15 +127,17 @@ def registry() -> tuple[Experiment, ...]:
     return tuple(load_experiments())
 
 
-def table1_experiments(experiments: Sequence[Experiment] | None = None) -> list[Experiment]:
-    """The experiments with a Table I row, in row order (default: the repo's)."""
-    return [e for e in (registry() if experiments is None else experiments) if e.in_table1]
+def table1_experiments(experiments: Sequence[Experiment] | None = None, block: str | None = None) -> list[Experiment]:
+    """The experiments with a Table I row (of `block`, or every block), in row order (default: the repo's)."""
+    chosen = registry() if experiments is None else experiments
+    return [e for e in chosen if e.in_table1 and block in (None, e.block)]
 
 
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidct.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="every experiment, not only Table I's (those after)")
+    parser.add_argument("--block", choices=BLOCKS, default=BLOCKS[0], help="the Table I block to print")
     parser.add_argument(
         "--config-dir",
         action="append",
@@ -140,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     experiments = load_experiments(args.config_dir)
-    chosen = experiments if args.all else table1_experiments(experiments)
+    chosen = experiments if args.all else table1_experiments(experiments, args.block)
     print(",".join(e.name for e in chosen))
     return 0
 

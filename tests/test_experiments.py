@@ -70,7 +70,10 @@ def _write(folder: Path, name: str, text: str) -> Path:
         ("table1:\n  row: true\n  label: X", "table1.row must be a positive integer, got True"),
         ("table1:\n  row: 11\n  label: ''", "table1.label must be a non-empty string"),
         ("table1:\n  row: 11\n  label: X\n  paper: 3", "table1.paper must be a key of"),
-        ("table1:\n  row: 11\n  label: X\n  papers: x", "table1.papers is unknown; allowed keys: row, label, paper"),
+        (
+            "table1:\n  row: 11\n  label: X\n  papers: x",
+            "table1.papers is unknown; allowed keys: row, label, paper, block",
+        ),
         ("table1:\n  row: 9\n  label: X", "table1.row 9 is also the row of " + str(REPO / "conf/experiment/ours.yaml")),
     ],
 )
@@ -94,8 +97,11 @@ def test_extra_config_dirs_add_experiments_and_the_cli_lists_them(tmp_path: Path
     _write(tmp_path, "sketch", "name: sketch\n")  # no table1 block: after Table I
     _write(tmp_path, "ours", "name: ours\ntable1:\n  row: 1\n  label: shadowed\n")  # the repo's comes first
     found = load_experiments([f"file://{tmp_path}"])
-    assert found[-2:] == [Experiment("mine", 10, "Mine", None), Experiment("sketch")]
-    assert [e.name for e in found[:-2]] == EXPERIMENTS and next(e for e in found if e.name == "ours").row != 1
+    assert Experiment("mine", 10, "Mine", None) in found and found[-1] == Experiment("sketch")
+    centralised = [e.name for e in table1_experiments(block="centralised")]
+    after = [name for name in EXPERIMENTS if name not in centralised]  # the federated block, then those without a row
+    assert [e.name for e in found] == [*centralised, "mine", *after, "sketch"]
+    assert next(e for e in found if e.name == "ours").row != 1
 
     def cli(*args: str) -> str:
         result = subprocess.run(
@@ -103,10 +109,12 @@ def test_extra_config_dirs_add_experiments_and_the_cli_lists_them(tmp_path: Path
         )
         return result.stdout.strip()
 
-    names = [e.name for e in table1_experiments()]
+    names = [e.name for e in table1_experiments(block="centralised")]
     assert cli() == ",".join(names)  # what `make table1` sweeps
+    federated = [e.name for e in table1_experiments(block="federated")]
+    assert cli("--block", "federated") == ",".join(federated) == "local,fedavg,fedprox,silobn,fedbn"
     assert cli("--config-dir", str(tmp_path)) == ",".join([*names, "mine"])
-    assert cli("--all", "--config-dir", str(tmp_path)) == ",".join([*EXPERIMENTS, "mine", "sketch"])
+    assert cli("--all", "--config-dir", str(tmp_path)) == ",".join([*centralised, "mine", *after, "sketch"])
     bad = tmp_path / "bad"
     _write(bad, "broken", "table1: 3\n")
     result = subprocess.run(

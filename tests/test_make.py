@@ -37,7 +37,7 @@ def test_loso_sweeps_every_table1_method_over_the_held_out_sites_then_reports():
     from covidct.experiments import table1_experiments
 
     plan = _dry_run("loso", "PROTOCOL=smoke")
-    methods = ",".join(e.name for e in table1_experiments())
+    methods = ",".join(e.name for e in table1_experiments(block="centralised"))
     assert f"-m experiment={methods} +protocol=smoke" in plan and "'data.test_sites=[A],[B]'" in plan
     assert 'paths.log_dir="outputs/loso-smoke"' in plan
     assert '--runs "outputs/loso-smoke" --out "outputs/loso-smoke"' in plan
@@ -61,3 +61,13 @@ def test_a_recorded_sweep_keeps_its_runs_beside_its_tables_and_runs_fold_by_fold
     loso = _dry_run("loso", "PROTOCOL=cpu", "FOLDS=0", "SEEDS=643", "RECORD=1", "LOSO_EXPERIMENTS=ours,sepnorm")
     assert "-m experiment=ours,sepnorm +protocol=cpu fold=0 seed=643" in loso
     assert '--runs "experiments/loso-cpu/runs" --out "experiments/loso-cpu"' in loso
+
+
+def test_federated_sweeps_the_federated_block_into_the_table1_runs_then_reports():
+    from covidct.experiments import table1_experiments
+
+    plan = _dry_run("federated", "PROTOCOL=cpu", "FOLDS=0", "SEEDS=643", "RECORD=1")
+    methods = ",".join(e.name for e in table1_experiments(block="federated"))
+    assert f"-m fold=0 seed=643 experiment={methods} +protocol=cpu" in plan
+    assert 'paths.log_dir="experiments/table1-cpu/runs"' in plan
+    assert '--runs "experiments/table1-cpu/runs" --out "experiments/table1-cpu"' in plan

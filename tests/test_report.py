@@ -1,6 +1,7 @@
 """The report: golden files on synthetic run records, every statistic against its definition, and the CLI."""
 
 import csv
+import io
 import json
 import math
 import os
@@ -45,11 +46,11 @@ def level(i: int, f: int, k: int, j: int, site: str) -> float:
     return base + 0.003 * ((3 * i + 5 * f + 7 * k) % 4)
 
 
-def fake_records() -> list[dict]:
+def fake_records(block: str = "centralised") -> list[dict]:
     """Records of the new layout: parallel_adapter has no runs and msnet misses one, so the table must mark
     both; fold 0 of every method also has a best-validation result (a little lower)."""
     records = []
-    for i, experiment in enumerate(e.name for e in table1_experiments()):
+    for i, experiment in enumerate(e.name for e in table1_experiments(block=block)):
         if experiment == "parallel_adapter":
             continue
         for f in FOLDS:
@@ -127,7 +128,7 @@ EXTRA = {
 def extra_records() -> list[dict]:
     """fake_records and two runs (fold x seed) of each experiment of EXTRA, the sweep's folds and seeds."""
     records = fake_records()[:-1]
-    for i, (experiment, config) in enumerate(EXTRA.items(), start=len(table1_experiments())):
+    for i, (experiment, config) in enumerate(EXTRA.items(), start=len(table1_experiments(block="centralised"))):
         for f in FOLDS:
             for k, s in enumerate(SEEDS):
                 images = {site: {m: level(i, f, k, j, site) for j, m in enumerate(STATISTICS)} for site in "AB"}
@@ -149,7 +150,7 @@ def test_experiments_without_a_paper_row_follow_table1_and_are_not_dropped(name:
     if os.environ.get("UPDATE_GOLDEN"):
         (GOLDEN / "extra" / name).write_text(text)
     assert text == (GOLDEN / "extra" / name).read_text()
-    names = [e.name for e in table1_experiments()]
+    names = [e.name for e in table1_experiments(block="centralised")]
     if name == "table1.csv":
         rows = list(csv.DictReader(text.splitlines()))
         order = list(dict.fromkeys(r["experiment"] for r in rows))
@@ -175,7 +176,7 @@ def test_a_records_own_table1_block_decides_its_row_and_label():
             record["config"] = {"table1": {"row": 12, "label": "Single, relabelled", "paper": "single"}}
     rows = collect_results(records, PAPER, FOLDS, SEEDS)
     order = list(dict.fromkeys((r["experiment"], r["method"]) for r in rows))
-    assert order[-1] == ("single", "Single, relabelled") and len(order) == len(table1_experiments())
+    assert order[-1] == ("single", "Single, relabelled") and len(order) == len(table1_experiments(block="centralised"))
     assert _cell(rows, "single", "A", "acc")["paper_mean"] is not None  # its paper key still finds the paper's
 
 
@@ -200,7 +201,7 @@ def test_runs_aggregation_is_mean_and_sample_std_over_folds_and_seeds():
     assert cell["n"] == cell["expected"] == 4 and cell["mean"] == pytest.approx(statistics.fmean(values))
     assert cell["std"] == pytest.approx(statistics.stdev(values))
     assert (cell["paper_mean"], cell["paper_std"]) == (75.02, 1.14)
-    assert len(rows) == len(table1_experiments()) * 2 * len(STATISTICS)
+    assert len(rows) == len(table1_experiments(block="centralised")) * 2 * len(STATISTICS)
     assert all(r["n"] == 0 and r["mean"] is None for r in rows if r["experiment"] == "parallel_adapter")
     assert all(r["n"] == 3 for r in rows if r["experiment"] == "msnet")
 
@@ -819,3 +820,25 @@ def test_runs_that_name_patients_differently_are_refused(tmp_path: Path, capsys)
     err = capsys.readouterr().err
     assert "the runs name patients differently (" in err
     assert "raw ids (e.g." in err and "pseudonyms of key 0123abcd (e.g." in err
+
+
+def test_federated_runs_are_a_block_of_their_own_compared_with_ours_and_with_sepnorm():
+    records = fake_records() + [
+        {**r, "run": {**r["run"], "experiment": name}}
+        for r in fake_records()
+        if r["run"]["experiment"] == "sepnorm"
+        for name in ("fedbn", "fedavg")
+    ]
+    predictions = [row for r in records if r["run"]["seed"] in SEEDS for row in fake_predictions(r)]
+    files = render_files(build_report(records, predictions, PAPER, FOLDS, SEEDS, "last"), PROVENANCE)
+    site_a = files["table1.md"].split("### Site A")[1].split("###")[0].splitlines()
+    methods = [line.split(" | ")[0].lstrip("| ") for line in site_a if line.startswith("| ") and "---" not in line]
+    assert methods[-3:] == ["**Federated**", "FedAvg", "FedBN"]  # after every centralised row, in row order
+    assert methods.index("SepNorm + Contrastive (ours)") < methods.index("**Federated**")
+    delong = list(csv.DictReader(io.StringIO(files["delong.csv"])))
+    pairs = {(row["reference"], row["baseline"]) for row in delong}
+    assert {("ours", "fedbn"), ("ours", "fedavg"), ("sepnorm", "fedbn"), ("sepnorm", "fedavg")} <= pairs
+    assert not {pair for pair in pairs if pair[0] == "sepnorm" and pair[1] not in ("fedbn", "fedavg")}
+    twins = [row for row in delong if row["reference"] == "sepnorm" and row["level"] == "images"]
+    assert twins and all(int(row["n_cases"]) == 20 * len(FOLDS) and row["p"] for row in twins)  # folds pooled
+    assert "each reference (SepNorm + Contrastive (ours); the federated rows also SepNorm)" in files["table1.md"]

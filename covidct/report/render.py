@@ -99,7 +99,9 @@ def build_report(
     are what the figures' captions say the curves pool."""
     records = repool_patients(records, predictions, selection, pooling)
     chosen = select_records(records, folds, seeds)
-    methods = {e.name: e.method for e in table_methods(chosen.values(), experiments)}
+    rows_of_table = table_methods(chosen.values(), experiments)
+    methods = {e.name: e.method for e in rows_of_table}
+    federated = [e.name for e in rows_of_table if e.block == "federated"]
     keys = {(r["run"]["experiment"], int(r["run"]["fold"]), int(r["run"]["seed"])) for r in chosen.values()}
     rows = [
         p
@@ -112,6 +114,8 @@ def build_report(
     with_predictions = {r["experiment"] for r in rows}
     with_runs = [e for e in methods if e in with_predictions]
     baselines = [e for e in methods if e != reference]
+    # the federated rows are also compared with their centralised twin, SepNorm (FedBN is its federated form)
+    twin = [(FEDERATED_TWIN, federated)] if federated and reference != FEDERATED_TWIN else []
     sites = {r["site"] for r in rows}
     by_method_site = {
         (e, site): [r for r in rows if r["experiment"] == e and r["site"] == site]
@@ -137,10 +141,10 @@ def build_report(
         ],
         "delong": [
             {"selection": selection, **row}
-            for row in delong_rows(rows, reference, baselines, seeds, patient_sites, pooling)
-        ]
-        if reference in with_runs
-        else [],
+            for against, compared in [(reference, baselines), *twin]
+            for row in delong_rows(rows, against, compared, seeds, patient_sites, pooling)
+            if against in with_runs
+        ],
         "claims": claim_rows(rows, seeds, patient_sites, pooling) if set(CLAIM_EXPERIMENTS) <= set(methods) else [],
         "rocs": {
             key: roc_curve([r["label"] for r in items], [r["prob_covid"] for r in items])
@@ -170,6 +174,7 @@ def build_report(
     }
 
 
+FEDERATED_TWIN = "sepnorm"
 _size = itemgetter("runs", "predictions")  # what a caption says each curve pools
 
 
@@ -233,19 +238,26 @@ def intervals_markdown(intervals: Sequence[Mapping[str, Any]], methods: Mapping[
 def delong_markdown(delong: Sequence[Mapping[str, Any]], methods: Mapping[str, str]) -> list[str]:
     if not delong:
         return []
-    reference = methods.get(delong[0]["reference"], delong[0]["reference"])
+    references = [methods.get(r, r) for r in dict.fromkeys(row["reference"] for row in delong)]
+    against = (
+        f"the reference, {references[0]}"
+        if len(references) == 1
+        else f"each reference ({', '.join(references[:-1])}; the federated rows also {references[-1]})"
+    )
     out = [
-        f"## DeLong's test: AUC of the reference, {reference}, vs each baseline on the same test cases (per seed, "
-        "folds pooled)",
+        f"## DeLong's test: AUC of {against}, vs each baseline on the same test cases (per seed, folds pooled)",
         "",
         "Image level treats a patient's slices as independent cases (optimistic p-values on site B); the "
         "patient level (one pooled prediction per patient) does not. p-values are not corrected for "
         "multiple comparisons.",
         "",
     ]
-    header = ["site", "level", "baseline", "seed", "cases", "AUC reference", "AUC baseline", "diff (pp)", "z", "p"]
+    named = len(references) > 1  # several references: each row says its own
+    header = ["site", "level", *(["reference"] if named else []), "baseline", "seed", "cases"]
+    header += ["AUC reference", "AUC baseline", "diff (pp)", "z", "p"]
     rows = [
-        [r["site"], r["level"], methods.get(r["baseline"], r["baseline"]), r["seed"], r["n_cases"]]
+        [r["site"], r["level"], *([methods.get(r["reference"], r["reference"])] if named else [])]
+        + [methods.get(r["baseline"], r["baseline"]), r["seed"], r["n_cases"]]
         + [fmt(r["auc_reference"])]
         + [fmt(r["auc_baseline"]), fmt(r["diff"]), fmt(r["z"], 3), p_value(r["p"])]
         for r in delong

@@ -27,7 +27,7 @@ from scipy import stats
 from covidct.csvfiles import csv_text
 from covidct.data.sites import site_from_dict
 from covidct.errors import ConfigError
-from covidct.experiments import Experiment, parse_table1, registry, sort_experiments
+from covidct.experiments import BLOCKS, Experiment, parse_table1, registry, sort_experiments
 from covidct.metrics import ECE_BINS, METRIC_NAMES, STATISTICS
 from covidct.records import held_out_sites
 
@@ -118,9 +118,10 @@ def table_methods(
 ) -> list[Experiment]:
     """The table's rows in order: every Table I experiment of the registry `experiments` (default: the
     repo's) and every experiment the records hold, as `record_experiment` says; Table I's by row, then the
-    others by name. Records of one experiment that disagree on its row are a ConfigError."""
+    others by name. The federated block's experiments are rows only where records hold them: a table of
+    centralised runs gains no empty block. Records of one experiment that disagree on its row are a ConfigError."""
     known = {e.name: e for e in (registry() if experiments is None else experiments)}
-    methods = {e.name: e for e in known.values() if e.in_table1}
+    methods = {e.name: e for e in known.values() if e.in_table1 and e.block == BLOCKS[0]}  # federated: with runs
     seen: dict[str, Experiment] = {}
     for record in records:
         experiment = record_experiment(record, known)
@@ -223,6 +224,7 @@ def collect_results(
                         "experiment": experiment,
                         "method": method.method,
                         "row": method.row,
+                        "block": method.block,
                         "site": site,
                         "metric": metric,
                         "n": len(values),
@@ -352,6 +354,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
     first = rows[0]
     with_paper = any(r["paper_mean"] is not None for r in rows)
     methods = _methods(rows)
+    blocks = {r["experiment"]: r.get("block", BLOCKS[0]) for r in rows}
     out = [
         f"## {title}",
         "",
@@ -369,8 +372,11 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> list[str]
         header = ["method", "n"]
         for m in STATISTICS:
             header += [METRIC_LABELS.get(m, m)] + (["paper"] if with_paper and m in METRIC_NAMES else [])
-        lines = []
+        lines, block = [], BLOCKS[0]
         for experiment, (method, _) in methods.items():
+            if blocks[experiment] != block:  # a block's first row: its title across the table
+                block = blocks[experiment]
+                lines.append([f"**{block.capitalize()}**", *[""] * (len(header) - 1)])
             head = cells[(experiment, site, next(iter(STATISTICS)))]
             values = [method, f"{head['n']}/{head['expected']}"]
             for m in STATISTICS:
