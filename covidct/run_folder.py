@@ -58,6 +58,9 @@ NON_SEMANTIC_KEYS = (
     "callbacks.lr_monitor",
     "callbacks.progress_bar",
     "federated.round_timeout_s",  # how long the server waits, not what the sites train
+    "federated.runtime",  # which of Flower's runtimes carries the messages, not what they say
+    "federated.superlink",
+    "federated.root_certificates",
 )
 
 

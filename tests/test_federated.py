@@ -5,6 +5,7 @@ FedProx with mu = 0 is FedAvg."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,15 +58,26 @@ def server_state(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fedavg_run(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return federated_run("fedavg", root, tmp_path_factory.mktemp("fedavg"), "trainer.limit_train_batches=null")
+def unequal_root(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Site A with 20 images a class, site B with 12: sites of different sizes."""
+    bigger = make_phantom_root(tmp_path_factory.mktemp("unequal") / "data", per_class=20)
+    shutil.rmtree(bigger / "covid-ct")
+    shutil.copytree(root / "covid-ct", bigger / "covid-ct")
+    return bigger
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(unequal_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return federated_run("fedavg", unequal_root, tmp_path_factory.mktemp("fedavg"), "trainer.limit_train_batches=null")
 
 
 def test_fedavg_aggregate_is_the_size_weighted_mean_of_the_sites_weights(fedavg_run: Path):
     record = json.loads((fedavg_run / "metrics.json").read_text())
     (sizes,) = record["run"]["federated"]["per_round"]
     n = {site: sizes[site]["num-examples"] for site in ("A", "B")}
-    assert n["B"] > n["A"]  # site B's 4 passes under the data budget: the weights are not equal
+    train = {site: record["run"]["splits"]["sites"][site]["train"]["images"] for site in ("A", "B")}
+    assert n == train and n["A"] > n["B"]  # each site's size: its training images, which differ
+    assert sizes["B"]["images_trained"] > sizes["B"]["num-examples"]  # site B's 4 passes do not weigh
     a, b = site_state(fedavg_run, "A"), site_state(fedavg_run, "B")
     shared = server_state(fedavg_run)["shared"]
     assert set(shared) == set(a)  # FedAvg shares everything

@@ -5,6 +5,7 @@ trains, shares and keeps."""
 
 import os
 
-# Flower reports usage to its makers unless told not to, read when it is first imported: a hospital's run tells
-# nobody anything it was not asked to.
+# Flower and Ray report usage to their makers unless told not to, read when they are first imported: a hospital's
+# run tells nobody anything it was not asked to.
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"

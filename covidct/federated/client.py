@@ -16,12 +16,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
 from covidct.atomic import atomic_write
 from covidct.checkpoints import read_checkpoint
 from covidct.data.sources import patient_folders
+from covidct.errors import DataError, TrainingIncomplete
 from covidct.pseudonyms import Pseudonyms
 from covidct.training import DivergenceGuard
 from covidct.training.fit import build, drop_optimizer_state, make_trainer
@@ -70,7 +71,7 @@ class SiteClient:
 
     def __init__(self, cfg: DictConfig, site: str, folder: Path):
         self.cfg, self.site, self.folder = federated_epochs(cfg), site, Path(folder)
-        self.strategy = instantiate(cfg.federated.strategy)
+        self.local_keys = get_class(cfg.federated.strategy._target_).local_keys  # what never leaves the site
 
     def checkpoint(self, server_round: int) -> Path:
         return self.folder / f"round-{server_round:04d}.ckpt"
@@ -85,8 +86,17 @@ class SiteClient:
         return build(self.cfg.model, sites=[self.site], _convert_="all")
 
     def shared_part(self, model: pl.LightningModule) -> dict[str, torch.Tensor]:
-        local = self.strategy.local_keys(model)
+        local = self.local_keys(model)
         return {key: value.detach().cpu() for key, value in model.state_dict().items() if key not in local}
+
+    def _received(self, model: pl.LightningModule, shared: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The server's weights this site takes: its own keys only, never one it keeps to itself (a server
+        sending BatchNorms to a FedBN site would otherwise overwrite them)."""
+        mine, local = model.state_dict(), self.local_keys(model)
+        unknown = sorted(set(shared) - set(mine))
+        if unknown:
+            raise DataError(f"the server sent weights this site's network lacks ({', '.join(unknown[:3])}, ...).")
+        return {key: value for key, value in shared.items() if key not in local}
 
     def train_round(
         self, server_round: int, shared: Mapping[str, torch.Tensor], proximal_mu: float = 0.0
@@ -99,7 +109,7 @@ class SiteClient:
         model = self.model()
         pl.seed_everything(self.cfg.seed + server_round, workers=True)
         epochs = int(self.cfg.federated.local_epochs)
-        weights = GlobalWeights(shared, proximal_mu)
+        weights = GlobalWeights(self._received(model, shared), proximal_mu)
         trainer = make_trainer(
             self.cfg,
             max_epochs=server_round * epochs,
@@ -111,12 +121,18 @@ class SiteClient:
             default_root_dir=str(self.folder),
         )
         before = self.checkpoint(server_round - 1)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=before if before.is_file() else None, weights_only=True)
+        if server_round > 1 and not before.is_file():
+            raise TrainingIncomplete(
+                f"site {self.site} has no checkpoint of round {server_round - 1} in {self.folder}: it cannot go on "
+                "from where the federation is (was its state folder moved or emptied?)."
+            )
+        trainer.fit(model, datamodule=datamodule, ckpt_path=before if server_round > 1 else None, weights_only=True)
         steps = trainer.global_step - weights.first_step
         atomic_write(self.checkpoint(server_round), trainer.save_checkpoint)
         self.checkpoint(server_round - 2).unlink(missing_ok=True)  # the one before stays: a rerun of this round
-        metrics = {
-            "num-examples": float(steps * int(self.cfg.data.batch_per_site)),
+        metrics = {  # FedAvg's weight: the site's size, its training images (McMahan et al.'s n_k)
+            "num-examples": float(len(datamodule.splits[self.site]["train"])),
+            "images_trained": float(steps * int(self.cfg.data.batch_per_site)),
             "train_loss": float(trainer.callback_metrics["train/loss_epoch"]),
         }
         return self.shared_part(model), metrics
@@ -127,7 +143,8 @@ class SiteClient:
         datamodule = self._datamodule()
         model = self.model()
         state = read_checkpoint(self.checkpoint(server_round))["state_dict"]
-        model.load_state_dict({**state, **{key: value.to(state[key].dtype) for key, value in shared.items()}})
+        received = self._received(model, shared)
+        model.load_state_dict({**state, **{key: value.to(state[key].dtype) for key, value in received.items()}})
         trainer = make_trainer(self.cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False)
         model.test_log_prefix = "test"
         trainer.test(model, datamodule=datamodule, verbose=False, weights_only=True)

@@ -23,6 +23,7 @@ from covidct.run_folder import prepare_run_dir, run_dir_lock
 from covidct.training.fit import build, log_test, recorded_run
 
 log = logging.getLogger("covidct.run")
+RUNTIMES = ("simulation", "deployment")
 FOLDER = "federated"  # in a run folder: the server's state, and clients/<site>/ in the Simulation Runtime
 
 
@@ -31,12 +32,20 @@ def check_federated(cfg: DictConfig) -> None:
     sites = list(cfg.data.sites)
     if len(sites) < 2:
         raise ConfigError(f"a federated run needs at least two sites in data.sites, got {sites}.")
+    if float(cfg.federated.fraction_fit) != 1.0:
+        raise ConfigError(
+            f"federated.fraction_fit={cfg.federated.fraction_fit}: every site trains in every round for now (1.0); a "
+            "site left out of a round would lose its place."
+        )
     if float(cfg.data.val_fraction) > 0:
         raise ConfigError("data.val_fraction > 0: a federated run tests its last round only; set data.val_fraction=0.")
     if cfg.data.test_sites:
         raise ConfigError("data.test_sites (leave-one-site-out) is not yet supported for federated runs.")
-    if cfg.federated.runtime != "simulation":
-        raise ConfigError(f"federated.runtime={cfg.federated.runtime}: only 'simulation' runs from covidct.run.")
+    runtime = cfg.federated.runtime
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"federated.runtime={runtime}: choose one of {', '.join(RUNTIMES)}.")
+    if runtime == "deployment" and not cfg.federated.get("superlink"):
+        raise ConfigError("federated.runtime=deployment needs federated.superlink=HOST:PORT (the SuperLink's).")
 
 
 def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -56,7 +65,12 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         if resumed is not None:
             log.info("resuming the federation from round %d of %d", resumed["round"], cfg.federated.rounds)
         start = time.monotonic()
-        _simulate(cfg, folder)
+        if cfg.federated.runtime == "deployment":
+            from covidct.federated.deployment import run_on_superlink
+
+            run_on_superlink(cfg, folder, float(cfg.federated.round_timeout_s) * (int(cfg.federated.rounds) + 1))
+        else:
+            _simulate(cfg, folder)
         wall_s = time.monotonic() - start
         saved = apps.read_server_state(folder)
         if saved is None or "test_rows" not in saved:
@@ -71,7 +85,7 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         pseudonyms = Pseudonyms(cfg.patient_ids, cfg.pseudonym_key)
         run = recorded_run(cfg, datamodule, fingerprint, pseudonyms, list(test)) | {
             "epochs_trained": epochs,
-            "device": "cpu" if cfg.trainer.accelerator == "cpu" else str(cfg.trainer.accelerator),
+            "device": "cpu" if cfg.federated.runtime == "simulation" else "at each site",  # simulated sites: 1 CPU
             "federated": {
                 **OmegaConf.to_container(cfg.federated, resolve=True),
                 "rounds_completed": int(saved["round"]),
@@ -107,7 +121,7 @@ def _simulate(cfg: DictConfig, folder: Path) -> None:
     }
     run_simulation(
         server_app=apps.server_app(cfg, folder),
-        client_app=apps.client_app(cfg, folder),
+        client_app=apps.client_app(apps.simulated_site(cfg, folder)),
         num_supernodes=len(sites),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": ray},
     )

@@ -213,12 +213,12 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     (covidct/federated/fit.py), into the same record.
     """
     check_config(cfg)
+    if (Path(output_dir) / METRICS_FILE).is_file():  # before anything logs: the data scan, the lock
+        _stop_logging_into(Path(output_dir))
     if cfg.get("federated") is not None:
         from covidct.federated.fit import train_federated  # Flower (and Ray) load for a federated run only
 
         return train_federated(cfg, output_dir)
-    if (Path(output_dir) / METRICS_FILE).is_file():  # before anything logs: the data scan, the lock
-        _stop_logging_into(Path(output_dir))
     with run_dir_lock(Path(output_dir), wait=bool(cfg.get("wait_for_run_folder"))):
         return _train_locked(cfg, Path(output_dir))
 

@@ -1,7 +1,8 @@
 """What a covidct strategy adds to Flower's: which state stays at the site, and a round that fails loudly.
 
-Flower's strategies skip a site whose reply is an error and aggregate the others; a run record that silently
-averaged one hospital out would be wrong numbers, so a failed reply stops the run, naming the site.
+Flower's strategies skip a site whose reply is an error, or that did not reply in time, and aggregate the others;
+a run record that silently averaged one hospital out would be wrong numbers, so a failed or missing reply stops
+the run, naming the site.
 """
 
 from __future__ import annotations
@@ -22,15 +23,20 @@ class SiteStrategy:
     def __init__(self, *args: object, **kwargs: object):
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.rounds: list[dict[str, dict[str, float]]] = []
+        self.sites: dict[int, str] = {}  # node id -> the site it named in its replies
         self._bytes_sent = 0.0
+        self._sampled: list[int] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._bytes_sent = _payload(arrays)  # to each site sampled
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self._sampled = [message.metadata.dst_node_id for message in messages]
+        return messages
 
-    def local_keys(self, model: nn.Module) -> set[str]:
+    @staticmethod
+    def local_keys(model: nn.Module) -> set[str]:
         """The state-dict keys each site keeps to itself (FedAvg: none)."""
         return set()
 
@@ -38,13 +44,8 @@ class SiteStrategy:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        failed = [reply for reply in replies if reply.has_error()]
-        if failed:
-            reply = failed[0]
-            raise TrainingIncomplete(
-                f"round {server_round} failed: {reply.error.reason.strip()}; no record written: rerun the same "
-                "command to resume from the last completed round."
-            )
+        check_replies(f"round {server_round}", self._sampled, replies, self.sites)
+        replies.sort(key=lambda reply: str(reply.content["site"]["name"]))  # sums in one order, however they came
         self.rounds.append(
             {
                 str(reply.content["site"]["name"]): {
@@ -66,3 +67,23 @@ class SiteStrategy:
 def _payload(arrays: ArrayRecord) -> float:
     """The bytes of a message's weights (their serialised arrays)."""
     return float(arrays.count_bytes()) if len(arrays) else 0.0
+
+
+def check_replies(step: str, sampled: list[int], replies: list[Message], sites: dict[int, str]) -> None:
+    """Every node sent a reply, none an error; `sites` learns which node is which site (for naming one that
+    goes silent later)."""
+    for reply in replies:
+        if reply.has_error():
+            raise TrainingIncomplete(
+                f"{step} failed: {reply.error.reason.strip()}; no record written: rerun the same command to resume "
+                "from the last completed round."
+            )
+        sites[reply.metadata.src_node_id] = str(reply.content["site"]["name"])
+    missing = [node for node in sampled if node not in {reply.metadata.src_node_id for reply in replies}]
+    if missing:
+        named = ", ".join(f"site {sites[node]}" if node in sites else f"node {node}" for node in missing)
+        raise TrainingIncomplete(
+            f"{step}: no reply from {named} within federated.round_timeout_s (its SuperNode stopped, or lost the "
+            "connection); no record written: restart it and rerun the same command to resume from the last "
+            "completed round."
+        )

@@ -10,7 +10,8 @@ from covidct.federated.strategies.fedavg import FedAvg
 
 
 class Local(FedAvg):
-    def local_keys(self, model: nn.Module) -> set[str]:
+    @staticmethod
+    def local_keys(model: nn.Module) -> set[str]:
         return set(model.state_dict())
 
     def aggregate_shared(

@@ -10,5 +10,6 @@ from covidct.federated.strategies.fedavg import FedAvg
 
 
 class SiloBN(FedAvg):
-    def local_keys(self, model: nn.Module) -> set[str]:
+    @staticmethod
+    def local_keys(model: nn.Module) -> set[str]:
         return batchnorm_keys(model, statistics_only=True)
