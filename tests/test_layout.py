@@ -13,6 +13,7 @@ COMMANDS = {
     "covidct.bench",
     "covidct.report.__main__",
     "covidct.data.__main__",
+    "covidct.federated.hospitals",
 }
 
 

@@ -111,12 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"127.0.0.1:{args.port} is in use; choose another --port.")
     tls = write_tls(workdir / "tls")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # each site one torch thread, as in the Simulation Runtime (one CPU a site): the same sums, the same numbers
+    env["OMP_NUM_THREADS"] = "1"
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
     def start(name: str, command: list[str]) -> subprocess.Popen:
+        """A process of its own session (stopped with its children), its log and pid in the work folder."""
         log = (logs / f"{name}.log").open("w")
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        (logs / f"{name}.pid").write_text(f"{process.pid}\n")
+        return process
 
     superlink = start(
         "superlink",
@@ -137,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         run = [sys.executable, "-m", "covidct.run", *overrides, f"data.sites=[{','.join(sites)}]"]
+        run += [f"data.root={args.data_root.absolute()}"]  # the server's view, for the record's folds (same machine)
         run += ["federated.runtime=deployment", f"federated.superlink=127.0.0.1:{args.port}"]
         run += [f"federated.root_certificates={tls['ca']}"]
         return subprocess.run(run, env=env).returncode

@@ -72,18 +72,25 @@ def _payload(arrays: ArrayRecord) -> float:
 def check_replies(step: str, sampled: list[int], replies: list[Message], sites: dict[int, str]) -> None:
     """Every node sent a reply, none an error; `sites` learns which node is which site (for naming one that
     goes silent later)."""
+    answered = {reply.metadata.src_node_id for reply in replies if not reply.has_error()}
+    silent = [node for node in sampled if node not in answered]
+
+    def named(nodes: list[int]) -> str:
+        return ", ".join(f"site {sites[node]}" if node in sites else f"node {node}" for node in nodes)
+
     for reply in replies:
         if reply.has_error():
+            reason = reply.error.reason.strip()
+            if not reason.startswith("site "):  # Flower's own, for a node gone or crashed (it sends it, not the node)
+                reason = f"{named(silent)}: {reason}"
             raise TrainingIncomplete(
-                f"{step} failed: {reply.error.reason.strip()}; no record written: rerun the same command to resume "
-                "from the last completed round."
+                f"{step} failed: {reason}; no record written: rerun the same command to resume from the last "
+                "completed round."
             )
         sites[reply.metadata.src_node_id] = str(reply.content["site"]["name"])
-    missing = [node for node in sampled if node not in {reply.metadata.src_node_id for reply in replies}]
-    if missing:
-        named = ", ".join(f"site {sites[node]}" if node in sites else f"node {node}" for node in missing)
+    if silent:
         raise TrainingIncomplete(
-            f"{step}: no reply from {named} within federated.round_timeout_s (its SuperNode stopped, or lost the "
-            "connection); no record written: restart it and rerun the same command to resume from the last "
+            f"{step}: no reply from {named(silent)} within federated.round_timeout_s (its SuperNode stopped, or lost "
+            "the connection); no record written: restart it and rerun the same command to resume from the last "
             "completed round."
         )

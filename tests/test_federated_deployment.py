@@ -1,0 +1,92 @@
+"""Flower's Deployment Runtime for real: a SuperLink and one SuperNode per site as separate processes on the
+loopback address, TLS on (python -m covidct.federated.hospitals), on phantoms; bounded in time."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from covidct.checkpoints import read_checkpoint
+from tests.helpers import FAST, REPO, cli_env
+from tests.phantoms import make_phantom_root
+
+pytestmark = pytest.mark.slow  # real Flower processes, each site's messages in processes of their own: minutes
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_phantom_root(tmp_path_factory.mktemp("deployed") / "data", per_class=12)
+
+
+def hospitals(root: Path, work: Path, *overrides: str, port: int) -> list[str]:
+    args = ["--workdir", str(work / "work"), "--data-root", str(root), "--port", str(port), "experiment=fedbn"]
+    return [sys.executable, "-m", "covidct.federated.hospitals", *args, *FAST, *overrides]
+
+
+def test_two_hospitals_train_two_rounds_over_tls_into_the_record_the_simulation_writes(root: Path, tmp_path: Path):
+    command = hospitals(root, tmp_path, "federated.rounds=2", "federated.round_timeout_s=120", port=18310)
+    result = subprocess.run(
+        command, cwd=REPO, env=cli_env(tmp_path / "out"), capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = (tmp_path / "out" / "fedbn").glob("*/metrics.json")
+    run = json.loads(record.read_text())["run"]
+    assert [sorted(r) for r in run["federated"]["per_round"]] == [["A", "B"], ["A", "B"]]
+    assert run["federated"]["runtime"] == "deployment"
+    superlink = (tmp_path / "work" / "logs" / "superlink.log").read_text()
+    assert "insecure" not in superlink.lower()  # TLS: the SuperLink warns when it runs without
+    for site in ("A", "B"):  # each hospital's state in its own folder, none in the server's run folder
+        assert read_checkpoint(tmp_path / "work" / "sites" / site / "round-0002.ckpt")["state_dict"]
+    assert not (record.parent / "federated" / "clients").exists()
+    # the Simulation Runtime, the same options: the same predictions (each site one CPU thread in both)
+    simulated = subprocess.run(
+        [sys.executable, "-m", "covidct.run", "experiment=fedbn", f"data.root={root}", *FAST, "federated.rounds=2"],
+        cwd=REPO,
+        env=cli_env(tmp_path / "simulated"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert simulated.returncode == 0, simulated.stderr[-3000:]
+    (twin,) = (tmp_path / "simulated" / "fedbn").glob("*/predictions.csv")
+    assert twin.parent.name == record.parent.name  # the runtime is not part of the run id
+    assert (record.parent / "predictions.csv").read_bytes() == twin.read_bytes()
+
+
+def test_a_supernode_killed_mid_run_is_named_in_one_line_and_nothing_is_half_written(root: Path, tmp_path: Path):
+    overrides = ["federated.rounds=4", "federated.round_timeout_s=150"]  # a round here takes ~30 s on 2 cores
+    process = subprocess.Popen(
+        hospitals(root, tmp_path, *overrides, port=18320),
+        cwd=REPO,
+        env=cli_env(tmp_path / "out"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while not list((tmp_path / "out").rglob("server.pt")):  # round 1 done
+            if process.poll() is not None:
+                raise AssertionError(f"the run ended before its first round: {process.stderr.read()[-2000:]}")
+            assert time.time() < deadline, "no round in time"
+            time.sleep(0.2)
+        pid = int((tmp_path / "work" / "logs" / "supernode-B.pid").read_text())
+        os.killpg(pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=600)  # never a hang: the round's timeout ends it
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "site B" in errors[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+    (state,) = (tmp_path / "out").rglob("server.pt")
+    assert not list((tmp_path / "out").rglob("metrics.json"))
+    assert 1 <= read_checkpoint(state)["round"] < 4  # what a rerun resumes from
