@@ -31,6 +31,7 @@ from covidct.federated.strategies.base import SiteStrategy, check_replies
 log = logging.getLogger("covidct.run")
 SERVER_STATE = "server.pt"  # in the run's federated/ folder: the round reached, the shared weights, the history
 TEST_COLUMNS = ("site", "file", "label", "prob_covid", "patient")
+SIMULATED_CPUS = 1  # each simulated site's CPUs (Ray's resources) and torch threads
 CONFIG_KEY = "covidct-config"  # in a message's ConfigRecord: the run's config, as YAML
 
 
@@ -40,7 +41,7 @@ def simulated_site(cfg: DictConfig, folder: Path) -> Callable[[Message, Context]
 
     def site_client(message: Message, context: Context) -> SiteClient:
         site = str(list(cfg.data.sites)[int(context.node_config["partition-id"])])
-        return SiteClient(cfg, site, folder / "clients" / site)
+        return SiteClient(cfg, site, folder / "clients" / site, threads=SIMULATED_CPUS)
 
     return site_client
 
@@ -175,7 +176,7 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
     if sorted(tested) != sorted(sites):
         raise TrainingIncomplete(f"the final test: the sites {tested} replied, but the run's sites are {sites}.")
     rows = []
-    for reply in replies:
+    for reply in sorted(replies, key=lambda reply: str(reply.content["site"]["name"])):  # the sites' order
         columns = reply.content["rows"]
         rows += [dict(zip(TEST_COLUMNS, values)) for values in zip(*(columns[c] for c in TEST_COLUMNS))]
     final = read_server_state(folder) or saved

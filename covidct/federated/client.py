@@ -28,6 +28,12 @@ from covidct.training import DivergenceGuard
 from covidct.training.fit import build, drop_optimizer_state, make_trainer
 
 
+def as_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An aggregate in a state entry's dtype: an integer one (BatchNorm's num_batches_tracked, averaged in floating
+    point, e.g. 0.99999...) rounded, not truncated."""
+    return value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
+
+
 class GlobalWeights(pl.Callback):
     """Loads the server's weights once Lightning has restored the site's own checkpoint (which would otherwise
     overwrite them), and, with FedProx's mu > 0, adds the proximal term's gradient mu (w - w_global) to every
@@ -43,7 +49,7 @@ class GlobalWeights(pl.Callback):
         self.first_step = trainer.global_step
         state = pl_module.state_dict()
         for key, value in self.shared.items():
-            state[key].copy_(value.to(state[key].dtype))
+            state[key].copy_(as_dtype(value, state[key].dtype))
         if self.proximal_mu:
             parameters = dict(pl_module.named_parameters())
             self.anchors = {key: parameters[key].detach().clone() for key in self.shared if key in parameters}
@@ -69,8 +75,10 @@ def federated_epochs(cfg: DictConfig) -> DictConfig:
 class SiteClient:
     """One site of `cfg`'s federation, its state in `folder`."""
 
-    def __init__(self, cfg: DictConfig, site: str, folder: Path):
+    def __init__(self, cfg: DictConfig, site: str, folder: Path, threads: int | None = None):
         self.cfg, self.site, self.folder = federated_epochs(cfg), site, Path(folder)
+        if threads:  # torch's CPU threads: a number's last digits depend on them, so runtimes that agree agree
+            torch.set_num_threads(threads)
         self.local_keys = get_class(cfg.federated.strategy._target_).local_keys  # what never leaves the site
 
     def checkpoint(self, server_round: int) -> Path:
@@ -144,7 +152,7 @@ class SiteClient:
         model = self.model()
         state = read_checkpoint(self.checkpoint(server_round))["state_dict"]
         received = self._received(model, shared)
-        model.load_state_dict({**state, **{key: value.to(state[key].dtype) for key, value in received.items()}})
+        model.load_state_dict({**state, **{key: as_dtype(value, state[key].dtype) for key, value in received.items()}})
         trainer = make_trainer(self.cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False)
         model.test_log_prefix = "test"
         trainer.test(model, datamodule=datamodule, verbose=False, weights_only=True)

@@ -127,7 +127,8 @@ def _deployed_site(message: Message, context: Context) -> SiteClient:
         example = "site='A' data-root='/data' state-dir='/var/covidct'"
         raise ConfigError(f'this SuperNode\'s --node-config lacks {", ".join(missing)} (e.g. "{example}").')
     cfg = site_config(str(message.content["config"][CONFIG_KEY]), node)
-    return SiteClient(cfg, str(node["site"]), Path(str(node["state-dir"])) / str(node["site"]))
+    threads = int(node["threads"]) if "threads" in node else None  # torch's CPU threads (default: torch's choice)
+    return SiteClient(cfg, str(node["site"]), Path(str(node["state-dir"])) / str(node["site"]), threads)
 
 
 client = client_app(_deployed_site)

@@ -123,5 +123,5 @@ def _simulate(cfg: DictConfig, folder: Path) -> None:
         server_app=apps.server_app(cfg, folder),
         client_app=apps.client_app(apps.simulated_site(cfg, folder)),
         num_supernodes=len(sites),
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": ray},
+        backend_config={"client_resources": {"num_cpus": apps.SIMULATED_CPUS, "num_gpus": 0.0}, "init_args": ray},
     )

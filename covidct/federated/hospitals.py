@@ -111,8 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"127.0.0.1:{args.port} is in use; choose another --port.")
     tls = write_tls(workdir / "tls")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # each site one torch thread, as in the Simulation Runtime (one CPU a site): the same sums, the same numbers
-    env["OMP_NUM_THREADS"] = "1"
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -132,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _wait_for_port(args.port, superlink)
         for index, site in enumerate(sites):
-            node = f"site='{site}' data-root='{args.data_root.absolute()}' state-dir='{workdir / 'sites'}'"
+            node = f"site='{site}' data-root='{args.data_root.absolute()}' state-dir='{workdir / 'sites'}' threads=1"
             processes.append(
                 start(
                     f"supernode-{site}",
