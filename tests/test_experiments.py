@@ -158,7 +158,9 @@ def test_experiment_composes_and_fast_runs(name: str, phantom_root: Path, tmp_pa
         checkpoints = [tmp_path / "checkpoints" / "last.ckpt"]
     else:  # one round of 2 steps at each site, each site's final state in its own folder
         (round_,) = record["run"]["federated"]["per_round"]
-        assert {site: metrics["num-examples"] for site, metrics in round_.items()} == {"A": 8, "B": 8}
+        assert {site: metrics["images_trained"] for site, metrics in round_.items()} == {"A": 8, "B": 8}
+        sizes = {site: record["run"]["splits"]["sites"][site]["train"]["images"] for site in ("A", "B")}
+        assert {site: metrics["num-examples"] for site, metrics in round_.items()} == sizes  # FedAvg's weights
         checkpoints = sorted((tmp_path / "federated" / "clients").glob("*/*.ckpt"))
         assert [p.relative_to(tmp_path / "federated" / "clients").as_posix() for p in checkpoints] == [
             "A/round-0001.ckpt",

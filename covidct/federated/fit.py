@@ -19,8 +19,8 @@ from covidct.metrics import recomputed_test
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import write_run_record
 from covidct.resolvers import recorded_config
-from covidct.run_folder import prepare_run_dir, run_dir_lock
-from covidct.training.fit import build, log_test, recorded_run
+from covidct.run_folder import run_dir_lock
+from covidct.training.fit import claim_folder, log_test, recorded_run
 
 log = logging.getLogger("covidct.run")
 RUNTIMES = ("simulation", "deployment")
@@ -54,11 +54,8 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     check_federated(cfg)
     output_dir = Path(output_dir)
     with run_dir_lock(output_dir, wait=bool(cfg.get("wait_for_run_folder"))):
-        datamodule = build(cfg.data, _convert_="all")
-        fingerprint = datamodule.fingerprint()
-        state = prepare_run_dir(cfg, output_dir, fingerprint)
+        datamodule, fingerprint, state = claim_folder(cfg, output_dir)
         if state.record is not None:
-            log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
             return state.record["test"]
         folder = output_dir / FOLDER
         resumed = apps.read_server_state(folder)

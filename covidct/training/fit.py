@@ -26,7 +26,7 @@ from covidct.pseudonyms import Pseudonyms
 from covidct.records import METRICS_FILE, git_commit, write_run_record
 from covidct.report.curves import roc_curve
 from covidct.resolvers import recorded_config  # also registers the config's interpolations
-from covidct.run_folder import LAST_CHECKPOINT, prepare_run_dir, run_dir_lock, run_settings
+from covidct.run_folder import LAST_CHECKPOINT, RunState, prepare_run_dir, run_dir_lock, run_settings
 from covidct.scoring import unseen_site_rows
 
 log = logging.getLogger("covidct.run")  # the name users filter on, as for every job's log
@@ -233,12 +233,20 @@ def _stop_logging_into(folder: Path) -> None:
             handler.close()
 
 
-def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+def claim_folder(cfg: DictConfig, output_dir: Path) -> tuple[Any, dict[str, Any], RunState]:
+    """The run's DataModule, its data fingerprint and its folder claimed (prepare_run_dir), for a centralised or a
+    federated run; a folder with a complete record (`state.record`) is skipped, and the log says so."""
     datamodule = build(cfg.data, _convert_="all")
     fingerprint = datamodule.fingerprint()
     state = prepare_run_dir(cfg, output_dir, fingerprint)
     if state.record is not None:
         log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
+    return datamodule, fingerprint, state
+
+
+def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    datamodule, fingerprint, state = claim_folder(cfg, output_dir)
+    if state.record is not None:
         return state.record["test"]
     note = OmegaConf.select(cfg, "protocol.note", default=None)
     if note:
