@@ -166,7 +166,10 @@ def test_one_fedbn_round_of_one_sgd_step_is_sepnorm_s_centralised_step_with_twic
     assert checked == len(after) and any(not torch.equal(after[k], before[k]) for k in shared)
 
 
-def test_fedprox_with_mu_zero_is_fedavg_and_with_mu_above_zero_is_not(fedavg_run: Path, root: Path, tmp_path: Path):
+def test_fedprox_with_mu_zero_is_fedavg_and_with_mu_above_zero_is_not(
+    fedavg_run: Path, unequal_root: Path, tmp_path: Path
+):
+    root = unequal_root  # fedavg_run's data
     same = federated_run(
         "fedprox", root, tmp_path / "zero", "trainer.limit_train_batches=null", "federated.proximal_mu=0"
     )

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidct.errors import ConfigError, TrainingIncomplete
 from covidct.federated import apps
@@ -62,12 +62,12 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         if resumed is not None:
             log.info("resuming the federation from round %d of %d", resumed["round"], cfg.federated.rounds)
         start = time.monotonic()
-        if cfg.federated.runtime == "deployment":
+        if cfg.federated.runtime == "deployment":  # each hospital reads its own site files
             from covidct.federated.deployment import run_on_superlink
 
             run_on_superlink(cfg, folder, float(cfg.federated.round_timeout_s) * (int(cfg.federated.rounds) + 1))
         else:
-            _simulate(cfg, folder)
+            _simulate(with_site_specs(cfg, datamodule.specs), folder)
         wall_s = time.monotonic() - start
         saved = apps.read_server_state(folder)
         if saved is None or "test_rows" not in saved:
@@ -94,6 +94,15 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         log.info("run record: %s", path)
         log_test(test)
         return test
+
+
+def with_site_specs(cfg: DictConfig, specs: dict[str, Any]) -> DictConfig:
+    """`cfg` with its sites' specs inline (data.site_specs), as this process found them: a simulated site runs in
+    a process of Ray's, where site files found through hydra.searchpath are not found again."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.data.site_specs = {name: spec.as_dict() for name, spec in specs.items()}
+    return cfg
 
 
 def quiet_flower() -> None:
