@@ -158,7 +158,7 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
             train_config=ConfigRecord({"first-round": offset, CONFIG_KEY: shipped}),
             evaluate_fn=partial(_save_round, folder, offset, total, strategy),
         )
-        arrays = result.arrays if len(result.arrays) or not len(arrays) else arrays
+        arrays = result.arrays  # the last round's aggregate (Local's: empty, as it started)
     if len(strategy.rounds) < total:
         raise TrainingIncomplete(f"federated training stopped after {len(strategy.rounds)} of {total} rounds.")
     nodes = list(grid.get_node_ids())
