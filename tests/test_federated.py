@@ -20,8 +20,7 @@ from torch import nn
 
 from covidct.checkpoints import read_checkpoint
 from covidct.data.sampler import site_layout_of
-from covidct.federated.client import as_dtype
-from covidct.federated.sharing import batchnorm_keys
+from covidct.federated.sharing import as_dtype, batchnorm_keys
 from covidct.training.fit import build
 from tests.helpers import FAST, REPO, cli_env, compose_experiment, run_cli
 from tests.phantoms import make_phantom_root

@@ -308,12 +308,13 @@ def split_sites(
     allow_outside_root: bool = False,
 ) -> tuple[list[SiteSpec], list[SiteSpec]]:
     """data.sites and data.test_sites as (the sites trained on, the sites only tested), each resolved once: a
-    held-out site named by an alias is the same site, and one outside data.sites is tested too."""
+    held-out site named by an alias is the same site, and one outside data.sites is tested too. No site named
+    but some held out is a site that only tests (a federation's unseen hospital, covidct/federated/unseen.py)."""
     listed = resolve_sites(names, given, dirs, allow_outside_root)
     held = resolve_sites(held_out, given, dirs, allow_outside_root, key="data.test_sites")
     unseen = {spec.name for spec in held}
     trained = [spec for spec in listed if spec.name not in unseen]
-    if not trained:
+    if not trained and (listed or not held):
         raise ConfigError(
             f"data.test_sites={list(held_out)} leaves no site of data.sites={list(names)} to train on: name one more."
         )

@@ -24,23 +24,29 @@ from omegaconf import DictConfig, OmegaConf
 from covidct.atomic import atomic_write
 from covidct.checkpoints import read_checkpoint
 from covidct.cli import user_message
+from covidct.data.sites import split_sites
 from covidct.errors import CovidCTError, TrainingIncomplete
 from covidct.federated.client import SiteClient
 from covidct.federated.strategies.base import SiteStrategy, check_replies
+from covidct.records import UNSEEN_COLUMN
 
 log = logging.getLogger("covidct.run")
 SERVER_STATE = "server.pt"  # in the run's federated/ folder: the round reached, the shared weights, the history
 TEST_COLUMNS = ("site", "file", "label", "prob_covid", "patient")
 SIMULATED_CPUS = 1  # each simulated site's CPUs (Ray's resources) and torch threads
 CONFIG_KEY = "covidct-config"  # in a message's ConfigRecord: the run's config, as YAML
+KEPT_KEY = "kept"  # a trained site's final test reply: what it kept to itself (asked for when some site only tests)
+TRAINED_KEY = "trained-sites"  # the final test of a site that only tests: the sites whose weights it is sent
 
 
 def simulated_site(cfg: DictConfig, folder: Path) -> Callable[[Message, Context], SiteClient]:
     """The Simulation Runtime's nodes: the site at the node's partition id in data.sites, its state under
     `folder`/clients/<site>/."""
 
+    trained, unseen = federation_sites(cfg)
+
     def site_client(message: Message, context: Context) -> SiteClient:
-        site = str(list(cfg.data.sites)[int(context.node_config["partition-id"])])
+        site = [*trained, *unseen][int(context.node_config["partition-id"])]
         return SiteClient(cfg, site, folder / "clients" / site, threads=SIMULATED_CPUS)
 
     return site_client
@@ -67,17 +73,43 @@ def client_app(site_client: Callable[[Message, Context], SiteClient]) -> ClientA
 
         return _replying(context, message, work)
 
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        def work() -> Message:  # which site this node is (a run with sites that only test asks, to train the others)
+            return Message(RecordDict({"site": _named(site_client(message, context))}), reply_to=message)
+
+        return _replying(context, message, work)
+
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         def work() -> Message:
-            site = site_client(message, context)
-            rows = site.test(int(message.content["config"]["round"]), message.content["arrays"].to_torch_state_dict())
-            columns = ConfigRecord({column: [row[column] for row in rows] for column in TEST_COLUMNS})
-            return Message(RecordDict({"rows": columns, "site": ConfigRecord({"name": site.site})}), reply_to=message)
+            site, config = site_client(message, context), message.content["config"]
+            shared = message.content["arrays"].to_torch_state_dict()
+            content: dict[str, Any] = {"site": _named(site)}
+            if TRAINED_KEY in config:  # a site that never trained: the trained sites' final weights
+                trained = [str(name) for name in config[TRAINED_KEY]]
+                kept = {name: message.content[f"{KEPT_KEY}-{name}"].to_torch_state_dict() for name in trained}
+                rows, columns = site.test_unseen(trained, shared, kept), (*TEST_COLUMNS, UNSEEN_COLUMN)
+            else:
+                rows, columns = site.test(int(config["round"]), shared), TEST_COLUMNS
+                if config.get(KEPT_KEY):
+                    content[KEPT_KEY] = _arrays(site.kept_part(int(config["round"])))
+            content["rows"] = ConfigRecord({column: [row[column] for row in rows] for column in columns})
+            return Message(RecordDict(content), reply_to=message)
 
         return _replying(context, message, work)
 
     return app
+
+
+def _named(site: SiteClient) -> ConfigRecord:
+    return ConfigRecord({"name": site.site})
+
+
+def federation_sites(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """The sites that train (data.sites without data.test_sites) and those that only test the final model."""
+    trained, unseen = split_sites(list(cfg.data.sites), list(cfg.data.test_sites or []), cfg.data.get("site_specs"))
+    return [spec.name for spec in trained], [spec.name for spec in unseen]
 
 
 def _replying(context: Context, message: Message, work: Callable[[], Message]) -> Message:
@@ -132,7 +164,7 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
     """Run the rounds left (from the saved state in `folder`, if any), then have every site test the final model;
     the state file then holds the test rows too. Each message carries the run's config (`CONFIG_KEY`), which a
     deployed site checks before it uses any of it."""
-    federated, sites = cfg.federated, list(cfg.data.sites)
+    federated, (sites, unseen) = cfg.federated, federation_sites(cfg)
     saved = read_server_state(folder)
     if saved is None:
         starter = SiteClient(cfg, sites[0], folder / "clients" / sites[0])
@@ -142,13 +174,17 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
         fraction_train=float(federated.fraction_fit),
         fraction_evaluate=0.0,
         min_train_nodes=1,
-        min_available_nodes=len(sites),
+        min_available_nodes=len(sites) + len(unseen),
     )
     strategy.rounds = list(saved["rounds"])
     offset, total = int(saved["round"]), int(federated.rounds)
     arrays = _arrays(saved["shared"])
     shipped = sent_config(cfg)
-    wait_for_sites(grid, len(sites), float(federated.round_timeout_s))
+    timeout = float(federated.round_timeout_s)
+    wait_for_sites(grid, len(sites) + len(unseen), timeout)
+    if unseen:  # only the training sites get training messages
+        named = identified_sites(grid, shipped, timeout, strategy.sites)
+        strategy.training_nodes = [node for node, site in named.items() if site in sites]
     if offset < total:
         result = strategy.start(
             grid=grid,
@@ -161,26 +197,62 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
         arrays = result.arrays  # the last round's aggregate (Local's: empty, as it started)
     if len(strategy.rounds) < total:
         raise TrainingIncomplete(f"federated training stopped after {len(strategy.rounds)} of {total} rounds.")
-    nodes = list(grid.get_node_ids())
+    nodes = strategy.training_nodes or list(grid.get_node_ids())
+    config = {"round": total, CONFIG_KEY: shipped, KEPT_KEY: bool(unseen)}
+    replies = _tested(grid, "the final test", nodes, {"arrays": arrays}, config, timeout, strategy.sites, sites)
+    rows = _rows(replies)
+    if unseen:  # the sites that never trained: the final weights, with what each trained site kept
+        kept = {f"{KEPT_KEY}-{reply.content['site']['name']}": reply.content[KEPT_KEY] for reply in replies}
+        others = [node for node in grid.get_node_ids() if node not in nodes]
+        config = {CONFIG_KEY: shipped, TRAINED_KEY: sorted(sites)}
+        step = "the test of the sites that never trained"
+        rows += _rows(_tested(grid, step, others, {"arrays": arrays, **kept}, config, timeout, strategy.sites, unseen))
+    final = read_server_state(folder) or saved
+    atomic_write(folder / SERVER_STATE, partial(torch.save, {**final, "test_rows": rows}))
+
+
+def _tested(
+    grid: Grid,
+    step: str,
+    nodes: list[int],
+    records: dict[str, ArrayRecord],
+    config: dict[str, Any],
+    timeout: float,
+    names: dict[int, str],
+    expected: list[str],
+) -> list[Message]:
+    """Every one of `nodes` sent a test message; their replies, in the sites' order, one from each `expected` site."""
     messages = [
         Message(
-            RecordDict({"arrays": arrays, "config": ConfigRecord({"round": total, CONFIG_KEY: shipped})}),
-            message_type=MessageType.EVALUATE,
-            dst_node_id=node,
+            RecordDict({**records, "config": ConfigRecord(config)}), message_type=MessageType.EVALUATE, dst_node_id=node
         )
         for node in nodes
     ]
-    replies = list(grid.send_and_receive(messages, timeout=float(federated.round_timeout_s)))
-    check_replies("the final test", nodes, replies, strategy.sites)
-    tested = [str(reply.content["site"]["name"]) for reply in replies]
-    if sorted(tested) != sorted(sites):
-        raise TrainingIncomplete(f"the final test: the sites {tested} replied, but the run's sites are {sites}.")
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    check_replies(step, nodes, replies, names)
+    tested = sorted(str(reply.content["site"]["name"]) for reply in replies)
+    if tested != sorted(expected):
+        raise TrainingIncomplete(f"{step}: the sites {tested} replied, but the run's are {sorted(expected)}.")
+    return sorted(replies, key=lambda reply: str(reply.content["site"]["name"]))
+
+
+def _rows(replies: list[Message]) -> list[dict[str, Any]]:
+    """The prediction rows of the sites' test replies, in their order."""
     rows = []
-    for reply in sorted(replies, key=lambda reply: str(reply.content["site"]["name"])):  # the sites' order
+    for reply in replies:
         columns = reply.content["rows"]
-        rows += [dict(zip(TEST_COLUMNS, values)) for values in zip(*(columns[c] for c in TEST_COLUMNS))]
-    final = read_server_state(folder) or saved
-    atomic_write(folder / SERVER_STATE, partial(torch.save, {**final, "test_rows": rows}))
+        rows += [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return rows
+
+
+def identified_sites(grid: Grid, shipped: str, timeout: float, names: dict[int, str]) -> dict[int, str]:
+    """Which site each connected node is (each answers a query message with its name)."""
+    nodes = list(grid.get_node_ids())
+    config = ConfigRecord({CONFIG_KEY: shipped})
+    messages = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    check_replies("asking the sites who they are", nodes, replies, names)
+    return {reply.metadata.src_node_id: str(reply.content["site"]["name"]) for reply in replies}
 
 
 def wait_for_sites(grid: Grid, count: int, timeout_s: float) -> None:

@@ -23,15 +23,11 @@ from covidct.atomic import atomic_write
 from covidct.checkpoints import read_checkpoint
 from covidct.data.sources import patient_folders
 from covidct.errors import DataError, TrainingIncomplete
+from covidct.federated.sharing import as_dtype
+from covidct.federated.unseen import unseen_site_predictions
 from covidct.pseudonyms import Pseudonyms
 from covidct.training import DivergenceGuard
 from covidct.training.fit import build, drop_optimizer_state, make_trainer
-
-
-def as_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An aggregate in a state entry's dtype: an integer one (BatchNorm's num_batches_tracked, averaged in floating
-    point, e.g. 0.99999...) rounded, not truncated."""
-    return value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
 
 
 class GlobalWeights(pl.Callback):
@@ -145,6 +141,13 @@ class SiteClient:
         }
         return self.shared_part(model), metrics
 
+    def kept_part(self, server_round: int) -> dict[str, torch.Tensor]:
+        """What the site kept to itself of its weights after round `server_round` (only a site that never trained,
+        in a leave-one-site-out run, is sent it: covidct/federated/unseen.py)."""
+        state = read_checkpoint(self.checkpoint(server_round))["state_dict"]
+        local = self.local_keys(self.model())
+        return {key: value for key, value in state.items() if key in local}
+
     def test(self, server_round: int, shared: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
         """The site's test part classified by its final model (the server's weights and its own), as prediction
         rows whose patients are pseudonyms of the site's key (unless patient_ids=raw)."""
@@ -161,6 +164,19 @@ class SiteClient:
         self.checkpoint(server_round - 1).unlink(missing_ok=True)  # finished: the last round's weights stay
         if not self.cfg.keep_optimizer_state:
             drop_optimizer_state(self.folder)
+        return self.shown(rows, datamodule)
+
+    def test_unseen(
+        self, trained: list[str], shared: Mapping[str, torch.Tensor], kept: Mapping[str, Mapping[str, torch.Tensor]]
+    ) -> list[dict[str, Any]]:
+        """This site never trained: every image of it classified by the federation's final weights, under each norm
+        choice the strategy leaves it, as prediction rows (covidct/federated/unseen.py)."""
+        rows, datamodule = unseen_site_predictions(self.cfg, self.site, trained, shared, kept, self.local_keys)
+        return self.shown(rows, datamodule)
+
+    def shown(self, rows: list[dict[str, Any]], datamodule: Any) -> list[dict[str, Any]]:
+        """Prediction rows as they leave the site: patients (and folders named by them) as pseudonyms of the site's
+        own key, unless patient_ids=raw."""
         folders: dict[str, set[str]] = {}
         for row in rows:
             folders.setdefault(row["patient"], set()).update(patient_folders(datamodule.specs[self.site], row["file"]))

@@ -105,10 +105,10 @@ def site_config(text: str, node: Any) -> DictConfig:
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("callbacks", None)  # a site builds none of the server's callbacks
     checked_targets(plain)
-    site = str(node["site"])
-    if site not in plain.get("data", {}).get("sites", []):
-        trained = plain.get("data", {}).get("sites")
-        raise ConfigError(f"this node is site {site}, which the server's run does not train ({trained}).")
+    site, data = str(node["site"]), plain.get("data", {})
+    listed = [*data.get("sites", []), *(data.get("test_sites") or [])]
+    if site not in listed:
+        raise ConfigError(f"this node is site {site}, which the server's run neither trains nor tests ({listed}).")
     cfg = OmegaConf.create(plain)
     with open_dict(cfg):
         cfg.data.root = str(node["data-root"])

@@ -29,9 +29,11 @@ FOLDER = "federated"  # in a run folder: the server's state, and clients/<site>/
 
 def check_federated(cfg: DictConfig) -> None:
     """What a federated run needs beyond a centralised one's options."""
-    sites = list(cfg.data.sites)
-    if len(sites) < 2:
-        raise ConfigError(f"a federated run needs at least two sites in data.sites, got {sites}.")
+    trained, _ = apps.federation_sites(cfg)
+    if len(trained) < 2:
+        raise ConfigError(
+            f"a federated run needs at least two sites to train on (data.sites without data.test_sites), got {trained}."
+        )
     if float(cfg.federated.fraction_fit) != 1.0:
         raise ConfigError(
             f"federated.fraction_fit={cfg.federated.fraction_fit}: every site trains in every round for now (1.0); a "
@@ -39,8 +41,6 @@ def check_federated(cfg: DictConfig) -> None:
         )
     if float(cfg.data.val_fraction) > 0:
         raise ConfigError("data.val_fraction > 0: a federated run tests its last round only; set data.val_fraction=0.")
-    if cfg.data.test_sites:
-        raise ConfigError("data.test_sites (leave-one-site-out) is not yet supported for federated runs.")
     runtime = cfg.federated.runtime
     if runtime not in RUNTIMES:
         raise ConfigError(f"federated.runtime={runtime}: choose one of {', '.join(RUNTIMES)}.")
@@ -67,7 +67,7 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
             run_on_superlink(cfg, folder, float(cfg.federated.round_timeout_s) * (int(cfg.federated.rounds) + 1))
         else:
-            _simulate(with_site_specs(cfg, datamodule.specs), folder)
+            _simulate(with_site_specs(cfg, datamodule), folder)
         wall_s = time.monotonic() - start
         saved = apps.read_server_state(folder)
         if saved is None or "test_rows" not in saved:
@@ -96,12 +96,13 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         return test
 
 
-def with_site_specs(cfg: DictConfig, specs: dict[str, Any]) -> DictConfig:
-    """`cfg` with its sites' specs inline (data.site_specs), as this process found them: a simulated site runs in
-    a process of Ray's, where site files found through hydra.searchpath are not found again."""
+def with_site_specs(cfg: DictConfig, datamodule: Any) -> DictConfig:
+    """`cfg` with its sites named and specified (data.site_specs) as this process found them: a simulated site
+    runs in a process of Ray's, where site files found through hydra.searchpath are not found again."""
     cfg = cfg.copy()
     with open_dict(cfg):
-        cfg.data.site_specs = {name: spec.as_dict() for name, spec in specs.items()}
+        cfg.data.site_specs = {name: spec.as_dict() for name, spec in datamodule.specs.items()}
+        cfg.data.sites, cfg.data.test_sites = list(datamodule.sites), list(datamodule.unseen_sites)
     return cfg
 
 
@@ -118,7 +119,6 @@ def _simulate(cfg: DictConfig, folder: Path) -> None:
     quiet_flower()
     from flwr.simulation import run_simulation
 
-    sites = list(cfg.data.sites)
     ray = {  # Ray on the loopback address only, no dashboard; the sites' Lightning chatter stays in Ray's logs
         "_node_ip_address": "127.0.0.1",
         "include_dashboard": False,
@@ -128,6 +128,6 @@ def _simulate(cfg: DictConfig, folder: Path) -> None:
     run_simulation(
         server_app=apps.server_app(cfg, folder),
         client_app=apps.client_app(apps.simulated_site(cfg, folder)),
-        num_supernodes=len(sites),
+        num_supernodes=sum(map(len, apps.federation_sites(cfg))),  # a site that only tests is a node too
         backend_config={"client_resources": {"num_cpus": apps.SIMULATED_CPUS, "num_gpus": 0.0}, "init_args": ray},
     )

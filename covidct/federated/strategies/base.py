@@ -24,6 +24,7 @@ class SiteStrategy:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.rounds: list[dict[str, dict[str, float]]] = []
         self.sites: dict[int, str] = {}  # node id -> the site it named in its replies
+        self.training_nodes: list[int] | None = None  # None: every node (some only test: the others)
         self._bytes_sent = 0.0
         self._sampled: list[int] = []
 
@@ -32,6 +33,8 @@ class SiteStrategy:
     ) -> Iterable[Message]:
         self._bytes_sent = _payload(arrays)  # to each site sampled
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if self.training_nodes is not None:
+            messages = [message for message in messages if message.metadata.dst_node_id in self.training_nodes]
         self._sampled = [message.metadata.dst_node_id for message in messages]
         return messages
 
