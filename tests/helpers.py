@@ -85,6 +85,25 @@ class DivergingJoint(Joint):
         return losses
 
 
+class ProximalJoint(Joint):
+    """Joint whose loss has FedProx's term written out, (mu / 2) ||w - w_start||^2 over every parameter, w_start
+    the weights it starts training from: FedProx's local objective by its definition."""
+
+    def __init__(self, proximal_mu: float = 0.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.proximal_mu = proximal_mu
+        self.start: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self) -> None:  # after the callbacks' (the server's weights are loaded by then)
+        self.start = {name: p.detach().clone() for name, p in self.named_parameters()}
+
+    def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        losses = super().training_losses(batch)
+        distance = sum(((p - self.start[name]) ** 2).sum() for name, p in self.named_parameters())
+        losses["loss"] = losses["loss"] + self.proximal_mu / 2 * distance
+        return losses
+
+
 class RecordingMSNet(MSNet):
     """MS-Net that writes down, per epoch, the distinct transfer weights its loss read (in this process)."""
 

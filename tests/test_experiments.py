@@ -22,8 +22,10 @@ from tests.helpers import FAST, compose_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = [e.name for e in load_experiments()]  # the registry: Table I's by row, then the others
-# federated experiments start Flower's Simulation Runtime (Ray, ~15 s): outside the fast loop
+# federated experiments start Flower's Simulation Runtime (Ray, ~15 s): outside the fast loop; those that
+# tests/test_federated.py and tests/test_federated_loso.py train through the CLI are not trained again here
 FEDERATED = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml") if "/federated:" in p.read_text()}
+TRAINED_ELSEWHERE = {"fedavg", "fedprox", "fedbn", "silobn", "local"}
 # What some experiments must wire up (method class, redesigned backbone, norms per site, adapter, LR schedule);
 # an experiment not named here is still composed and fast-run.
 EXPECTED = {
@@ -126,8 +128,24 @@ def test_extra_config_dirs_add_experiments_and_the_cli_lists_them(tmp_path: Path
     assert result.returncode == 2 and "broken.yaml: table1 must be a mapping" in result.stderr
 
 
+@pytest.mark.parametrize("name", sorted(TRAINED_ELSEWHERE))
+def test_a_federated_experiment_composes_and_its_tests_train_it(name: str, phantom_root: Path):
+    cfg = compose_experiment(name, [f"data.root={phantom_root}", *FAST])
+    assert cfg.name == name and type(instantiate(cfg.model, _convert_="all")) is Joint  # the redesigned network
+    assert cfg.federated.rounds == cfg.trainer.max_epochs and cfg.federated.strategy._target_.startswith(
+        "covidct.federated.strategies."
+    )
+    tests = "".join((REPO / "tests" / f).read_text() for f in ("test_federated.py", "test_federated_loso.py"))
+    assert f'"{name}"' in tests or f"experiment={name}" in tests
+
+
 @pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=pytest.mark.slow) if name in FEDERATED else name for name in EXPERIMENTS]
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in FEDERATED else name
+        for name in EXPERIMENTS
+        if name not in TRAINED_ELSEWHERE
+    ],
 )
 def test_experiment_composes_and_fast_runs(name: str, phantom_root: Path, tmp_path: Path):
     cfg = compose_experiment(name, [f"data.root={phantom_root}", *FAST])

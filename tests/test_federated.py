@@ -20,6 +20,7 @@ from torch import nn
 
 from covidct.checkpoints import read_checkpoint
 from covidct.data.sampler import site_layout_of
+from covidct.federated.client import SiteClient
 from covidct.federated.sharing import as_dtype, batchnorm_keys
 from covidct.training.fit import build
 from tests.helpers import FAST, REPO, cli_env, compose_experiment, run_cli
@@ -89,10 +90,19 @@ def test_fedavg_aggregate_is_the_size_weighted_mean_of_the_sites_weights(fedavg_
         moved += not torch.equal(a[key], b[key])
     assert moved > 100  # the sites trained apart
     assert set(record["test"]["last"]["images"]) == {"A", "B"}
+    for site in ("A", "B"):  # finished: each site's last round kept, weights only
+        (kept,) = (fedavg_run / "federated" / "clients" / site).glob("*.ckpt")
+        assert kept.name == "round-0001.ckpt" and "optimizer_states" not in read_checkpoint(kept)
 
 
-def test_fedbn_keeps_every_batchnorm_at_its_site_and_shares_everything_else(root: Path, tmp_path: Path):
-    run = federated_run("fedbn", root, tmp_path, "federated.rounds=2")
+@pytest.fixture(scope="module")
+def fedbn_run(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FedBN, 2 rounds: its definition, and the uninterrupted twin of a killed run."""
+    return federated_run("fedbn", root, tmp_path_factory.mktemp("fedbn"), "federated.rounds=2")
+
+
+def test_fedbn_keeps_every_batchnorm_at_its_site_and_shares_everything_else(fedbn_run: Path):
+    run = fedbn_run
     a, b = site_state(run, "A", 2), site_state(run, "B", 2)
     network = build(compose_experiment("fedbn", FAST).model, sites=["A"], _convert_="all")
     norms = batchnorm_keys(network)
@@ -165,9 +175,7 @@ def test_one_fedbn_round_of_one_sgd_step_is_sepnorm_s_centralised_step_with_twic
     assert checked == len(after) and any(not torch.equal(after[k], before[k]) for k in shared)
 
 
-def test_fedprox_with_mu_zero_is_fedavg_and_with_mu_above_zero_is_not(
-    fedavg_run: Path, unequal_root: Path, tmp_path: Path
-):
+def test_fedprox_with_mu_zero_is_fedavg(fedavg_run: Path, unequal_root: Path, tmp_path: Path):
     root = unequal_root  # fedavg_run's data
     same = federated_run(
         "fedprox", root, tmp_path / "zero", "trainer.limit_train_batches=null", "federated.proximal_mu=0"
@@ -175,15 +183,34 @@ def test_fedprox_with_mu_zero_is_fedavg_and_with_mu_above_zero_is_not(
     assert (same / "predictions.csv").read_bytes() == (fedavg_run / "predictions.csv").read_bytes()
     shared, fedavg = server_state(same)["shared"], server_state(fedavg_run)["shared"]
     assert all(torch.equal(shared[key], fedavg[key]) for key in fedavg)
-    other = federated_run(
-        "fedprox", root, tmp_path / "one", "trainer.limit_train_batches=null", "federated.proximal_mu=1"
-    )
-    assert any(not torch.equal(server_state(other)["shared"][key], fedavg[key]) for key in fedavg)
 
 
-def test_a_federated_run_killed_mid_round_resumes_from_its_last_round_to_the_same_record(root: Path, tmp_path: Path):
-    args = ["experiment=fedbn", f"data.root={root}", *FAST, "federated.rounds=3"]
-    straight = federated_run("fedbn", root, tmp_path / "straight", "federated.rounds=3")
+def test_a_fedprox_site_minimises_its_loss_plus_mu_half_the_squared_distance_to_the_server_s_weights(
+    root: Path, tmp_path: Path
+):
+    """Site A's round through Flower with mu = 0.5, against the same round of a network whose loss has the
+    proximal term written out (tests.helpers.ProximalJoint) trained by Lightning in this process."""
+    mu, steps = 0.5, ["trainer.limit_train_batches=4"]
+    run = federated_run("fedprox", root, tmp_path / "flower", *steps, f"federated.proximal_mu={mu}")
+    overrides = [f"data.root={root}", *FAST, *steps, "federated.rounds=1"]
+    by_definition = ["model._target_=tests.helpers.ProximalJoint", f"+model.proximal_mu={mu}"]
+    cfg = compose_experiment("fedprox", [*overrides, *by_definition])
+    client = SiteClient(cfg, "A", tmp_path / "definition", threads=1)  # one thread, as the simulated site
+    plain = SiteClient(compose_experiment("fedprox", overrides), "A", tmp_path / "plain", threads=1)
+    start = plain.model().state_dict()  # the server's first weights: every site's at the run's seed
+    mine, _ = client.train_round(1, start, proximal_mu=0.0)  # the term in the loss, none added to the gradient
+    theirs = site_state(run, "A")
+    for key, value in mine.items():
+        torch.testing.assert_close(theirs[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    without, _ = plain.train_round(1, start, proximal_mu=0.0)  # mu = 0: another round, so mu reached the site
+    assert any(not torch.allclose(without[key], value, rtol=1e-4, atol=1e-4) for key, value in mine.items())
+
+
+def test_a_federated_run_killed_mid_round_resumes_from_its_last_round_to_the_same_record(
+    root: Path, fedbn_run: Path, tmp_path: Path
+):
+    args = ["experiment=fedbn", f"data.root={root}", *FAST, "federated.rounds=2"]
+    straight = fedbn_run
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, "-m", "covidct.run", *args],
@@ -199,12 +226,12 @@ def test_a_federated_run_killed_mid_round_resumes_from_its_last_round_to_the_sam
         while not (folder / "federated" / "server.pt").is_file():  # round 1 completed and saved
             assert process.poll() is None and time.time() < deadline, "the run ended before its first round"
             time.sleep(0.05)
-        time.sleep(1.0)  # into round 2
+        # killed at once: round 2 begins as round 1 is saved, and a round of 2 steps ends within a second
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert not (folder / "metrics.json").exists(), "the kill came too late to test resuming"
-    assert server_state(folder)["round"] < 3
+    assert server_state(folder)["round"] == 1, "the kill came after round 2: not mid-round"
     resumed = run_cli(args, killed, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming the federation from round" in resumed.stderr + resumed.stdout
@@ -212,6 +239,11 @@ def test_a_federated_run_killed_mid_round_resumes_from_its_last_round_to_the_sam
     mine, theirs = (json.loads((f / "metrics.json").read_text()) for f in (folder, straight))
     assert mine["test"] == theirs["test"]
     assert mine["run"]["federated"]["per_round"] == theirs["run"]["federated"]["per_round"]
+    # the time of each completed round, the killed one's lost; the whole only where it ran in one piece
+    for record, whole in ((mine, False), (theirs, True)):
+        seconds, wall = record["run"]["federated"]["round_seconds"], record["run"]["federated"]["wall_s"]
+        assert len(seconds) == 2 and all(s > 0 for s in seconds)
+        assert (wall is not None and wall > sum(seconds)) if whole else wall is None
 
 
 def test_a_site_that_fails_stops_the_run_in_one_line_naming_it(root: Path, tmp_path: Path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from covidct.checkpoints import read_checkpoint
+from covidct.federated.sharing import batchnorm_keys
 from covidct.records import read_predictions
 from covidct.scoring import site_probabilities
 from covidct.training.fit import build
@@ -18,6 +19,7 @@ from tests.phantoms import hospital_site_config, make_hospital_site, make_phanto
 pytestmark = pytest.mark.slow  # each run starts Flower's runtime (Ray)
 CHOICES = {
     "fedbn": ["adabn", "mean", "site:A", "site:B"],  # norms kept per site: the centralised per-site choices
+    "silobn": ["adabn", "mean", "site:A", "site:B"],  # their statistics kept per site: the same choices
     "fedavg": ["shared"],  # every weight shared: the global model as it is
     "local": ["site:A", "site:B"],  # nothing shared: one site's network
 }
@@ -97,27 +99,41 @@ def test_each_choice_is_its_definition(setting):
     for experiment, run in setting["runs"].items():
         shared = read_checkpoint(run / "federated" / "server.pt")["shared"]
         a, b = site_state(run, "A"), site_state(run, "B")
+        kept_per_site = {  # FedBN: the norms; SiloBN: their statistics (its affine is the server's)
+            "site:A": {**a, **shared},  # site A's final model: the server's weights and what A kept
+            "site:B": {**b, **shared},
+            "mean": {  # the server's weights and the mean of what the two sites kept
+                **{key: (a[key].double() + b[key].double()) / 2 for key in a if a[key].is_floating_point()},
+                **shared,
+                **{key: a[key] for key in a if not a[key].is_floating_point()},
+            },
+        }
         expected = {
             "fedavg": {"shared": shared},  # the global model
             "local": {"site:A": a, "site:B": b},  # each site's own network, whole
-            "fedbn": {
-                "site:A": {**a, **shared},  # site A's final model: the server's weights and its own norms
-                "site:B": {**b, **shared},
-                "mean": {  # the server's weights and the mean of the two sites' norms (statistics and affine)
-                    **{key: (a[key].double() + b[key].double()) / 2 for key in a if a[key].is_floating_point()},
-                    **shared,
-                    **{key: a[key] for key in a if not a[key].is_floating_point()},
-                },
-            },
+            "fedbn": kept_per_site,
+            "silobn": kept_per_site,
         }[experiment]
         for choice, state in expected.items():
             mine = _probabilities(experiment, state, batches)
             theirs = recorded(run, choice)
             assert max(abs(x - y) for x, y in zip(mine, theirs)) < 1e-5, (experiment, choice)
             checked += 1
-        if experiment == "fedbn":  # the site copies classify differently: the choices are not one model
+        if experiment in ("fedbn", "silobn"):  # the site copies classify differently: the choices are not one model
             assert recorded(run, "site:A") != recorded(run, "site:B") != recorded(run, "adabn")
-    assert checked == 6
+    assert checked == 9
+
+
+def test_silobn_keeps_the_batchnorm_statistics_at_each_site_and_shares_the_rest(setting):
+    run = setting["runs"]["silobn"]
+    a, b = (read_checkpoint(run / "federated" / "clients" / s / "round-0002.ckpt")["state_dict"] for s in "AB")
+    shared = read_checkpoint(run / "federated" / "server.pt")["shared"]
+    network = build(compose_experiment("silobn", FAST).model, sites=["A"], _convert_="all")
+    statistics = batchnorm_keys(network, statistics_only=True)
+    affine = batchnorm_keys(network) - statistics
+    assert statistics and affine and set(shared) == set(a) - statistics  # the affine left the sites, no statistic
+    trained = [key for key in statistics if not key.endswith("num_batches_tracked")]
+    assert all(not torch.equal(a[key], b[key]) for key in trained)  # each site's own statistics
 
 
 def test_a_federation_that_leaves_one_site_to_train_is_refused_in_one_line(tmp_path: Path):

@@ -145,7 +145,12 @@ def _save_round(
     """evaluate_fn of Flower's loop, called after every round: the round's result, saved atomically."""
     if server_round == 0:
         return
-    state = {"round": offset + server_round, "shared": arrays.to_torch_state_dict(), "rounds": strategy.rounds}
+    state = {
+        "round": offset + server_round,
+        "shared": arrays.to_torch_state_dict(),
+        "rounds": strategy.rounds,
+        "round_seconds": strategy.round_seconds,
+    }
     atomic_write(folder / SERVER_STATE, partial(torch.save, state))
     log.info("federated round %d/%d done", offset + server_round, total)
 
@@ -168,7 +173,7 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
     saved = read_server_state(folder)
     if saved is None:
         starter = SiteClient(cfg, sites[0], folder / "clients" / sites[0])
-        saved = {"round": 0, "shared": starter.shared_part(starter.model()), "rounds": []}
+        saved = {"round": 0, "shared": starter.shared_part(starter.model()), "rounds": [], "round_seconds": []}
     strategy = instantiate(
         federated.strategy,
         fraction_train=float(federated.fraction_fit),
@@ -176,7 +181,7 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
         min_train_nodes=1,
         min_available_nodes=len(sites) + len(unseen),
     )
-    strategy.rounds = list(saved["rounds"])
+    strategy.rounds, strategy.round_seconds = list(saved["rounds"]), list(saved.get("round_seconds", []))
     offset, total = int(saved["round"]), int(federated.rounds)
     arrays = _arrays(saved["shared"])
     shipped = sent_config(cfg)

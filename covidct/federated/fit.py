@@ -87,7 +87,9 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 **OmegaConf.to_container(cfg.federated, resolve=True),
                 "rounds_completed": int(saved["round"]),
                 "per_round": saved["rounds"],
-                "wall_s": wall_s if resumed is None else None,  # a resumed run's time is in pieces
+                "round_seconds": saved.get("round_seconds", []),  # each round's, resumed or not: training time
+                "wall_s": wall_s if resumed is None else None,  # the whole, start-up and test included; a resumed
+                # run's is in pieces
             },
         }
         path = write_run_record(output_dir, test, rows, run, recorded_config(cfg))

@@ -7,6 +7,7 @@ the run, naming the site.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -18,11 +19,14 @@ from covidct.errors import TrainingIncomplete
 
 class SiteStrategy:
     """Mixed in before a Flower strategy. `local_keys` names what never leaves a site; `rounds` collects what
-    each site reported per round (loss, images, payload bytes), which the record keeps."""
+    each site reported per round (loss, images, payload bytes) and `round_seconds` each round's time from its
+    messages out to their aggregate, which the record keeps."""
 
     def __init__(self, *args: object, **kwargs: object):
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.rounds: list[dict[str, dict[str, float]]] = []
+        self.round_seconds: list[float] = []
+        self._started = 0.0
         self.sites: dict[int, str] = {}  # node id -> the site it named in its replies
         self.training_nodes: list[int] | None = None  # None: every node (some only test: the others)
         self._bytes_sent = 0.0
@@ -31,6 +35,7 @@ class SiteStrategy:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._started = time.monotonic()
         self._bytes_sent = _payload(arrays)  # to each site sampled
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         if self.training_nodes is not None:
@@ -59,7 +64,9 @@ class SiteStrategy:
                 for reply in replies
             }
         )
-        return self.aggregate_shared(server_round, replies)
+        aggregate = self.aggregate_shared(server_round, replies)
+        self.round_seconds.append(time.monotonic() - self._started)
+        return aggregate
 
     def aggregate_shared(
         self, server_round: int, replies: list[Message]
