@@ -412,6 +412,23 @@ def test_cli_writes_every_output_and_a_rerun_gives_the_same_bytes(tmp_path: Path
     assert report_main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2
 
 
+def test_runs_of_several_folders_make_the_one_folder_s_table(tmp_path: Path):
+    """--runs repeated: a sweep kept apart from another (a federated one beside Table I's) in one report."""
+    runs, apart = tmp_path / "runs", tmp_path / "apart"
+    _write_runs(runs)
+    experiments = sorted(p.name for p in runs.iterdir())
+    apart.mkdir()
+    args = ["--folds", "0,1", "--seeds", "643,644"]
+    assert report_main(["--runs", str(runs), "--out", str(tmp_path / "one"), *args]) == 0
+    for name in experiments[: len(experiments) // 2]:
+        (runs / name).rename(apart / name)
+    assert report_main(["--runs", str(runs), "--runs", str(apart), "--out", str(tmp_path / "two"), *args]) == 0
+    for name in ("table1.csv", "delong.csv", "ttests.csv"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert report_main(["--runs", str(runs), "--out", str(tmp_path / "half"), *args]) == 0
+    assert (tmp_path / "half" / "table1.csv").read_bytes() != (tmp_path / "one" / "table1.csv").read_bytes()
+
+
 def test_reference_chooses_what_the_ttests_and_delong_compare_with(tmp_path: Path, capsys):
     runs, out = tmp_path / "runs", tmp_path / "out"
     _write_runs(runs)

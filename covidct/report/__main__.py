@@ -25,7 +25,13 @@ def _int_list(text: str) -> list[int]:
 @cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covidct.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, required=True, help="folder holding run folders (searched recursively)")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        action="append",
+        required=True,
+        help="folder holding run folders (searched recursively); repeat it to report several sweeps in one table",
+    )
     parser.add_argument(
         "--out", type=Path, required=True, help="where the tables (.md, .csv, .tex) and figures (.png) go"
     )
@@ -62,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also log the table and ROC curves to W&B: offline (the default, for `wandb sync`) or online",
     )
     args = parser.parse_args(argv)
-    if not args.runs.is_dir():
-        raise ConfigError(f"runs folder {args.runs} does not exist; run the sweep first (make table1).")
+    for runs in args.runs:
+        if not runs.is_dir():
+            raise ConfigError(f"runs folder {runs} does not exist; run the sweep first (make table1).")
     path = write_report(
         args.runs,
         args.out,

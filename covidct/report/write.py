@@ -51,13 +51,13 @@ class UnusableRun(ValueError):
     """A run folder the report cannot count; the message begins with the file at fault and says why."""
 
 
-def load_run_records(runs: Path, skip_broken: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every complete run record under `runs`, with its folder under '_dir', its checked predictions under
+def load_run_records(runs: Sequence[Path], skip_broken: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every complete run record under the folders `runs`, with its folder under '_dir', its checked predictions under
     '_predictions' and its finishing time (from timing.json, where present) under '_finished_at'; and, with
     `skip_broken`, the unusable ones left out (`read_run`), each as 'file why'. Without it they stop the report
     with an error that names the file."""
     records, broken = [], []
-    for path in sorted(Path(runs).rglob(METRICS_FILE)):
+    for path in sorted(path for folder in runs for path in Path(folder).rglob(METRICS_FILE)):
         try:
             record = read_run(path.parent)
         except UnusableRun as err:
@@ -142,7 +142,7 @@ def _joined(records: Sequence[dict[str, Any]], key: str, absent: str) -> str:
 
 
 def write_report(
-    runs: Path,
+    runs: Path | Sequence[Path],
     out: Path,
     protocol: str,
     folds: list[int],
@@ -153,13 +153,15 @@ def write_report(
     skip_broken: bool = False,
     reference: str = DEFAULT_REFERENCE,
 ) -> Path:
-    records, broken = load_run_records(runs, skip_broken)
+    folders = [Path(runs)] if isinstance(runs, (str, Path)) else [Path(folder) for folder in runs]  # one, or several
+    where = ", ".join(map(str, folders))
+    records, broken = load_run_records(folders, skip_broken)
     with PAPER_TABLE.open(newline="") as fh:
         paper = list(csv.DictReader(fh))
     try:
         selected = list(select_records(records, folds, seeds).values())
     except DuplicateRunError as err:
-        raise ConfigError(f"{runs}: {err}") from err
+        raise ConfigError(f"{where}: {err}") from err
     predictions = run_predictions(selected)
     report = build_report(records, predictions, paper, folds, seeds, selection, pooling, reference=reference)
     methods = report["methods"]  # every row of the table, Table I's and those after it
@@ -202,7 +204,7 @@ def write_report(
         try:
             rows = loso_rows(records, folds, seeds, selection)
         except DuplicateRunError as err:
-            raise ConfigError(f"{runs}: {err}") from err
+            raise ConfigError(f"{where}: {err}") from err
         texts |= {"loso.md": loso_markdown(rows), "loso.csv": to_csv(rows, LOSO_COLUMNS)}
     with replaced_outputs(out) as staging:
         for name, text in texts.items():
