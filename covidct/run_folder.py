@@ -176,9 +176,10 @@ def fingerprint_change(saved: Any, current: dict[str, dict[str, str]]) -> str | 
     return "the images differ in " + ", ".join(changed)
 
 
-def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, dict[str, str]]) -> RunState:
+def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, dict[str, str]] | None) -> RunState:
     """Claim `output_dir` for this config and data, or refuse if it holds a different run or was trained on
-    other images (`fingerprint`, per site and part); never touch a finished one."""
+    other images (`fingerprint`, per site and part; None where the data are not on this machine, a deployed
+    federation's, whose sites check their own); never touch a finished one."""
     output_dir = Path(output_dir)
     mine = semantic_config(cfg)
     marker = output_dir / RUN_CONFIG_FILE
@@ -199,7 +200,7 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, di
     prints = output_dir / DATA_FINGERPRINT_FILE
     if (output_dir / METRICS_FILE).is_file():
         record = read_run_record(output_dir)
-        change = fingerprint_change(record.get("run", {}).get("data_fingerprint"), fingerprint)
+        change = fingerprint and fingerprint_change(record.get("run", {}).get("data_fingerprint"), fingerprint)
         if change:
             raise DataError(
                 f"{output_dir} holds a finished run on other data ({change}); its results are left untouched. "
@@ -207,7 +208,7 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, di
             )
         return RunState(record=record, checkpoint=None, started=True)
     last = output_dir / LAST_CHECKPOINT
-    if marker.is_file() and (prints.is_file() or last.is_file()):
+    if fingerprint is not None and marker.is_file() and (prints.is_file() or last.is_file()):
         try:
             saved = json.loads(prints.read_text()) if prints.is_file() else None
         except (OSError, ValueError):
@@ -220,7 +221,7 @@ def prepare_run_dir(cfg: DictConfig, output_dir: Path, fingerprint: dict[str, di
             )
     if not marker.is_file():
         atomic_write_text(marker, json.dumps(mine, indent=2, sort_keys=True, default=str) + "\n")
-    if not prints.is_file():
+    if fingerprint is not None and not prints.is_file():
         atomic_write_text(prints, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
     return RunState(record=None, checkpoint=last if last.is_file() else None, started=started)
 

@@ -3,6 +3,7 @@ loopback address, TLS on (python -m covidct.federated.hospitals), on phantoms; b
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,9 +32,8 @@ def hospitals(root: Path, work: Path, *overrides: str, port: int) -> list[str]:
 
 def test_two_hospitals_train_two_rounds_over_tls_into_the_predictions_the_simulation_makes(root: Path, tmp_path: Path):
     command = hospitals(root, tmp_path, "federated.rounds=2", "federated.round_timeout_s=120", port=18310)
-    result = subprocess.run(
-        command, cwd=REPO, env=cli_env(tmp_path / "out"), capture_output=True, text=True, timeout=900
-    )
+    env = {**cli_env(tmp_path / "out"), "COVIDCT_DATA": str(tmp_path / "no-data-here")}  # the server's data.root
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = (tmp_path / "out" / "fedbn").glob("*/metrics.json")
     run = json.loads(record.read_text())["run"]
@@ -56,6 +56,11 @@ def test_two_hospitals_train_two_rounds_over_tls_into_the_predictions_the_simula
     assert simulated.returncode == 0, simulated.stderr[-3000:]
     (twin,) = (tmp_path / "simulated" / "fedbn").glob("*/predictions.csv")
     assert twin.parent.name == record.parent.name  # the runtime is not part of the run id
+    # the server read no image: the record's folds, fingerprints and site files are what each site reported
+    simulated_run = json.loads((twin.parent / "metrics.json").read_text())["run"]
+    assert run["data_root"] == "at each site" and not (tmp_path / "no-data-here").exists()
+    assert run["splits"]["sites"] == simulated_run["splits"]["sites"]
+    assert run["data_fingerprint"] == simulated_run["data_fingerprint"] and run["sites"] == simulated_run["sites"]
     deployed, simulated_rows = (read_predictions(path) for path in (record.parent / "predictions.csv", twin))
     assert [(r["site"], r["file"], r["label"]) for r in deployed] == [
         (r["site"], r["file"], r["label"]) for r in simulated_rows
@@ -65,6 +70,7 @@ def test_two_hospitals_train_two_rounds_over_tls_into_the_predictions_the_simula
 
 
 def test_a_supernode_killed_mid_run_is_named_in_one_line_and_nothing_is_half_written(root: Path, tmp_path: Path):
+    root = Path(shutil.copytree(root, tmp_path / "data"))  # its own copy: site B's data changes below
     overrides = ["federated.rounds=4", "federated.round_timeout_s=150"]  # a round here takes ~30 s on 2 cores
     process = subprocess.Popen(
         hospitals(root, tmp_path, *overrides, port=18320),
@@ -96,3 +102,18 @@ def test_a_supernode_killed_mid_run_is_named_in_one_line_and_nothing_is_half_wri
     (state,) = (tmp_path / "out").rglob("server.pt")
     assert not list((tmp_path / "out").rglob("metrics.json"))
     assert 1 <= read_checkpoint(state)["round"] < 4  # what a rerun resumes from
+    # a site whose data changed meanwhile: the rerun stops before any round, naming it (the server holds no data)
+    with (root / "covid-ct" / "CT_COVID" / "img000.png").open("ab") as image:
+        image.write(b"\0")  # one byte more (after the PNG's end: still an image)
+    rerun = subprocess.run(
+        hospitals(root, tmp_path, *overrides, port=18330),
+        cwd=REPO,
+        env=cli_env(tmp_path / "out"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 2, rerun.stderr[-3000:]
+    (line,) = [line for line in rerun.stderr.splitlines() if line.startswith("error:")]
+    assert "site B's data changed since this federated run began" in line and "Traceback" not in rerun.stderr
+    assert read_checkpoint(state)["round"] < 4 and not list((tmp_path / "out").rglob("metrics.json"))

@@ -6,6 +6,7 @@ killed run resumes from its last completed round.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -25,10 +26,11 @@ from covidct.atomic import atomic_write
 from covidct.checkpoints import read_checkpoint
 from covidct.cli import user_message
 from covidct.data.sites import split_sites
-from covidct.errors import CovidCTError, TrainingIncomplete
+from covidct.errors import CovidCTError, DataError, TrainingIncomplete
 from covidct.federated.client import SiteClient
 from covidct.federated.strategies.base import SiteStrategy, check_replies
 from covidct.records import UNSEEN_COLUMN
+from covidct.run_folder import fingerprint_change
 
 log = logging.getLogger("covidct.run")
 SERVER_STATE = "server.pt"  # in the run's federated/ folder: the round reached, the shared weights, the history
@@ -75,8 +77,10 @@ def client_app(site_client: Callable[[Message, Context], SiteClient]) -> ClientA
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        def work() -> Message:  # which site this node is (a run with sites that only test asks, to train the others)
-            return Message(RecordDict({"site": _named(site_client(message, context))}), reply_to=message)
+        def work() -> Message:  # which site this node is, and what it holds of its own data
+            site = site_client(message, context)
+            report = ConfigRecord({"json": json.dumps(site.report())})
+            return Message(RecordDict({"site": _named(site), "report": report}), reply_to=message)
 
         return _replying(context, message, work)
 
@@ -107,8 +111,12 @@ def _named(site: SiteClient) -> ConfigRecord:
 
 
 def federation_sites(cfg: DictConfig) -> tuple[list[str], list[str]]:
-    """The sites that train (data.sites without data.test_sites) and those that only test the final model."""
-    trained, unseen = split_sites(list(cfg.data.sites), list(cfg.data.test_sites or []), cfg.data.get("site_specs"))
+    """The sites that train (data.sites without data.test_sites) and those that only test the final model. Deployed,
+    the sites' files are theirs: the names as given."""
+    sites, held = [str(site) for site in cfg.data.sites], [str(site) for site in cfg.data.test_sites or []]
+    if cfg.federated.runtime == "deployment":
+        return [site for site in sites if site not in held], held
+    trained, unseen = split_sites(sites, held, cfg.data.get("site_specs"))
     return [spec.name for spec in trained], [spec.name for spec in unseen]
 
 
@@ -140,7 +148,13 @@ def read_server_state(folder: Path) -> dict[str, Any] | None:
 
 
 def _save_round(
-    folder: Path, offset: int, total: int, strategy: SiteStrategy, server_round: int, arrays: ArrayRecord
+    folder: Path,
+    offset: int,
+    total: int,
+    strategy: SiteStrategy,
+    reports: dict[str, Any],
+    server_round: int,
+    arrays: ArrayRecord,
 ) -> None:
     """evaluate_fn of Flower's loop, called after every round: the round's result, saved atomically."""
     if server_round == 0:
@@ -150,6 +164,7 @@ def _save_round(
         "shared": arrays.to_torch_state_dict(),
         "rounds": strategy.rounds,
         "round_seconds": strategy.round_seconds,
+        "sites": reports,
     }
     atomic_write(folder / SERVER_STATE, partial(torch.save, state))
     log.info("federated round %d/%d done", offset + server_round, total)
@@ -187,8 +202,10 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
     shipped = sent_config(cfg)
     timeout = float(federated.round_timeout_s)
     wait_for_sites(grid, len(sites) + len(unseen), timeout)
+    named, reports = identified_sites(grid, shipped, timeout, strategy.sites)
+    check_same_data(saved.get("sites"), reports, folder)
+    saved["sites"] = reports
     if unseen:  # only the training sites get training messages
-        named = identified_sites(grid, shipped, timeout, strategy.sites)
         strategy.training_nodes = [node for node, site in named.items() if site in sites]
     if offset < total:
         result = strategy.start(
@@ -197,7 +214,7 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
             num_rounds=total - offset,
             timeout=float(federated.round_timeout_s),
             train_config=ConfigRecord({"first-round": offset, CONFIG_KEY: shipped}),
-            evaluate_fn=partial(_save_round, folder, offset, total, strategy),
+            evaluate_fn=partial(_save_round, folder, offset, total, strategy, reports),
         )
         arrays = result.arrays  # the last round's aggregate (Local's: empty, as it started)
     if len(strategy.rounds) < total:
@@ -250,14 +267,29 @@ def _rows(replies: list[Message]) -> list[dict[str, Any]]:
     return rows
 
 
-def identified_sites(grid: Grid, shipped: str, timeout: float, names: dict[int, str]) -> dict[int, str]:
-    """Which site each connected node is (each answers a query message with its name)."""
+def identified_sites(
+    grid: Grid, shipped: str, timeout: float, names: dict[int, str]
+) -> tuple[dict[int, str], dict[str, Any]]:
+    """Which site each connected node is, and what each reports of its data (SiteClient.report), by site."""
     nodes = list(grid.get_node_ids())
     config = ConfigRecord({CONFIG_KEY: shipped})
     messages = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     check_replies("asking the sites who they are", nodes, replies, names)
-    return {reply.metadata.src_node_id: str(reply.content["site"]["name"]) for reply in replies}
+    named = {reply.metadata.src_node_id: str(reply.content["site"]["name"]) for reply in replies}
+    reports = {named[reply.metadata.src_node_id]: json.loads(str(reply.content["report"]["json"])) for reply in replies}
+    return named, reports
+
+
+def check_same_data(before: dict[str, Any] | None, now: dict[str, Any], folder: Path) -> None:
+    """A resumed federation's sites hold the data they began with (each site's fingerprint of its parts)."""
+    for site, report in now.items():
+        change = before and site in before and fingerprint_change(before[site]["fingerprint"], report["fingerprint"])
+        if change:
+            raise DataError(
+                f"site {site}'s data changed since this federated run began ({change}): resuming would mix folds. "
+                f"Restore that site's data, or delete {folder.parent} to start again."
+            )
 
 
 def wait_for_sites(grid: Grid, count: int, timeout_s: float) -> None:

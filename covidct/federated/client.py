@@ -77,6 +77,16 @@ class SiteClient:
             torch.set_num_threads(threads)
         self.local_keys = get_class(cfg.federated.strategy._target_).local_keys  # what never leaves the site
 
+    def report(self) -> dict[str, Any]:
+        """What the site tells the server of its own data before the first round: its parts' counts and notes
+        (split_summary), their fingerprint and its site file; a deployed server reads no data of its own."""
+        unseen = self.site in [str(site) for site in self.cfg.data.test_sites or []]
+        mine = {"sites": [], "test_sites": [self.site]} if unseen else {"sites": [self.site], "test_sites": []}
+        datamodule = build(self.cfg.data, **mine, _convert_="all")
+        datamodule.split_data()
+        spec = datamodule.specs[self.site].as_dict()
+        return {"splits": datamodule.split_summary(), "fingerprint": datamodule.fingerprint(), "spec": spec}
+
     def checkpoint(self, server_round: int) -> Path:
         return self.folder / f"round-{server_round:04d}.ckpt"
 

@@ -20,7 +20,7 @@ from covidct.pseudonyms import Pseudonyms
 from covidct.records import write_run_record
 from covidct.resolvers import recorded_config
 from covidct.run_folder import run_dir_lock
-from covidct.training.fit import claim_folder, log_test, recorded_run
+from covidct.training.fit import claim_folder, data_record, log_test, recorded_run
 
 log = logging.getLogger("covidct.run")
 RUNTIMES = ("simulation", "deployment")
@@ -54,7 +54,8 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     check_federated(cfg)
     output_dir = Path(output_dir)
     with run_dir_lock(output_dir, wait=bool(cfg.get("wait_for_run_folder"))):
-        datamodule, fingerprint, state = claim_folder(cfg, output_dir)
+        deployed = cfg.federated.runtime == "deployment"  # the data lie at the sites, each reports its own
+        datamodule, fingerprint, state = claim_folder(cfg, output_dir, read_data=not deployed)
         if state.record is not None:
             return state.record["test"]
         folder = output_dir / FOLDER
@@ -62,7 +63,7 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         if resumed is not None:
             log.info("resuming the federation from round %d of %d", resumed["round"], cfg.federated.rounds)
         start = time.monotonic()
-        if cfg.federated.runtime == "deployment":  # each hospital reads its own site files
+        if deployed:  # each hospital reads its own site files
             from covidct.federated.deployment import run_on_superlink
 
             run_on_superlink(cfg, folder, float(cfg.federated.round_timeout_s) * (int(cfg.federated.rounds) + 1))
@@ -80,7 +81,8 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         choices = {"last": {"checkpoint": f"{FOLDER}/{apps.SERVER_STATE}", "epoch": epochs - 1}}
         test = recomputed_test(choices, rows, "mean")
         pseudonyms = Pseudonyms(cfg.patient_ids, cfg.pseudonym_key)
-        run = recorded_run(cfg, datamodule, fingerprint, pseudonyms, list(test)) | {
+        data = sites_data(cfg, saved["sites"]) if deployed else data_record(datamodule, fingerprint)
+        run = recorded_run(cfg, data, pseudonyms, list(test)) | {
             "epochs_trained": epochs,
             "device": "cpu" if cfg.federated.runtime == "simulation" else "at each site",  # simulated sites: 1 CPU
             "federated": {
@@ -96,6 +98,26 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         log.info("run record: %s", path)
         log_test(test)
         return test
+
+
+def sites_data(cfg: DictConfig, reports: dict[str, Any]) -> dict[str, Any]:
+    """The record's data block (training.fit.data_record's) of a deployed federation, from what each site
+    reported of its own data (SiteClient.report): its parts, notes, fingerprint and site file."""
+    order = [site for site in (*apps.federation_sites(cfg)[0], *apps.federation_sites(cfg)[1]) if site in reports]
+    first = reports[order[0]]["splits"]
+    splits = {key: value for key, value in first.items() if key not in ("sites", "notes", "test_sites")}
+    splits["sites"] = {site: reports[site]["splits"]["sites"][site] for site in order}
+    notes = [note for site in order for note in reports[site]["splits"].get("notes", [])]
+    splits["notes"] = list(dict.fromkeys(notes))
+    held = [site for site in order if site in reports[site]["splits"].get("test_sites", [])]
+    if held:
+        splits["test_sites"] = held
+    return {
+        "splits": splits,
+        "data_fingerprint": {site: reports[site]["fingerprint"][site] for site in order},
+        "data_root": "at each site",
+        "sites": {site: reports[site]["spec"] for site in order},
+    }
 
 
 def with_site_specs(cfg: DictConfig, datamodule: Any) -> DictConfig:

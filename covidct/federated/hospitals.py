@@ -121,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         (logs / f"{name}.pid").write_text(f"{process.pid}\n")
         return process
 
+    # a new SuperLink each time: one's database would keep the nodes of an earlier start, gone since (the run's
+    # state is in its folder, the sites' in theirs)
+    (workdir / "superlink.db").unlink(missing_ok=True)
     superlink = start(
         "superlink",
         [str(BIN / "flower-superlink"), "--port", str(args.port), "--database", str(workdir / "superlink.db")]
@@ -140,7 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         run = [sys.executable, "-m", "covidct.run", *overrides, f"data.sites=[{','.join(sites)}]"]
-        run += [f"data.root={args.data_root.absolute()}"]  # the server's view, for the record's folds (same machine)
         run += ["federated.runtime=deployment", f"federated.superlink=127.0.0.1:{args.port}"]
         run += [f"federated.root_certificates={tls['ca']}"]
         return subprocess.run(run, env=env).returncode

@@ -181,11 +181,21 @@ def _shown_predictions(rows: list[dict[str, Any]], datamodule: Any, pseudonyms: 
     return pseudonyms.rows(rows, folders)
 
 
+def data_record(datamodule: Any, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What a record says of the data a run read: each site's parts, their fingerprint, the root, the site files."""
+    return {
+        "splits": datamodule.split_summary(),
+        "data_fingerprint": fingerprint,
+        "data_root": str(datamodule.root),  # absolute: the run's data wherever the record is read
+        "sites": {name: spec.as_dict() for name, spec in datamodule.specs.items()},
+    }
+
+
 def recorded_run(
-    cfg: DictConfig, datamodule: Any, fingerprint: dict[str, Any], pseudonyms: Pseudonyms, selections: list[str]
+    cfg: DictConfig, data: dict[str, Any], pseudonyms: Pseudonyms, selections: list[str]
 ) -> dict[str, Any]:
-    """The record's `run` block as every run has it (a centralised or a federated one): identity, data, sites,
-    protocol, commit."""
+    """The record's `run` block as every run has it (a centralised or a federated one): identity, data
+    (`data_record`, or a deployed federation's sites' own reports), sites, protocol, commit."""
     return {
         "experiment": cfg.name,
         "fold": cfg.fold,
@@ -197,10 +207,10 @@ def recorded_run(
         "patient_ids": cfg.patient_ids,
         "pseudonym_key_id": pseudonyms.key_id,  # records whose pseudonyms match share it
         "git_commit": git_commit(),
-        "splits": datamodule.split_summary(),
-        "data_fingerprint": fingerprint,
-        "data_root": str(datamodule.root),  # absolute: the run's data wherever the record is read
-        "sites": {name: spec.as_dict() for name, spec in datamodule.specs.items()},
+        "splits": data["splits"],
+        "data_fingerprint": data["data_fingerprint"],
+        "data_root": data["data_root"],
+        "sites": data["sites"],
         "protocol": OmegaConf.to_container(cfg.protocol) if cfg.get("protocol") else None,
     }
 
@@ -233,11 +243,13 @@ def _stop_logging_into(folder: Path) -> None:
             handler.close()
 
 
-def claim_folder(cfg: DictConfig, output_dir: Path) -> tuple[Any, dict[str, Any], RunState]:
+def claim_folder(cfg: DictConfig, output_dir: Path, read_data: bool = True) -> tuple[Any, dict[str, Any], RunState]:
     """The run's DataModule, its data fingerprint and its folder claimed (prepare_run_dir), for a centralised or a
-    federated run; a folder with a complete record (`state.record`) is skipped, and the log says so."""
-    datamodule = build(cfg.data, _convert_="all")
-    fingerprint = datamodule.fingerprint()
+    federated run; a folder with a complete record (`state.record`) is skipped, and the log says so. Without
+    `read_data` (a deployed federation: the data lie at the sites, which check their own) neither DataModule nor
+    fingerprint (None)."""
+    datamodule = build(cfg.data, _convert_="all") if read_data else None
+    fingerprint = datamodule.fingerprint() if read_data else None
     state = prepare_run_dir(cfg, output_dir, fingerprint)
     if state.record is not None:
         log.info("complete run record in %s: skipping (delete the folder to run again)", output_dir)
@@ -302,7 +314,7 @@ def _train_locked(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     test, predictions = _test_selections(trainer, model, datamodule, callbacks.get("best_checkpoint"), output_dir)
     pseudonyms = Pseudonyms(cfg.patient_ids, cfg.pseudonym_key)
     predictions = _shown_predictions(predictions, datamodule, pseudonyms)
-    run = recorded_run(cfg, datamodule, fingerprint, pseudonyms, list(test)) | {
+    run = recorded_run(cfg, data_record(datamodule, fingerprint), pseudonyms, list(test)) | {
         "epochs_trained": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "device": _device_name(trainer),
