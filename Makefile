@@ -42,6 +42,9 @@ HELD_OUT ?= [A],[B]
 LOSO_EXPERIMENTS ?= $(TABLE1)
 LOSO_OUT ?= $(RESULTS)/loso-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
 LOSO_RUNS ?= $(if $(RECORD),experiments,outputs)/loso-$(SWEEP)$(if $(RECORD),/runs)
+# make federated: its runs and report apart from Table I's (another code version's sweep), reported beside them
+FEDERATED_OUT ?= $(RESULTS)/federated-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
+FEDERATED_RUNS ?= $(if $(RECORD),experiments,outputs)/federated-$(SWEEP)$(if $(RECORD),/runs)
 
 # Benchmark: DEVICE=auto|cpu|cuda; results to $(RESULTS)/bench/bench-<device>.json and .md
 DEVICE ?= auto
@@ -78,12 +81,15 @@ table1: setup
 	$(MAKE) --no-print-directory table1-collect
 
 ## Table I's federated block (local, FedAvg, FedProx, SiloBN, FedBN: one Flower client per site) on the same folds
-## and seeds, into the same runs folder, then the tables (the federated rows under the centralised ones)
+## and seeds, into FEDERATED_RUNS, then the tables in FEDERATED_OUT: the federated rows under the centralised ones of
+## RUNS (where it holds any), DeLong against ours and SepNorm
 federated: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
 	$(PY) -m covidct.run -m fold=$(FOLDS) seed=$(SEEDS) experiment=$(FEDERATED) +protocol=$(PROTOCOL) \
-		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
-	$(MAKE) --no-print-directory table1-collect
+		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(FEDERATED_RUNS)" $(HYDRA_ARGS)
+	$(PY) -m covidct.report $(if $(wildcard $(RUNS)),--runs "$(RUNS)") --runs "$(FEDERATED_RUNS)" \
+		--out "$(FEDERATED_OUT)" --protocol $(PROTOCOL) --select $(SELECT) --folds $(FOLDS) --seeds $(SEEDS) \
+		--reference $(REFERENCE) $(REPORT_ARGS)
 
 ## leave-one-site-out: every Table I method trained on all sites but one and tested on that one, for each of
 ## HELD_OUT (a Hydra sweep of site lists), then Table I's report with the LOSO table (loso.md) beside it

@@ -36,7 +36,7 @@ ONE_SGD_STEP = [  # one plain SGD step a round (the schedule's first epoch: its 
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, not module: pytest-xdist's worksteal interleaves modules
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_phantom_root(tmp_path_factory.mktemp("federated") / "data", per_class=12)
 
@@ -59,7 +59,7 @@ def server_state(run: Path) -> dict:
     return read_checkpoint(run / "federated" / "server.pt")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def unequal_root(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Site A with 20 images a class, site B with 12: sites of different sizes."""
     bigger = make_phantom_root(tmp_path_factory.mktemp("unequal") / "data", per_class=20)
@@ -68,7 +68,7 @@ def unequal_root(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return bigger
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fedavg_run(unequal_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return federated_run("fedavg", unequal_root, tmp_path_factory.mktemp("fedavg"), "trainer.limit_train_batches=null")
 
@@ -95,7 +95,7 @@ def test_fedavg_aggregate_is_the_size_weighted_mean_of_the_sites_weights(fedavg_
         assert kept.name == "round-0001.ckpt" and "optimizer_states" not in read_checkpoint(kept)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fedbn_run(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """FedBN, 2 rounds: its definition, and the uninterrupted twin of a killed run."""
     return federated_run("fedbn", root, tmp_path_factory.mktemp("fedbn"), "federated.rounds=2")

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from covidct.checkpoints import read_checkpoint
+from covidct.pseudonyms import Pseudonyms
 from covidct.records import read_predictions
-from tests.helpers import FAST, REPO, cli_env
+from tests.helpers import FAST, REPO, cli_env, run_cli
 from tests.phantoms import make_phantom_root
 
+HOSPITALS = "covidct.federated.hospitals"
 pytestmark = pytest.mark.slow  # real Flower processes, each site's messages in processes of their own: minutes
 
 
@@ -25,13 +27,19 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_phantom_root(tmp_path_factory.mktemp("deployed") / "data", per_class=12)
 
 
-def hospitals(root: Path, work: Path, *overrides: str, port: int) -> list[str]:
+def hospital_args(root: Path, work: Path, *overrides: str, port: int) -> list[str]:
     args = ["--workdir", str(work / "work"), "--data-root", str(root), "--port", str(port), "experiment=fedbn"]
-    return [sys.executable, "-m", "covidct.federated.hospitals", *args, *FAST, *overrides]
+    return [*args, *FAST, *overrides]
+
+
+def hospitals(root: Path, work: Path, *overrides: str, port: int) -> list[str]:
+    return [sys.executable, "-m", HOSPITALS, *hospital_args(root, work, *overrides, port=port)]
 
 
 def test_two_hospitals_train_two_rounds_over_tls_into_the_predictions_the_simulation_makes(root: Path, tmp_path: Path):
-    command = hospitals(root, tmp_path, "federated.rounds=2", "federated.round_timeout_s=120", port=18310)
+    server_key = tmp_path / "server.key"  # the server's own key: the sites name their patients with theirs
+    overrides = ["federated.rounds=2", "federated.round_timeout_s=120", f"pseudonym_key={server_key}"]
+    command = hospitals(root, tmp_path, *overrides, port=18310)
     env = {**cli_env(tmp_path / "out"), "COVIDCT_DATA": str(tmp_path / "no-data-here")}  # the server's data.root
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -45,14 +53,8 @@ def test_two_hospitals_train_two_rounds_over_tls_into_the_predictions_the_simula
         assert read_checkpoint(tmp_path / "work" / "sites" / site / "round-0002.ckpt")["state_dict"]
     assert not (record.parent / "federated" / "clients").exists()
     # the Simulation Runtime, the same options: the same predictions (each site one torch thread in both)
-    simulated = subprocess.run(
-        [sys.executable, "-m", "covidct.run", "experiment=fedbn", f"data.root={root}", *FAST, "federated.rounds=2"],
-        cwd=REPO,
-        env=cli_env(tmp_path / "simulated"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    twin_args = ["experiment=fedbn", f"data.root={root}", *FAST, "federated.rounds=2"]
+    simulated = run_cli(twin_args, tmp_path / "simulated", timeout=600)
     assert simulated.returncode == 0, simulated.stderr[-3000:]
     (twin,) = (tmp_path / "simulated" / "fedbn").glob("*/predictions.csv")
     assert twin.parent.name == record.parent.name  # the runtime is not part of the run id
@@ -61,6 +63,8 @@ def test_two_hospitals_train_two_rounds_over_tls_into_the_predictions_the_simula
     assert run["data_root"] == "at each site" and not (tmp_path / "no-data-here").exists()
     assert run["splits"]["sites"] == simulated_run["splits"]["sites"]
     assert run["data_fingerprint"] == simulated_run["data_fingerprint"] and run["sites"] == simulated_run["sites"]
+    sites_key, servers = Pseudonyms("pseudonym").key_id, Pseudonyms("pseudonym", server_key).key_id  # the session's
+    assert run["patient_ids"] == "pseudonym" and run["pseudonym_key_id"] == sites_key != servers
     deployed, simulated_rows = (read_predictions(path) for path in (record.parent / "predictions.csv", twin))
     assert [(r["site"], r["file"], r["label"]) for r in deployed] == [
         (r["site"], r["file"], r["label"]) for r in simulated_rows
@@ -105,14 +109,7 @@ def test_a_supernode_killed_mid_run_is_named_in_one_line_and_nothing_is_half_wri
     # a site whose data changed meanwhile: the rerun stops before any round, naming it (the server holds no data)
     with (root / "covid-ct" / "CT_COVID" / "img000.png").open("ab") as image:
         image.write(b"\0")  # one byte more (after the PNG's end: still an image)
-    rerun = subprocess.run(
-        hospitals(root, tmp_path, *overrides, port=18330),
-        cwd=REPO,
-        env=cli_env(tmp_path / "out"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    rerun = run_cli(hospital_args(root, tmp_path, *overrides, port=18330), tmp_path / "out", 600, module=HOSPITALS)
     assert rerun.returncode == 2, rerun.stderr[-3000:]
     (line,) = [line for line in rerun.stderr.splitlines() if line.startswith("error:")]
     assert "site B's data changed since this federated run began" in line and "Traceback" not in rerun.stderr

@@ -63,11 +63,12 @@ def test_a_recorded_sweep_keeps_its_runs_beside_its_tables_and_runs_fold_by_fold
     assert '--runs "experiments/loso-cpu/runs" --out "experiments/loso-cpu"' in loso
 
 
-def test_federated_sweeps_the_federated_block_into_the_table1_runs_then_reports():
+def test_federated_sweeps_the_federated_block_into_its_runs_then_reports_it_beside_table1_s():
     from covidct.experiments import table1_experiments
 
     plan = _dry_run("federated", "PROTOCOL=cpu", "FOLDS=0", "SEEDS=643", "RECORD=1")
     methods = ",".join(e.name for e in table1_experiments(block="federated"))
     assert f"-m fold=0 seed=643 experiment={methods} +protocol=cpu" in plan
-    assert 'paths.log_dir="experiments/table1-cpu/runs"' in plan
-    assert '--runs "experiments/table1-cpu/runs" --out "experiments/table1-cpu"' in plan
+    assert 'paths.log_dir="experiments/federated-cpu/runs"' in plan
+    assert '--runs "experiments/table1-cpu/runs" --runs "experiments/federated-cpu/runs"' in plan
+    assert '--out "experiments/federated-cpu"' in plan

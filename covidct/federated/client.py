@@ -79,13 +79,19 @@ class SiteClient:
 
     def report(self) -> dict[str, Any]:
         """What the site tells the server of its own data before the first round: its parts' counts and notes
-        (split_summary), their fingerprint and its site file; a deployed server reads no data of its own."""
+        (split_summary), their fingerprint, its site file and how it names patients; a deployed server reads no
+        data of its own."""
         unseen = self.site in [str(site) for site in self.cfg.data.test_sites or []]
         mine = {"sites": [], "test_sites": [self.site]} if unseen else {"sites": [self.site], "test_sites": []}
         datamodule = build(self.cfg.data, **mine, _convert_="all")
         datamodule.split_data()
         spec = datamodule.specs[self.site].as_dict()
-        return {"splits": datamodule.split_summary(), "fingerprint": datamodule.fingerprint(), "spec": spec}
+        naming = {"patient_ids": self.cfg.patient_ids, "pseudonym_key_id": self.pseudonyms().key_id}
+        return {"splits": datamodule.split_summary(), "fingerprint": datamodule.fingerprint(), "spec": spec, **naming}
+
+    def pseudonyms(self) -> Pseudonyms:
+        """How this site names its patients in what it sends (its own key, unless patient_ids=raw)."""
+        return Pseudonyms(self.cfg.patient_ids, self.cfg.pseudonym_key)
 
     def checkpoint(self, server_round: int) -> Path:
         return self.folder / f"round-{server_round:04d}.ckpt"
@@ -190,4 +196,4 @@ class SiteClient:
         folders: dict[str, set[str]] = {}
         for row in rows:
             folders.setdefault(row["patient"], set()).update(patient_folders(datamodule.specs[self.site], row["file"]))
-        return Pseudonyms(self.cfg.patient_ids, self.cfg.pseudonym_key).rows(rows, folders)
+        return self.pseudonyms().rows(rows, folders)

@@ -82,28 +82,38 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         test = recomputed_test(choices, rows, "mean")
         pseudonyms = Pseudonyms(cfg.patient_ids, cfg.pseudonym_key)
         data = sites_data(cfg, saved["sites"]) if deployed else data_record(datamodule, fingerprint)
-        run = recorded_run(cfg, data, pseudonyms, list(test)) | {
-            "epochs_trained": epochs,
-            "device": "cpu" if cfg.federated.runtime == "simulation" else "at each site",  # simulated sites: 1 CPU
-            "federated": {
-                **OmegaConf.to_container(cfg.federated, resolve=True),
-                "rounds_completed": int(saved["round"]),
-                "per_round": saved["rounds"],
-                "round_seconds": saved.get("round_seconds", []),  # each round's, resumed or not: training time
-                "wall_s": wall_s if resumed is None else None,  # the whole, start-up and test included; a resumed
-                # run's is in pieces
-            },
-        }
+        run = (
+            recorded_run(cfg, data, pseudonyms, list(test))
+            | (sites_naming(cfg, saved["sites"]) if deployed else {})
+            | {
+                "epochs_trained": epochs,
+                "device": "cpu" if cfg.federated.runtime == "simulation" else "at each site",  # simulated sites: 1 CPU
+                "federated": {
+                    **OmegaConf.to_container(cfg.federated, resolve=True),
+                    "rounds_completed": int(saved["round"]),
+                    "per_round": saved["rounds"],
+                    "round_seconds": saved.get("round_seconds", []),  # each round's, resumed or not: training time
+                    "wall_s": wall_s if resumed is None else None,  # the whole, start-up and test included; a resumed
+                    # run's is in pieces
+                },
+            }
+        )
         path = write_run_record(output_dir, test, rows, run, recorded_config(cfg))
         log.info("run record: %s", path)
         log_test(test)
         return test
 
 
+def _reporting(cfg: DictConfig, reports: dict[str, Any]) -> list[str]:
+    """The sites that reported, in the run's order: those that train, then those that only test."""
+    trained, unseen = apps.federation_sites(cfg)
+    return [site for site in (*trained, *unseen) if site in reports]
+
+
 def sites_data(cfg: DictConfig, reports: dict[str, Any]) -> dict[str, Any]:
     """The record's data block (training.fit.data_record's) of a deployed federation, from what each site
     reported of its own data (SiteClient.report): its parts, notes, fingerprint and site file."""
-    order = [site for site in (*apps.federation_sites(cfg)[0], *apps.federation_sites(cfg)[1]) if site in reports]
+    order = _reporting(cfg, reports)
     first = reports[order[0]]["splits"]
     splits = {key: value for key, value in first.items() if key not in ("sites", "notes", "test_sites")}
     splits["sites"] = {site: reports[site]["splits"]["sites"][site] for site in order}
@@ -118,6 +128,20 @@ def sites_data(cfg: DictConfig, reports: dict[str, Any]) -> dict[str, Any]:
         "data_root": "at each site",
         "sites": {site: reports[site]["spec"] for site in order},
     }
+
+
+def sites_naming(cfg: DictConfig, reports: dict[str, Any]) -> dict[str, Any]:
+    """How a deployed federation's rows name patients: each site's own choice and key (node config), one value
+    where the sites agree, else each site's."""
+    order = _reporting(cfg, reports)
+    naming = {}
+    for key in ("patient_ids", "pseudonym_key_id"):
+        values = {site: reports[site].get(key) for site in order}
+        agreed = set(values.values())
+        naming[key] = (
+            agreed.pop() if len(agreed) == 1 else ", ".join(f"{site}: {value}" for site, value in values.items())
+        )
+    return naming
 
 
 def with_site_specs(cfg: DictConfig, datamodule: Any) -> DictConfig:
