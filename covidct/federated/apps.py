@@ -196,7 +196,8 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
         min_train_nodes=1,
         min_available_nodes=len(sites) + len(unseen),
     )
-    strategy.rounds, strategy.round_seconds = list(saved["rounds"]), list(saved.get("round_seconds", []))
+    strategy.rounds = list(saved["rounds"])
+    strategy.round_seconds = list(saved.get("round_seconds", [None] * len(saved["rounds"])))  # unknown: not kept
     offset, total = int(saved["round"]), int(federated.rounds)
     arrays = _arrays(saved["shared"])
     shipped = sent_config(cfg)
@@ -225,12 +226,12 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
     rows = _rows(replies)
     if unseen:  # the sites that never trained: the final weights, with what each trained site kept
         kept = {f"{KEPT_KEY}-{reply.content['site']['name']}": reply.content[KEPT_KEY] for reply in replies}
-        others = [node for node in grid.get_node_ids() if node not in nodes]
+        others = [node for node, site in named.items() if site in unseen]  # as they named themselves at the start
         config = {CONFIG_KEY: shipped, TRAINED_KEY: sorted(sites)}
         step = "the test of the sites that never trained"
         rows += _rows(_tested(grid, step, others, {"arrays": arrays, **kept}, config, timeout, strategy.sites, unseen))
     final = read_server_state(folder) or saved
-    atomic_write(folder / SERVER_STATE, partial(torch.save, {**final, "test_rows": rows}))
+    atomic_write(folder / SERVER_STATE, partial(torch.save, {**final, "sites": reports, "test_rows": rows}))
 
 
 def _tested(
@@ -277,6 +278,11 @@ def identified_sites(
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     check_replies("asking the sites who they are", nodes, replies, names)
     named = {reply.metadata.src_node_id: str(reply.content["site"]["name"]) for reply in replies}
+    twice = sorted({site for site in named.values() if list(named.values()).count(site) > 1})
+    if twice:
+        raise TrainingIncomplete(
+            f"two nodes say they are site {', '.join(twice)}: give each SuperNode its own site in its --node-config."
+        )
     reports = {named[reply.metadata.src_node_id]: json.loads(str(reply.content["report"]["json"])) for reply in replies}
     return named, reports
 

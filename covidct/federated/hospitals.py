@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # a new SuperLink each time: one's database would keep the nodes of an earlier start, gone since (the run's
     # state is in its folder, the sites' in theirs)
-    (workdir / "superlink.db").unlink(missing_ok=True)
+    for leftover in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):  # SQLite's write-ahead log too
+        (workdir / leftover).unlink(missing_ok=True)
     superlink = start(
         "superlink",
         [str(BIN / "flower-superlink"), "--port", str(args.port), "--database", str(workdir / "superlink.db")]

@@ -1,5 +1,5 @@
-"""FedAvg (McMahan et al. 2017): every weight and BatchNorm statistic shared, averaged by the images each site
-trained on in the round (its site size under the data budget: site B's 4 passes count 4 times)."""
+"""FedAvg (McMahan et al. 2017): every weight and BatchNorm statistic shared, averaged by each site's size, its
+training images (McMahan et al.'s n_k: site B's 4 passes an epoch count once)."""
 
 from __future__ import annotations
 
