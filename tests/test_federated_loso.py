@@ -26,7 +26,7 @@ CHOICES = {
 HOSPITAL_IMAGES = 2 * 4 * 5
 
 
-@pytest.fixture(scope="session")  # session, not module: pytest-xdist's worksteal interleaves modules
+@pytest.fixture(scope="module")
 def setting(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("federated-loso")
     root = make_phantom_root(base / "data", per_class=12)
@@ -50,9 +50,13 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"runs": runs, "root": root}
 
 
-def test_a_hospital_that_never_trains_is_tested_with_every_choice_its_strategy_leaves_it(setting):
+def test_a_hospital_that_never_trains_gets_every_choice_its_strategy_leaves_it_each_by_its_definition(setting):
+    """One test over one sweep of four runs (their set-up is most of this file's time, and pytest-xdist would
+    set up a fixture shared by several tests once per worker)."""
     for experiment, run in setting["runs"].items():
         _check_unseen_record(experiment, run)
+    _check_each_choice_is_its_definition(setting)
+    _check_silobn_keeps_the_batchnorm_statistics_at_each_site_and_shares_the_rest(setting)
 
 
 def _check_unseen_record(experiment: str, run: Path) -> None:
@@ -88,7 +92,7 @@ def _probabilities(experiment: str, state: dict[str, torch.Tensor], batches: lis
     return site_probabilities(network.eval(), 0, batches)
 
 
-def test_each_choice_is_its_definition(setting):
+def _check_each_choice_is_its_definition(setting: dict) -> None:
     files, batches = _hospital_images(setting)
 
     def site_state(run: Path, site: str) -> dict[str, torch.Tensor]:
@@ -127,7 +131,7 @@ def test_each_choice_is_its_definition(setting):
     assert checked == 9
 
 
-def test_silobn_keeps_the_batchnorm_statistics_at_each_site_and_shares_the_rest(setting):
+def _check_silobn_keeps_the_batchnorm_statistics_at_each_site_and_shares_the_rest(setting: dict) -> None:
     run = setting["runs"]["silobn"]
     a, b = (read_checkpoint(run / "federated" / "clients" / s / "round-0002.ckpt")["state_dict"] for s in "AB")
     shared = read_checkpoint(run / "federated" / "server.pt")["shared"]
