@@ -81,9 +81,7 @@ class SiteClient:
         """What the site tells the server of its own data before the first round: its parts' counts and notes
         (split_summary), their fingerprint, its site file and how it names patients; a deployed server reads no
         data of its own."""
-        unseen = self.site in [str(site) for site in self.cfg.data.test_sites or []]
-        mine = {"sites": [], "test_sites": [self.site]} if unseen else {"sites": [self.site], "test_sites": []}
-        datamodule = build(self.cfg.data, **mine, _convert_="all")
+        datamodule = self._datamodule()
         datamodule.split_data()
         spec = datamodule.specs[self.site].as_dict()
         naming = {"patient_ids": self.cfg.patient_ids, "pseudonym_key_id": self.pseudonyms().key_id}
@@ -97,6 +95,9 @@ class SiteClient:
         return self.folder / f"round-{server_round:04d}.ckpt"
 
     def _datamodule(self) -> Any:
+        """The site's own data: its fold, or, for a site that only tests (data.test_sites), all its images."""
+        if self.site in [str(site) for site in self.cfg.data.test_sites or []]:
+            return build(self.cfg.data, sites=[], test_sites=[self.site], _convert_="all")
         return build(self.cfg.data, sites=[self.site], test_sites=[], _convert_="all")
 
     def model(self) -> Any:
@@ -187,7 +188,8 @@ class SiteClient:
     ) -> list[dict[str, Any]]:
         """This site never trained: every image of it classified by the federation's final weights, under each norm
         choice the strategy leaves it, as prediction rows (covidct/federated/unseen.py)."""
-        rows, datamodule = unseen_site_predictions(self.cfg, self.site, trained, shared, kept, self.local_keys)
+        datamodule = self._datamodule()
+        rows = unseen_site_predictions(self.cfg, datamodule, self.site, trained, shared, kept, self.local_keys)
         return self.shown(rows, datamodule)
 
     def shown(self, rows: list[dict[str, Any]], datamodule: Any) -> list[dict[str, Any]]:

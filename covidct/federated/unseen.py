@@ -30,16 +30,16 @@ NORM_COPY = re.compile(r"\.norms\.(\d+)\.")  # a site-routed BatchNorm's copy in
 
 def unseen_site_predictions(
     cfg: DictConfig,
+    datamodule: Any,
     site: str,
     trained: Sequence[str],
     shared: Mapping[str, torch.Tensor],
     kept: Mapping[str, Mapping[str, torch.Tensor]],
     local_keys: Callable[[nn.Module], set[str]],
-) -> tuple[list[dict[str, Any]], Any]:
+) -> list[dict[str, Any]]:
     """Prediction rows (each naming its norm choice) of every image of `site`, never trained on, from the
     federation's final weights: `shared` (the server's) and what each of the `trained` sites `kept`
-    (`local_keys`: the strategy's); and the DataModule that read them."""
-    datamodule = build(cfg.data, sites=[], test_sites=[site], _convert_="all")
+    (`local_keys`: the strategy's), read by the site's `datamodule` (all its images as its test part)."""
     datamodule.setup("test")
     samples = datamodule.splits[site]["test"]
 
@@ -52,17 +52,17 @@ def unseen_site_predictions(
     if not local:  # every weight shared: the global model as it is
         method = build(cfg.model, sites=list(trained), _convert_="all")
         _load(method, lambda key: shared[key])
-        return unseen_site_rows(method.eval(), site, samples, images), datamodule
+        return unseen_site_rows(method.eval(), site, samples, images)
     if local == set(one.state_dict()):  # nothing shared: borrow one site's network
         rows = []
         for name in trained:
             _load(one, lambda key, name=name: kept[name][key])
             probs = site_probabilities(one.eval(), 0, images())
             rows += [{**prediction_row(s, p), UNSEEN_COLUMN: f"site:{name}"} for s, p in zip(samples, probs)]
-        return rows, datamodule
+        return rows
     method = build(_with_norm_copies(cfg.model, len(trained)), sites=list(trained), _convert_="all")
     _load(method, lambda key: _entry(key, trained, shared, kept, local))
-    return unseen_site_rows(method.eval(), site, samples, images), datamodule
+    return unseen_site_rows(method.eval(), site, samples, images)
 
 
 def _with_norm_copies(model: DictConfig, copies: int) -> DictConfig:
