@@ -42,8 +42,8 @@ HELD_OUT ?= [A],[B]
 LOSO_EXPERIMENTS ?= $(TABLE1)
 LOSO_OUT ?= $(RESULTS)/loso-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
 LOSO_RUNS ?= $(if $(RECORD),experiments,outputs)/loso-$(SWEEP)$(if $(RECORD),/runs)
-# make federated: its runs and report apart from Table I's (another code version's sweep), reported beside them
-FEDERATED_OUT ?= $(RESULTS)/federated-$(SWEEP)$(if $(filter-out last,$(SELECT)),-$(SELECT))
+# Table I's federated block (make federated): its runs in a folder of their own (a sweep is one code version),
+# reported with Table I's wherever that folder exists
 FEDERATED_RUNS ?= $(if $(RECORD),experiments,outputs)/federated-$(SWEEP)$(if $(RECORD),/runs)
 
 # Benchmark: DEVICE=auto|cpu|cuda; results to $(RESULTS)/bench/bench-<device>.json and .md
@@ -80,16 +80,14 @@ table1: setup
 		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(RUNS)" $(HYDRA_ARGS)
 	$(MAKE) --no-print-directory table1-collect
 
-## Table I's federated block (local, FedAvg, FedProx, SiloBN, FedBN: one Flower client per site) on the same folds
-## and seeds, into FEDERATED_RUNS, then the tables in FEDERATED_OUT: the federated rows under the centralised ones of
-## RUNS (where it holds any), DeLong against ours and SepNorm
+## Table I's federated block (local, FedAvg, FedProx, SiloBN, FedBN: one Flower client per site, its sites on this
+## machine's CPUs) on the same folds and seeds, into FEDERATED_RUNS, then Table I's tables, which show it under the
+## centralised rows (DeLong against ours and SepNorm)
 federated: setup
 	@$(PY) -m covidct.data where --root "$(DATA)"
 	$(PY) -m covidct.run -m fold=$(FOLDS) seed=$(SEEDS) experiment=$(FEDERATED) +protocol=$(PROTOCOL) \
 		$(SPLIT_SEED_ARG) data.root="$(DATA)" paths.log_dir="$(FEDERATED_RUNS)" $(HYDRA_ARGS)
-	$(PY) -m covidct.report $(if $(wildcard $(RUNS)),--runs "$(RUNS)") --runs "$(FEDERATED_RUNS)" \
-		--out "$(FEDERATED_OUT)" --protocol $(PROTOCOL) --select $(SELECT) --folds $(FOLDS) --seeds $(SEEDS) \
-		--reference $(REFERENCE) $(REPORT_ARGS)
+	$(MAKE) --no-print-directory table1-collect
 
 ## leave-one-site-out: every Table I method trained on all sites but one and tested on that one, for each of
 ## HELD_OUT (a Hydra sweep of site lists), then Table I's report with the LOSO table (loso.md) beside it
@@ -100,9 +98,11 @@ loso: setup
 	$(PY) -m covidct.report --runs "$(LOSO_RUNS)" --out "$(LOSO_OUT)" --protocol $(PROTOCOL) --select $(SELECT) \
 		--folds $(FOLDS) --seeds $(SEEDS) --reference $(REFERENCE) $(REPORT_ARGS)
 
-## only aggregate existing run records: tables, t-tests, intervals, DeLong, ROC and reliability figures in OUT
+## only aggregate existing run records: tables, t-tests, intervals, DeLong, ROC and reliability figures in OUT, of
+## RUNS and of FEDERATED_RUNS (the Federated block), each where it exists
 table1-collect: setup
-	$(PY) -m covidct.report --runs "$(RUNS)" --out "$(OUT)" --protocol $(PROTOCOL) --select $(SELECT) \
+	$(PY) -m covidct.report $(foreach runs,$(or $(wildcard $(RUNS) $(FEDERATED_RUNS)),$(RUNS)),--runs "$(runs)") \
+		--out "$(OUT)" --protocol $(PROTOCOL) --select $(SELECT) \
 		--folds $(FOLDS) --seeds $(SEEDS) --reference $(REFERENCE) $(REPORT_ARGS)
 
 ## training img/s of the reference-like and the fast path, and of the data pipeline (when DATA exists)

@@ -6,9 +6,10 @@ from tests.helpers import REPO
 
 
 def _dry_run(*args: str) -> str:
+    """The commands `make ARGS` would run, each on one line (its continuations joined)."""
     result = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    return result.stdout.replace("\\\n\t", "")
 
 
 def test_bench_and_tables_go_to_outputs_unless_recorded():
@@ -50,9 +51,10 @@ def test_a_recorded_sweep_keeps_its_runs_beside_its_tables_and_runs_fold_by_fold
     plan = _dry_run("table1", "PROTOCOL=cpu", "SEEDS=643", "RECORD=1")
     assert "-m fold=0,1,2,3 seed=643 experiment=" in plan
     assert 'paths.log_dir="experiments/table1-cpu/runs"' in plan
-    assert '--runs "experiments/table1-cpu/runs" --out "experiments/table1-cpu"' in plan
+    both = '--runs "experiments/table1-cpu/runs" --runs "experiments/federated-cpu/runs" --out "experiments/table1-cpu"'
+    assert both in plan  # Table I's report shows the Federated block, its runs committed apart
     best = _dry_run("table1-collect", "PROTOCOL=cpu", "RECORD=1", "SELECT=best_val_auc")
-    assert '--runs "experiments/table1-cpu/runs" --out "experiments/table1-cpu-best_val_auc"' in best
+    assert '--runs "experiments/federated-cpu/runs" --out "experiments/table1-cpu-best_val_auc"' in best
     ignored = subprocess.run(
         ["git", "check-ignore", "-q", "experiments/table1-cpu/runs/ours/fold0-seed643-x/checkpoints/last.ckpt"],
         cwd=REPO,
@@ -63,12 +65,14 @@ def test_a_recorded_sweep_keeps_its_runs_beside_its_tables_and_runs_fold_by_fold
     assert '--runs "experiments/loso-cpu/runs" --out "experiments/loso-cpu"' in loso
 
 
-def test_federated_sweeps_the_federated_block_into_its_runs_then_reports_it_beside_table1_s():
+def test_federated_sweeps_the_federated_block_into_its_runs_and_table1_reports_it_beside_the_centralised_runs():
     from covidct.experiments import table1_experiments
 
     plan = _dry_run("federated", "PROTOCOL=cpu", "FOLDS=0", "SEEDS=643", "RECORD=1")
     methods = ",".join(e.name for e in table1_experiments(block="federated"))
     assert f"-m fold=0 seed=643 experiment={methods} +protocol=cpu" in plan
     assert 'paths.log_dir="experiments/federated-cpu/runs"' in plan
-    assert '--runs "experiments/table1-cpu/runs" --runs "experiments/federated-cpu/runs"' in plan
-    assert '--out "experiments/federated-cpu"' in plan
+    assert "table1-collect" in plan  # then Table I's report, which now finds the federated runs
+    alone = _dry_run("table1-collect", "PROTOCOL=cpu", "RUNS=nowhere", "RECORD=1")
+    assert 'covidct.report --runs "experiments/federated-cpu/runs" --out' in alone  # a folder that is not: left out
+    assert '--runs "outputs/table1-smoke" --out' in _dry_run("table1-collect", "PROTOCOL=smoke")  # neither: the error's

@@ -30,6 +30,7 @@ from tests.helpers import compose_experiment
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "table1-cpu"
 RUNS = RESULTS / "runs"
+FEDERATED_RUNS = RESULTS.parent / "federated-cpu" / "runs"  # the Federated block's sweep (make federated)
 FOLDS, SEEDS = [0, 1, 2, 3], [643]
 THRESHOLD = 0.5  # P(COVID) above it predicts COVID
 TEXT_OUTPUTS = (
@@ -38,8 +39,8 @@ TEXT_OUTPUTS = (
 )
 
 
-def _run_dirs() -> list[Path]:
-    return sorted(p.parent for p in RUNS.rglob("metrics.json"))
+def _run_dirs(runs: Path = RUNS) -> list[Path]:
+    return sorted(p.parent for p in runs.rglob("metrics.json"))
 
 
 def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -80,9 +81,10 @@ def _by_patient(rows: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _recomputed() -> dict[tuple[str, str, str, str], list[tuple[int, int, float]]]:
-    """(level, experiment, site, metric) -> [(fold, seed, value %)] from every committed predictions.csv."""
+    """(level, experiment, site, metric) -> [(fold, seed, value %)] from every committed predictions.csv, both
+    blocks'."""
     values: dict[tuple[str, str, str, str], list[tuple[int, int, float]]] = {}
-    for run_dir in _run_dirs():
+    for run_dir in [*_run_dirs(), *_run_dirs(FEDERATED_RUNS)]:
         run = json.loads((run_dir / "metrics.json").read_text())["run"]
         with (run_dir / "predictions.csv").open(newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r["selection"] == "last"]
@@ -117,6 +119,19 @@ def test_the_committed_sweep_is_one_code_version_at_the_cpu_protocol() -> None:
     expected = {(e.name, f, s) for e in table1_experiments(block="centralised") for f in FOLDS for s in SEEDS}
     assert set(keys) == expected, f"the sweep is 9 experiments x 4 folds: missing {sorted(expected - set(keys))}"
     assert not list(RUNS.rglob("*.ckpt")), "checkpoints are not committed"
+
+
+def test_the_committed_federated_block_is_one_code_version_with_every_method_in_each_of_its_folds() -> None:
+    runs = [json.loads((d / "metrics.json").read_text())["run"] for d in _run_dirs(FEDERATED_RUNS)]
+    assert runs, f"no committed run records under {FEDERATED_RUNS}"
+    assert {r["protocol"]["name"] for r in runs} == {"cpu"} and {int(r["seed"]) for r in runs} == set(SEEDS)
+    assert len({r["git_commit"] for r in runs}) == 1, "the sweep must run from one pinned commit"
+    keys = [(r["experiment"], int(r["fold"])) for r in runs]
+    folds = {fold for _, fold in keys}
+    assert folds <= set(FOLDS) and len(keys) == len(set(keys))
+    methods = [e.name for e in table1_experiments(block="federated")]
+    assert set(keys) == {(method, fold) for method in methods for fold in folds}, "every method in each fold"
+    assert not list(FEDERATED_RUNS.rglob("*.ckpt")) and not list(FEDERATED_RUNS.rglob("federated")), "no states"
 
 
 def test_every_number_of_table1_is_recomputed_from_the_committed_predictions() -> None:
@@ -169,7 +184,7 @@ def test_table1_md_shows_the_csv_numbers() -> None:
 
 @pytest.mark.slow
 def test_the_report_regenerates_byte_identically_from_the_committed_records(tmp_path: Path) -> None:
-    write_report(RUNS, tmp_path, "cpu", FOLDS, SEEDS)
+    write_report([RUNS, FEDERATED_RUNS], tmp_path, "cpu", FOLDS, SEEDS)  # make table1's: both blocks
     for name in TEXT_OUTPUTS:
         assert (tmp_path / name).read_bytes() == (RESULTS / name).read_bytes(), name
     for figure in ("roc_A.png", "roc_B.png", "reliability_A.png", "reliability_B.png", "learning_curves.png"):
@@ -225,10 +240,12 @@ def test_every_committed_run_keeps_its_id_under_todays_config() -> None:
     """make table1 / make loso find a committed run by its folder's id, the hash of its semantic config: a
     renamed class or a new option must leave it as it was (covidct/run_folder.py: INERT_DEFAULTS, RECORDED_TARGETS)."""
     loso = sorted(p.parent for p in (RESULTS.parent / "loso-cpu" / "runs").rglob("metrics.json"))
-    for folder in [*_run_dirs(), *loso]:
+    federated = _run_dirs(FEDERATED_RUNS)
+    for folder in [*_run_dirs(), *loso, *federated]:
         run = json.loads((folder / "metrics.json").read_text())["run"]
         held = run["splits"].get("test_sites", [])
         overrides = [f"fold={run['fold']}", f"seed={run['seed']}", "+protocol=cpu", "split_seed=0"]
-        overrides += [f"data.test_sites=[{','.join(held)}]", "patient_ids=raw"] if held else []
+        overrides += [f"data.test_sites=[{','.join(held)}]"] if held else []
+        overrides += ["patient_ids=raw"] if held or folder in federated else []  # as these sweeps ran
         cfg = compose_experiment(run["experiment"], overrides)
         assert f"fold{run['fold']}-seed{run['seed']}-{run_id(_root_=cfg)}" == folder.name, folder
