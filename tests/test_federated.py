@@ -206,6 +206,46 @@ def test_a_fedprox_site_minimises_its_loss_plus_mu_half_the_squared_distance_to_
     assert any(not torch.allclose(without[key], value, rtol=1e-4, atol=1e-4) for key, value in mine.items())
 
 
+def test_with_half_the_sites_a_round_each_trains_in_its_drawn_rounds_on_the_federation_s_schedule(
+    unequal_root: Path, tmp_path: Path
+):
+    """federated.fraction_fit=0.5 of two sites: one a round, drawn from the run's seed and the round (at seed 643:
+    A, B, B, A). The round's aggregate is its one site's weights; a site that sat rounds out goes on from its last
+    checkpoint, its own epochs counting only the rounds it trained, its learning-rate schedule at the federation's
+    round (the cosine over all 4 rounds)."""
+    from covidct.federated.rounds import sampled_sites
+
+    rounds = ["federated.rounds=4", "federated.fraction_fit=0.5", "keep_optimizer_state=true"]
+    run = federated_run("fedavg", unequal_root, tmp_path, *rounds)
+    drawn = [sampled_sites(["A", "B"], 0.5, 643, r) for r in range(1, 5)]
+    assert drawn == [["A"], ["B"], ["B"], ["A"]]  # each site trains, and each sits rounds out
+    record = json.loads((run / "metrics.json").read_text())
+    assert [sorted(round_) for round_ in record["run"]["federated"]["per_round"]] == drawn
+    assert set(record["test"]["last"]["images"]) == {"A", "B"}  # every site tests, whether in the last round or not
+    last = {"A": 4, "B": 3}
+    for site, trained in (("A", [1, 4]), ("B", [2, 3])):
+        (kept,) = (run / "federated" / "clients" / site).glob("*.ckpt")  # its last round's, the others deleted
+        assert kept.name == f"round-{last[site]:04d}.ckpt"
+        checkpoint = read_checkpoint(kept)
+        assert checkpoint["epoch"] == len(trained)  # its own epochs: one a round it trained in
+        (scheduler,) = checkpoint["lr_schedulers"]
+        assert scheduler["last_epoch"] == last[site]  # the federation's: the rounds it sat out counted
+        cosine = (1 + math.cos(math.pi * last[site] / 4)) / 2  # the schedule's factor at that round's end
+        groups = checkpoint["optimizer_states"][0]["param_groups"]
+        assert [group["lr"] for group in groups] == pytest.approx([group["initial_lr"] * cosine for group in groups])
+    shared, a = server_state(run)["shared"], site_state(run, "A", 4)
+    for key, value in shared.items():  # round 4's aggregate: site A's weights alone (B did not train in it)
+        torch.testing.assert_close(value.double(), a[key].double(), rtol=1e-6, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5"])
+def test_a_fraction_of_sites_outside_zero_to_one_is_refused_in_one_line(fraction: str, tmp_path: Path):
+    result = run_cli(["experiment=fedavg", f"federated.fraction_fit={fraction}", *FAST], tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"federated.fraction_fit={fraction}" in line and "(0, 1]" in line
+
+
 def test_a_federated_run_killed_mid_round_resumes_from_its_last_round_to_the_same_record(
     root: Path, fedbn_run: Path, tmp_path: Path
 ):

@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from covidct.atomic import atomic_write
 from covidct.checkpoints import read_checkpoint
 from covidct.cli import user_message
-from covidct.data.sites import split_sites
 from covidct.errors import CovidCTError, DataError, TrainingIncomplete
 from covidct.federated.client import SiteClient
+from covidct.federated.rounds import federation_sites, sampled_sites
 from covidct.federated.strategies.base import SiteStrategy, check_replies
 from covidct.records import UNSEEN_COLUMN
 from covidct.run_folder import fingerprint_change
@@ -110,16 +110,6 @@ def _named(site: SiteClient) -> ConfigRecord:
     return ConfigRecord({"name": site.site})
 
 
-def federation_sites(cfg: DictConfig) -> tuple[list[str], list[str]]:
-    """The sites that train (data.sites without data.test_sites) and those that only test the final model. Deployed,
-    the sites' files are theirs: the names as given."""
-    sites, held = [str(site) for site in cfg.data.sites], [str(site) for site in cfg.data.test_sites or []]
-    if cfg.federated.runtime == "deployment":
-        return [site for site in sites if site not in held], held
-    trained, unseen = split_sites(sites, held, cfg.data.get("site_specs"))
-    return [spec.name for spec in trained], [spec.name for spec in unseen]
-
-
 def _replying(context: Context, message: Message, work: Callable[[], Message]) -> Message:
     """`work`'s reply, or an error reply that names the node's site and says what went wrong in one line (the
     server stops the run with it); the traceback goes to the node's log (a SuperNode's, or Ray's session log)."""
@@ -189,13 +179,14 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
     if saved is None:
         starter = SiteClient(cfg, sites[0], folder / "clients" / sites[0])
         saved = {"round": 0, "shared": starter.shared_part(starter.model()), "rounds": [], "round_seconds": []}
-    strategy = instantiate(
+    strategy = instantiate(  # Flower sends every node a round; the strategy keeps the round's draw of sites
         federated.strategy,
-        fraction_train=float(federated.fraction_fit),
+        fraction_train=1.0,
         fraction_evaluate=0.0,
         min_train_nodes=1,
         min_available_nodes=len(sites) + len(unseen),
     )
+    strategy.draw = partial(sampled_sites, sites, float(federated.fraction_fit), int(cfg.seed))
     strategy.rounds = list(saved["rounds"])
     strategy.round_seconds = list(saved.get("round_seconds", [None] * len(saved["rounds"])))  # unknown: not kept
     offset, total = int(saved["round"]), int(federated.rounds)
@@ -206,8 +197,6 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
     named, reports = identified_sites(grid, shipped, timeout, strategy.sites)
     check_same_data(saved.get("sites"), reports, folder)
     saved["sites"] = reports
-    if unseen:  # only the training sites get training messages
-        strategy.training_nodes = [node for node, site in named.items() if site in sites]
     if offset < total:
         result = strategy.start(
             grid=grid,
@@ -220,7 +209,7 @@ def serve(cfg: DictConfig, folder: Path, grid: Grid) -> None:
         arrays = result.arrays  # the last round's aggregate (Local's: empty, as it started)
     if len(strategy.rounds) < total:
         raise TrainingIncomplete(f"federated training stopped after {len(strategy.rounds)} of {total} rounds.")
-    nodes = strategy.training_nodes or list(grid.get_node_ids())
+    nodes = [node for node, site in named.items() if site in sites]  # every training site, in a round or not
     config = {"round": total, CONFIG_KEY: shipped, KEPT_KEY: bool(unseen)}
     replies = _tested(grid, "the final test", nodes, {"arrays": arrays}, config, timeout, strategy.sites, sites)
     rows = _rows(replies)

@@ -5,11 +5,14 @@ repeat factor kept), with Lightning, for `federated.local_epochs` epochs a round
 (weights, optimizer, the loader's place) is a Lightning checkpoint in its own folder: what it keeps to itself
 (the strategy's `local_keys`) never leaves it, and a rerun of a round starts from the same checkpoint. What it
 sends is the rest of its weights; what it tests it reports as prediction rows, patients already pseudonymised
-with its own key.
+with its own key. With `federated.fraction_fit` below 1 a site sits some rounds out (covidct/federated/rounds.py):
+it then goes on from the checkpoint of the last round it trained, its learning-rate schedule moved on by the
+epochs it missed, so the schedule follows the federation's rounds, as at fraction 1.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from covidct.atomic import atomic_write
 from covidct.checkpoints import read_checkpoint
 from covidct.data.sources import patient_folders
 from covidct.errors import DataError, TrainingIncomplete
+from covidct.federated.rounds import rounds_trained
 from covidct.federated.sharing import as_dtype
 from covidct.federated.unseen import unseen_site_predictions
 from covidct.pseudonyms import Pseudonyms
@@ -56,6 +60,21 @@ class GlobalWeights(pl.Callback):
         for key, parameter in pl_module.named_parameters():
             if key in self.anchors and parameter.grad is not None:
                 parameter.grad.add_(parameter.detach() - self.anchors[key], alpha=self.proximal_mu)
+
+
+class ScheduleCatchUp(pl.Callback):
+    """Steps the learning-rate schedulers `epochs` times once Lightning has restored them: the epochs of the
+    rounds a site sat out, where the federation's schedule moved on without it."""
+
+    def __init__(self, epochs: int):
+        self.epochs = int(epochs)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with warnings.catch_warnings():  # a site's first round may be a late one: no optimizer step yet, by design
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for config in trainer.lr_scheduler_configs:
+                for _ in range(self.epochs):
+                    config.scheduler.step()
 
 
 def federated_epochs(cfg: DictConfig) -> DictConfig:
@@ -94,6 +113,23 @@ class SiteClient:
     def checkpoint(self, server_round: int) -> Path:
         return self.folder / f"round-{server_round:04d}.ckpt"
 
+    def last_trained(self, before_round: int) -> int:
+        """The last round before `before_round` this site trained in (0: none)."""
+        return (rounds_trained(self.cfg, self.site, before_round) or [0])[-1]
+
+    def _keep_checkpoints(self, *rounds: int) -> None:
+        """Delete the site's checkpoints of every round but `rounds`."""
+        kept = {self.checkpoint(r).name for r in rounds}
+        for path in self.folder.glob("round-*.ckpt"):
+            if path.name not in kept:
+                path.unlink(missing_ok=True)
+
+    def _final_state(self, server_round: int, model: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """The site's weights after round `server_round`: its checkpoint of the last round it trained in (the
+        network as it started, where it never trained)."""
+        last = self.last_trained(server_round + 1)
+        return read_checkpoint(self.checkpoint(last))["state_dict"] if last else model.state_dict()
+
     def _datamodule(self) -> Any:
         """The site's own data: its fold, or, for a site that only tests (data.test_sites), all its images."""
         if self.site in [str(site) for site in self.cfg.data.test_sites or []]:
@@ -122,35 +158,37 @@ class SiteClient:
     def train_round(
         self, server_round: int, shared: Mapping[str, torch.Tensor], proximal_mu: float = 0.0
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Round `server_round` (from 1): from the site's checkpoint of the round before and the server's
-        weights, `local_epochs` epochs on its images; returns what it shares and its metrics (the images it
+        """Round `server_round` (from 1): from the site's checkpoint of the last round it trained in and the
+        server's weights, `local_epochs` epochs on its images; returns what it shares and its metrics (the images it
         trained on, which weight its share, and its mean training loss)."""
         datamodule = self._datamodule()
         datamodule.setup("fit")
         model = self.model()
         pl.seed_everything(self.cfg.seed + server_round, workers=True)
         epochs = int(self.cfg.federated.local_epochs)
+        trained = rounds_trained(self.cfg, self.site, server_round)
+        last = trained[-1] if trained else 0
         weights = GlobalWeights(self._received(model, shared), proximal_mu)
         trainer = make_trainer(
             self.cfg,
-            max_epochs=server_round * epochs,
+            max_epochs=(len(trained) + 1) * epochs,  # the site's own epochs; the schedule's place is the federation's
             logger=False,
-            callbacks=[weights, DivergenceGuard()],
+            callbacks=[weights, ScheduleCatchUp((server_round - 1 - last) * epochs), DivergenceGuard()],
             enable_checkpointing=False,
             enable_progress_bar=False,
             limit_val_batches=0,
             default_root_dir=str(self.folder),
         )
-        before = self.checkpoint(server_round - 1)
-        if server_round > 1 and not before.is_file():
+        before = self.checkpoint(last)
+        if last and not before.is_file():
             raise TrainingIncomplete(
-                f"site {self.site} has no checkpoint of round {server_round - 1} in {self.folder}: it cannot go on "
+                f"site {self.site} has no checkpoint of round {last} in {self.folder}: it cannot go on "
                 "from where the federation is (was its state folder moved or emptied?)."
             )
-        trainer.fit(model, datamodule=datamodule, ckpt_path=before if server_round > 1 else None, weights_only=True)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=before if last else None, weights_only=True)
         steps = trainer.global_step - weights.first_step
         atomic_write(self.checkpoint(server_round), trainer.save_checkpoint)
-        self.checkpoint(server_round - 2).unlink(missing_ok=True)  # the one before stays: a rerun of this round
+        self._keep_checkpoints(last, server_round)  # the one before stays: a rerun of this round starts from it
         metrics = {  # FedAvg's weight: the site's size, its training images (McMahan et al.'s n_k)
             "num-examples": float(len(datamodule.splits[self.site]["train"])),
             "images_trained": float(steps * int(self.cfg.data.batch_per_site)),
@@ -161,8 +199,8 @@ class SiteClient:
     def kept_part(self, server_round: int) -> dict[str, torch.Tensor]:
         """What the site kept to itself of its weights after round `server_round` (only a site that never trained,
         in a leave-one-site-out run, is sent it: covidct/federated/unseen.py)."""
-        state = read_checkpoint(self.checkpoint(server_round))["state_dict"]
-        local = self.local_keys(self.model())
+        model = self.model()
+        state, local = self._final_state(server_round, model), self.local_keys(model)
         return {key: value for key, value in state.items() if key in local}
 
     def test(self, server_round: int, shared: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -170,7 +208,7 @@ class SiteClient:
         rows whose patients are pseudonyms of the site's key (unless patient_ids=raw)."""
         datamodule = self._datamodule()
         model = self.model()
-        state = read_checkpoint(self.checkpoint(server_round))["state_dict"]
+        state = self._final_state(server_round, model)
         received = self._received(model, shared)
         model.load_state_dict({**state, **{key: as_dtype(value, state[key].dtype) for key, value in received.items()}})
         trainer = make_trainer(self.cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False)
@@ -178,7 +216,7 @@ class SiteClient:
         trainer.test(model, datamodule=datamodule, verbose=False, weights_only=True)
         patients = datamodule.test_patients()
         rows = [{**p, "patient": patients.get((p["site"], p["file"]), "")} for p in model.test_predictions]
-        self.checkpoint(server_round - 1).unlink(missing_ok=True)  # finished: the last round's weights stay
+        self._keep_checkpoints(self.last_trained(server_round + 1))  # finished: the last trained weights stay
         if not self.cfg.keep_optimizer_state:
             drop_optimizer_state(self.folder)
         return self.shown(rows, datamodule)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidct.errors import ConfigError, TrainingIncomplete
 from covidct.federated import apps
+from covidct.federated.rounds import federation_sites
 from covidct.metrics import recomputed_test
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import write_run_record
@@ -29,15 +30,15 @@ FOLDER = "federated"  # in a run folder: the server's state, and clients/<site>/
 
 def check_federated(cfg: DictConfig) -> None:
     """What a federated run needs beyond a centralised one's options."""
-    trained, _ = apps.federation_sites(cfg)
+    trained, _ = federation_sites(cfg)
     if len(trained) < 2:
         raise ConfigError(
             f"a federated run needs at least two sites to train on (data.sites without data.test_sites), got {trained}."
         )
-    if float(cfg.federated.fraction_fit) != 1.0:
+    if not 0.0 < float(cfg.federated.fraction_fit) <= 1.0:
         raise ConfigError(
-            f"federated.fraction_fit={cfg.federated.fraction_fit}: every site trains in every round for now (1.0); a "
-            "site left out of a round would lose its place."
+            f"federated.fraction_fit={cfg.federated.fraction_fit}: the fraction of the sites that train in a round is "
+            "a number in (0, 1] (at least one site trains)."
         )
     if float(cfg.data.val_fraction) > 0:
         raise ConfigError("data.val_fraction > 0: a federated run tests its last round only; set data.val_fraction=0.")
@@ -106,7 +107,7 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
 def _reporting(cfg: DictConfig, reports: dict[str, Any]) -> list[str]:
     """The sites that reported, in the run's order: those that train, then those that only test."""
-    trained, unseen = apps.federation_sites(cfg)
+    trained, unseen = federation_sites(cfg)
     return [site for site in (*trained, *unseen) if site in reports]
 
 
@@ -176,6 +177,6 @@ def _simulate(cfg: DictConfig, folder: Path) -> None:
     run_simulation(
         server_app=apps.server_app(cfg, folder),
         client_app=apps.client_app(apps.simulated_site(cfg, folder)),
-        num_supernodes=sum(map(len, apps.federation_sites(cfg))),  # a site that only tests is a node too
+        num_supernodes=sum(map(len, federation_sites(cfg))),  # a site that only tests is a node too
         backend_config={"client_resources": {"num_cpus": apps.SIMULATED_CPUS, "num_gpus": 0.0}, "init_args": ray},
     )

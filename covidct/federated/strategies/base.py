@@ -8,7 +8,7 @@ the run, naming the site.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -18,7 +18,8 @@ from covidct.errors import TrainingIncomplete
 
 
 class SiteStrategy:
-    """Mixed in before a Flower strategy. `local_keys` names what never leaves a site; `rounds` collects what
+    """Mixed in before a Flower strategy. `local_keys` names what never leaves a site; `draw` says which sites
+    train in a round (covidct/federated/rounds.py: its round counts from the run's first); `rounds` collects what
     each site reported per round (loss, images, payload bytes) and `round_seconds` each round's time from its
     messages out to their aggregate, which the record keeps."""
 
@@ -28,7 +29,7 @@ class SiteStrategy:
         self.round_seconds: list[float] = []
         self._started = 0.0
         self.sites: dict[int, str] = {}  # node id -> the site it named in its replies
-        self.training_nodes: list[int] | None = None  # None: every node (some only test: the others)
+        self.draw: Callable[[int], list[str]] = lambda server_round: list(self.sites.values())
         self._bytes_sent = 0.0
         self._sampled: list[int] = []
 
@@ -38,8 +39,8 @@ class SiteStrategy:
         self._started = time.monotonic()
         self._bytes_sent = _payload(arrays)  # to each site sampled
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
-        if self.training_nodes is not None:
-            messages = [message for message in messages if message.metadata.dst_node_id in self.training_nodes]
+        drawn = self.draw(int(config["first-round"]) + server_round)
+        messages = [message for message in messages if self.sites.get(message.metadata.dst_node_id) in drawn]
         self._sampled = [message.metadata.dst_node_id for message in messages]
         return messages
 
