@@ -101,7 +101,7 @@ loso: setup
 ## only aggregate existing run records: tables, t-tests, intervals, DeLong, ROC and reliability figures in OUT, of
 ## RUNS and of FEDERATED_RUNS (the Federated block), each where it exists
 table1-collect: setup
-	$(PY) -m covidct.report $(foreach runs,$(or $(wildcard $(RUNS) $(FEDERATED_RUNS)),$(RUNS)),--runs "$(runs)") \
+	$(PY) -m covidct.report --runs-if-present "$(RUNS)" --runs-if-present "$(FEDERATED_RUNS)" \
 		--out "$(OUT)" --protocol $(PROTOCOL) --select $(SELECT) \
 		--folds $(FOLDS) --seeds $(SEEDS) --reference $(REFERENCE) $(REPORT_ARGS)
 

@@ -206,36 +206,50 @@ def test_a_fedprox_site_minimises_its_loss_plus_mu_half_the_squared_distance_to_
     assert any(not torch.allclose(without[key], value, rtol=1e-4, atol=1e-4) for key, value in mine.items())
 
 
-def test_with_half_the_sites_a_round_each_trains_in_its_drawn_rounds_on_the_federation_s_schedule(
-    unequal_root: Path, tmp_path: Path
-):
-    """federated.fraction_fit=0.5 of two sites: one a round, drawn from the run's seed and the round (at seed 643:
-    A, B, B, A). The round's aggregate is its one site's weights; a site that sat rounds out goes on from its last
+HALF = ["federated.rounds=4", "federated.fraction_fit=0.5", "seed=3", "keep_optimizer_state=true"]
+
+
+@pytest.fixture(scope="session")
+def half_run(unequal_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FedAvg with one of its two sites a round: its definition, and the uninterrupted twin of a killed run."""
+    return federated_run("fedavg", unequal_root, tmp_path_factory.mktemp("half"), *HALF)
+
+
+def test_with_half_the_sites_a_round_each_trains_in_its_drawn_rounds_on_the_federation_s_schedule(half_run: Path):
+    """federated.fraction_fit=0.5 of two sites: one a round, drawn from the run's seed and the round (at seed 3:
+    A, B, A, A). The round's aggregate is its one site's weights; a site that sat rounds out goes on from its last
     checkpoint, its own epochs counting only the rounds it trained, its learning-rate schedule at the federation's
     round (the cosine over all 4 rounds)."""
     from covidct.federated.rounds import sampled_sites
 
-    rounds = ["federated.rounds=4", "federated.fraction_fit=0.5", "keep_optimizer_state=true"]
-    run = federated_run("fedavg", unequal_root, tmp_path, *rounds)
-    drawn = [sampled_sites(["A", "B"], 0.5, 643, r) for r in range(1, 5)]
-    assert drawn == [["A"], ["B"], ["B"], ["A"]]  # each site trains, and each sits rounds out
+    run = half_run
+    drawn = [sampled_sites(["A", "B"], 0.5, 3, r) for r in range(1, 5)]
+    assert drawn == [["A"], ["B"], ["A"], ["A"]]  # A sits round 2 out, B starts late and sits out the rest
     record = json.loads((run / "metrics.json").read_text())
     assert [sorted(round_) for round_ in record["run"]["federated"]["per_round"]] == drawn
+    assert record["run"]["federated"]["site_epochs"] == {"A": 3, "B": 1}
     assert set(record["test"]["last"]["images"]) == {"A", "B"}  # every site tests, whether in the last round or not
-    last = {"A": 4, "B": 3}
-    for site, trained in (("A", [1, 4]), ("B", [2, 3])):
+    for site, trained in (("A", [1, 3, 4]), ("B", [2])):
         (kept,) = (run / "federated" / "clients" / site).glob("*.ckpt")  # its last round's, the others deleted
-        assert kept.name == f"round-{last[site]:04d}.ckpt"
+        assert kept.name == f"round-{trained[-1]:04d}.ckpt"
         checkpoint = read_checkpoint(kept)
         assert checkpoint["epoch"] == len(trained)  # its own epochs: one a round it trained in
         (scheduler,) = checkpoint["lr_schedulers"]
-        assert scheduler["last_epoch"] == last[site]  # the federation's: the rounds it sat out counted
-        cosine = (1 + math.cos(math.pi * last[site] / 4)) / 2  # the schedule's factor at that round's end
+        assert scheduler["last_epoch"] == trained[-1]  # the federation's: the rounds it sat out counted
+        cosine = (1 + math.cos(math.pi * trained[-1] / 4)) / 2  # the schedule's factor at that round's end
         groups = checkpoint["optimizer_states"][0]["param_groups"]
         assert [group["lr"] for group in groups] == pytest.approx([group["initial_lr"] * cosine for group in groups])
     shared, a = server_state(run)["shared"], site_state(run, "A", 4)
     for key, value in shared.items():  # round 4's aggregate: site A's weights alone (B did not train in it)
         torch.testing.assert_close(value.double(), a[key].double(), rtol=1e-6, atol=1e-6, msg=key)
+
+
+def test_a_site_that_no_round_would_draw_is_refused_in_one_line(tmp_path: Path):
+    never = ["federated.fraction_fit=0.5", "federated.rounds=1", "seed=3"]  # A alone (half_run's first round)
+    result = run_cli(["experiment=fedavg", *never, *FAST], tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "draws site B in none of the 1 rounds" in line
 
 
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
@@ -246,11 +260,26 @@ def test_a_fraction_of_sites_outside_zero_to_one_is_refused_in_one_line(fraction
     assert f"federated.fraction_fit={fraction}" in line and "(0, 1]" in line
 
 
+@pytest.mark.parametrize(
+    "experiment, twin, overrides, saved, lost",
+    [
+        ("fedbn", "fedbn_run", ["federated.rounds=2"], 1, False),  # killed in round 2 of 2
+        # killed as the server saves round 3 (A's, from A's round 1), which it lost: A's checkpoint of it is ahead
+        ("fedavg", "half_run", HALF, 2, True),
+    ],
+)
 def test_a_federated_run_killed_mid_round_resumes_from_its_last_round_to_the_same_record(
-    root: Path, fedbn_run: Path, tmp_path: Path
+    experiment: str,
+    twin: str,
+    overrides: list[str],
+    saved: int,
+    lost: bool,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ):
-    args = ["experiment=fedbn", f"data.root={root}", *FAST, "federated.rounds=2"]
-    straight = fedbn_run
+    straight = request.getfixturevalue(twin)
+    data = request.getfixturevalue("unequal_root" if twin == "half_run" else "root")
+    args = [f"experiment={experiment}", f"data.root={data}", *FAST, *overrides]
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, "-m", "covidct.run", *args],
@@ -260,18 +289,28 @@ def test_a_federated_run_killed_mid_round_resumes_from_its_last_round_to_the_sam
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    folder = killed / "fedbn" / straight.name
-    try:
+    folder = killed / experiment / straight.name
+    state = folder / "federated" / "server.pt"
+
+    def wait_for_round(server_round: int) -> None:
         deadline = time.time() + 300
-        while not (folder / "federated" / "server.pt").is_file():  # round 1 completed and saved
-            assert process.poll() is None and time.time() < deadline, "the run ended before its first round"
+        while not (state.is_file() and server_state(folder)["round"] >= server_round):
+            assert process.poll() is None and time.time() < deadline, f"the run ended before round {server_round}"
             time.sleep(0.05)
-        # killed at once: round 2 begins as round 1 is saved, and a round of 2 steps ends within a second
+
+    try:
+        wait_for_round(saved)  # that round completed and saved
+        # killed at once: the next round begins as this one is saved, and a round of 2 steps ends within a second
+        if lost:  # ... or once the next is saved too, which the server then loses (its state of the round before)
+            before = state.read_bytes()
+            wait_for_round(saved + 1)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    if lost:
+        state.write_bytes(before)
     assert not (folder / "metrics.json").exists(), "the kill came too late to test resuming"
-    assert server_state(folder)["round"] == 1, "the kill came after round 2: not mid-round"
+    assert server_state(folder)["round"] == saved, "the kill came a round late: not mid-round"
     resumed = run_cli(args, killed, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming the federation from round" in resumed.stderr + resumed.stdout
@@ -282,7 +321,7 @@ def test_a_federated_run_killed_mid_round_resumes_from_its_last_round_to_the_sam
     # the time of each completed round, the killed one's lost; the whole only where it ran in one piece
     for record, whole in ((mine, False), (theirs, True)):
         seconds, wall = record["run"]["federated"]["round_seconds"], record["run"]["federated"]["wall_s"]
-        assert len(seconds) == 2 and all(s > 0 for s in seconds)
+        assert len(seconds) == len(record["run"]["federated"]["per_round"]) and all(s > 0 for s in seconds)
         assert (wall is not None and wall > sum(seconds)) if whole else wall is None
 
 

@@ -427,6 +427,13 @@ def test_runs_of_several_folders_make_the_one_folder_s_table(tmp_path: Path):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert report_main(["--runs", str(runs), "--out", str(tmp_path / "half"), *args]) == 0
     assert (tmp_path / "half" / "table1.csv").read_bytes() != (tmp_path / "one" / "table1.csv").read_bytes()
+    # make table1-collect's form: each folder where it exists (the Federated block's may not yet), none: one line
+    absent = tmp_path / "not-run-yet"
+    present = ["--runs-if-present", str(runs), "--runs-if-present", str(apart), "--runs-if-present", str(absent)]
+    assert report_main([*present, "--out", str(tmp_path / "three"), *args]) == 0
+    assert (tmp_path / "three" / "table1.csv").read_bytes() == (tmp_path / "one" / "table1.csv").read_bytes()
+    assert report_main(["--runs-if-present", str(absent), "--out", str(tmp_path / "four"), *args]) == 2
+    assert not (tmp_path / "four").exists()
 
 
 def test_reference_chooses_what_the_ttests_and_delong_compare_with(tmp_path: Path, capsys):

@@ -124,11 +124,10 @@ class SiteClient:
             if path.name not in kept:
                 path.unlink(missing_ok=True)
 
-    def _final_state(self, server_round: int, model: pl.LightningModule) -> dict[str, torch.Tensor]:
-        """The site's weights after round `server_round`: its checkpoint of the last round it trained in (the
-        network as it started, where it never trained)."""
-        last = self.last_trained(server_round + 1)
-        return read_checkpoint(self.checkpoint(last))["state_dict"] if last else model.state_dict()
+    def _final_state(self, server_round: int) -> dict[str, torch.Tensor]:
+        """The site's weights after round `server_round`: its checkpoint of the last round it trained in (every
+        training site trains in some round: covidct/federated/fit.py refuses a draw that leaves one out)."""
+        return read_checkpoint(self.checkpoint(self.last_trained(server_round + 1)))["state_dict"]
 
     def _datamodule(self) -> Any:
         """The site's own data: its fold, or, for a site that only tests (data.test_sites), all its images."""
@@ -166,6 +165,12 @@ class SiteClient:
         model = self.model()
         pl.seed_everything(self.cfg.seed + server_round, workers=True)
         epochs = int(self.cfg.federated.local_epochs)
+        if server_round not in rounds_trained(self.cfg, self.site, server_round + 1):
+            raise TrainingIncomplete(
+                f"the server sent site {self.site} round {server_round}, which the run's draw (seed "
+                f"{self.cfg.seed}, federated.fraction_fit={self.cfg.federated.fraction_fit}) gives to other sites: the "
+                "server and this site run different covidct versions; install the server's."
+            )
         trained = rounds_trained(self.cfg, self.site, server_round)
         last = trained[-1] if trained else 0
         weights = GlobalWeights(self._received(model, shared), proximal_mu)
@@ -199,8 +204,7 @@ class SiteClient:
     def kept_part(self, server_round: int) -> dict[str, torch.Tensor]:
         """What the site kept to itself of its weights after round `server_round` (only a site that never trained,
         in a leave-one-site-out run, is sent it: covidct/federated/unseen.py)."""
-        model = self.model()
-        state, local = self._final_state(server_round, model), self.local_keys(model)
+        state, local = self._final_state(server_round), self.local_keys(self.model())
         return {key: value for key, value in state.items() if key in local}
 
     def test(self, server_round: int, shared: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -208,7 +212,7 @@ class SiteClient:
         rows whose patients are pseudonyms of the site's key (unless patient_ids=raw)."""
         datamodule = self._datamodule()
         model = self.model()
-        state = self._final_state(server_round, model)
+        state = self._final_state(server_round)
         received = self._received(model, shared)
         model.load_state_dict({**state, **{key: as_dtype(value, state[key].dtype) for key, value in received.items()}})
         trainer = make_trainer(self.cfg, logger=False, enable_checkpointing=False, enable_progress_bar=False)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from covidct.errors import ConfigError, TrainingIncomplete
 from covidct.federated import apps
-from covidct.federated.rounds import federation_sites
+from covidct.federated.rounds import federation_sites, never_drawn, rounds_trained
 from covidct.metrics import recomputed_test
 from covidct.pseudonyms import Pseudonyms
 from covidct.records import write_run_record
@@ -39,6 +39,13 @@ def check_federated(cfg: DictConfig) -> None:
         raise ConfigError(
             f"federated.fraction_fit={cfg.federated.fraction_fit}: the fraction of the sites that train in a round is "
             "a number in (0, 1] (at least one site trains)."
+        )
+    untrained = never_drawn(cfg)
+    if untrained:
+        raise ConfigError(
+            f"federated.fraction_fit={cfg.federated.fraction_fit} at seed {cfg.seed} draws site "
+            f"{', '.join(untrained)} in none of the {cfg.federated.rounds} rounds: it would test an untrained network. "
+            "Raise federated.fraction_fit or federated.rounds, or choose another seed."
         )
     if float(cfg.data.val_fraction) > 0:
         raise ConfigError("data.val_fraction > 0: a federated run tests its last round only; set data.val_fraction=0.")
@@ -78,7 +85,12 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 f"from {folder / apps.SERVER_STATE}."
             )
         rows = [{"selection": "last", **row} for row in saved["test_rows"]]
-        epochs = int(cfg.federated.rounds) * int(cfg.federated.local_epochs)
+        epochs = int(cfg.federated.rounds) * int(cfg.federated.local_epochs)  # the schedule's: the federation's
+        trained, _ = federation_sites(cfg)
+        site_epochs = {  # each site's own: below the federation's where fraction_fit < 1 left it rounds out
+            site: len(rounds_trained(cfg, site, int(cfg.federated.rounds) + 1)) * int(cfg.federated.local_epochs)
+            for site in trained
+        }
         choices = {"last": {"checkpoint": f"{FOLDER}/{apps.SERVER_STATE}", "epoch": epochs - 1}}
         test = recomputed_test(choices, rows, "mean")
         pseudonyms = Pseudonyms(cfg.patient_ids, cfg.pseudonym_key)
@@ -92,6 +104,7 @@ def train_federated(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 "federated": {
                     **OmegaConf.to_container(cfg.federated, resolve=True),
                     "rounds_completed": int(saved["round"]),
+                    "site_epochs": site_epochs,
                     "per_round": saved["rounds"],
                     "round_seconds": saved.get("round_seconds", []),  # each round's, resumed or not: training time
                     "wall_s": wall_s if resumed is None else None,  # the whole, start-up and test included; a resumed

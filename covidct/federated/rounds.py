@@ -1,16 +1,16 @@
 """Which sites take part in which round: the sites of a federation, and those `federated.fraction_fit` draws to
 train in each round.
 
-The draw is a pure function of the run's seed and the round, so the server (choosing whom to send a round) and
-each site (finding the rounds it sat out, and so the checkpoint and the point of the learning-rate schedule it
-resumes from) agree without a message, and a resumed run draws as the uninterrupted one did. Flower's own
-sampling cannot serve: it draws from Python's unseeded generator, over every connected node, sites that only test
-included.
+The draw is a pure function of the run's seed, the round and the sites' names (a SHA-256 ranking: the same in
+every process and every Python version), so the server (choosing whom to send a round) and each site (finding
+the rounds it sat out, and so the checkpoint and the point of the learning-rate schedule it resumes from) agree
+without a message, and a resumed run draws as the uninterrupted one did. Flower's own sampling cannot serve: it
+draws from Python's unseeded generator, over every connected node, sites that only test included.
 """
 
 from __future__ import annotations
 
-import random
+import hashlib
 from collections.abc import Sequence
 
 from omegaconf import DictConfig
@@ -29,18 +29,28 @@ def federation_sites(cfg: DictConfig) -> tuple[list[str], list[str]]:
 
 
 def sampled_sites(sites: Sequence[str], fraction: float, seed: int, server_round: int) -> list[str]:
-    """The sites that train in round `server_round` (from 1), sorted: every one at fraction 1, else
-    max(1, int(len(sites) * fraction)) of them (Flower's count) drawn by a generator seeded with the run's seed and
-    the round (a string seed: the same in every process, whatever PYTHONHASHSEED)."""
+    """The sites that train in round `server_round` (from 1), sorted: every one at fraction 1, else the
+    max(1, int(len(sites) * fraction)) whose SHA-256 of (seed, round, name) ranks first."""
     ordered = sorted(sites)
     count = max(1, int(len(ordered) * fraction))
     if count >= len(ordered):
         return ordered
-    return sorted(random.Random(f"covidct-round/{seed}/{server_round}").sample(ordered, count))
+
+    def rank(site: str) -> bytes:
+        return hashlib.sha256(f"covidct-round/{seed}/{server_round}/{site}".encode()).digest()
+
+    return sorted(sorted(ordered, key=rank)[:count])
 
 
 def rounds_trained(cfg: DictConfig, site: str, before_round: int) -> list[int]:
-    """The rounds before `before_round` in which `site` of `cfg`'s federation trained."""
+    """The rounds before `before_round` in which `site` of `cfg`'s federation trains."""
     trained, _ = federation_sites(cfg)
     fraction, seed = float(cfg.federated.fraction_fit), int(cfg.seed)
     return [r for r in range(1, before_round) if site in sampled_sites(trained, fraction, seed, r)]
+
+
+def never_drawn(cfg: DictConfig) -> list[str]:
+    """The training sites no round of `cfg`'s federation draws (their networks would be tested untrained)."""
+    trained, _ = federation_sites(cfg)
+    rounds = int(cfg.federated.rounds) + 1
+    return [site for site in trained if not rounds_trained(cfg, site, rounds)]

@@ -29,8 +29,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--runs",
         type=Path,
         action="append",
-        required=True,
+        default=[],
         help="folder holding run folders (searched recursively); repeat it to report several sweeps in one table",
+    )
+    parser.add_argument(
+        "--runs-if-present",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RUNS",
+        help="as --runs, but left out where the folder does not exist (make table1-collect's: one block not run yet)",
     )
     parser.add_argument(
         "--out", type=Path, required=True, help="where the tables (.md, .csv, .tex) and figures (.png) go"
@@ -71,8 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for runs in args.runs:
         if not runs.is_dir():
             raise ConfigError(f"runs folder {runs} does not exist; run the sweep first (make table1).")
+    folders = [*args.runs, *(runs for runs in args.runs_if_present if runs.is_dir())]
+    if not folders:
+        named = ", ".join(map(str, args.runs_if_present)) or "none given"
+        raise ConfigError(f"no runs folder to report ({named}); run a sweep first (make table1 or make federated).")
     path = write_report(
-        args.runs,
+        folders,
         args.out,
         args.protocol,
         _int_list(args.folds),

@@ -29,18 +29,27 @@ class SiteStrategy:
         self.round_seconds: list[float] = []
         self._started = 0.0
         self.sites: dict[int, str] = {}  # node id -> the site it named in its replies
-        self.draw: Callable[[int], list[str]] = lambda server_round: list(self.sites.values())
+        self.draw: Callable[[int], list[str]] | None = None  # set by the server before the first round
         self._bytes_sent = 0.0
         self._sampled: list[int] = []
+        self._round = 0  # the round under way, counted from the run's first (Flower counts from its start's)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._started = time.monotonic()
+        self._round = int(config["first-round"]) + server_round
         self._bytes_sent = _payload(arrays)  # to each site sampled
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
-        drawn = self.draw(int(config["first-round"]) + server_round)
+        drawn = self.draw(self._round)  # type: ignore[misc]
         messages = [message for message in messages if self.sites.get(message.metadata.dst_node_id) in drawn]
+        absent = sorted(set(drawn) - {self.sites[message.metadata.dst_node_id] for message in messages})
+        if absent:  # an aggregate without a drawn site, saved as a round, would leave it no checkpoint to go on from
+            raise TrainingIncomplete(
+                f"round {self._round}: no connected node is site {', '.join(absent)}, "
+                "drawn to train in it (did its SuperNode reconnect under another name?); no record written: restart "
+                "it and rerun the same command to resume from the last completed round."
+            )
         self._sampled = [message.metadata.dst_node_id for message in messages]
         return messages
 
@@ -53,7 +62,7 @@ class SiteStrategy:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        check_replies(f"round {server_round}", self._sampled, replies, self.sites)
+        check_replies(f"round {self._round}", self._sampled, replies, self.sites)
         replies.sort(key=lambda reply: str(reply.content["site"]["name"]))  # sums in one order, however they came
         self.rounds.append(
             {
