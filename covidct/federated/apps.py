@@ -62,8 +62,7 @@ def client_app(site_client: Callable[[Message, Context], SiteClient]) -> ClientA
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        def work() -> Message:
-            site = site_client(message, context)
+        def work(site: SiteClient) -> Message:
             config = message.content["config"]
             server_round = int(config["first-round"]) + int(config["server-round"])
             shared, metrics = site.train_round(
@@ -73,21 +72,20 @@ def client_app(site_client: Callable[[Message, Context], SiteClient]) -> ClientA
             content = {"arrays": _arrays(shared), "metrics": MetricRecord(metrics), "site": named}
             return Message(RecordDict(content), reply_to=message)
 
-        return _replying(context, message, work)
+        return _replying(context, message, site_client, work)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        def work() -> Message:  # which site this node is, and what it holds of its own data
-            site = site_client(message, context)
+        def work(site: SiteClient) -> Message:  # which site this node is, and what it holds of its own data
             report = ConfigRecord({"json": json.dumps(site.report())})
             return Message(RecordDict({"site": _named(site), "report": report}), reply_to=message)
 
-        return _replying(context, message, work)
+        return _replying(context, message, site_client, work)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        def work() -> Message:
-            site, config = site_client(message, context), message.content["config"]
+        def work(site: SiteClient) -> Message:
+            config = message.content["config"]
             shared = message.content["arrays"].to_torch_state_dict()
             content: dict[str, Any] = {"site": _named(site)}
             if TRAINED_KEY in config:  # a site that never trained: the trained sites' final weights
@@ -101,7 +99,7 @@ def client_app(site_client: Callable[[Message, Context], SiteClient]) -> ClientA
             content["rows"] = ConfigRecord({column: [row[column] for row in rows] for column in columns})
             return Message(RecordDict(content), reply_to=message)
 
-        return _replying(context, message, work)
+        return _replying(context, message, site_client, work)
 
     return app
 
@@ -110,13 +108,21 @@ def _named(site: SiteClient) -> ConfigRecord:
     return ConfigRecord({"name": site.site})
 
 
-def _replying(context: Context, message: Message, work: Callable[[], Message]) -> Message:
-    """`work`'s reply, or an error reply that names the node's site and says what went wrong in one line (the
-    server stops the run with it); the traceback goes to the node's log (a SuperNode's, or Ray's session log)."""
+def _replying(
+    context: Context,
+    message: Message,
+    site_client: Callable[[Message, Context], SiteClient],
+    work: Callable[[SiteClient], Message],
+) -> Message:
+    """`work`'s reply for the node's site, or an error reply that names the site and says what went wrong in one
+    line (the server stops the run with it); the traceback goes to the node's log (a SuperNode's, or Ray's session
+    log). A node that cannot say which site it is (its config unreadable) is named by its Flower node config."""
     node = context.node_config
     site = node.get("site", f"#{node.get('partition-id', '?')}")
     try:
-        return work()
+        client = site_client(message, context)
+        site = client.site
+        return work(client)
     except CovidCTError as err:
         reason = user_message(err)
     except Exception as err:  # a bug, or a library's error: still one line at the server, the rest here

@@ -100,7 +100,7 @@ def check_replies(step: str, sampled: list[int], replies: list[Message], sites: 
 
     for reply in replies:
         if reply.has_error():
-            reason = reply.error.reason.strip()
+            reason = reply.error.reason.strip().rstrip(".")  # one sentence goes on after it
             if not reason.startswith("site "):  # Flower's own, for a node gone or crashed (it sends it, not the node)
                 reason = f"{named(silent)}: {reason}"
             raise TrainingIncomplete(
